@@ -1,0 +1,17 @@
+"""bnfold's reference implementation: the BatchNorm fold math, float64 reference ops, and the error model.
+
+The fold functions are written once over the array API namespace of their inputs, so they
+run unchanged on numpy arrays and torch tensors (CPU or CUDA). The reference ops are plain
+float64 numpy transcriptions of their definitions, mirroring ``torch.nn.functional``.
+"""
+
+from .fold import bn_scale_shift, fold_bn_conv, fold_bn_linear, fold_conv_bn, fold_linear_bn
+from .ops import batch_norm, conv, conv_transpose, linear
+from .tolerance import SAFETY, UNIT_ROUNDOFF, Comparison, assert_within, compare, error_bound, unit_roundoff
+
+__all__ = [
+    "bn_scale_shift", "fold_conv_bn", "fold_linear_bn", "fold_bn_conv", "fold_bn_linear",
+    "conv", "conv_transpose", "batch_norm", "linear",
+    "UNIT_ROUNDOFF", "SAFETY", "unit_roundoff", "error_bound", "Comparison", "compare", "assert_within",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,164 @@
+"""The error model: how far a computation in some precision may be from the float64 reference.
+
+Every float comparison in the project goes through this module (see ``spec/folding.md``,
+"Error model and tolerance policy").
+
+A dot product of length ``n`` computed in a precision with unit roundoff ``u`` has forward error
+
+    |fl(sum_i w_i x_i) - sum_i w_i x_i|  <=  gamma_n * sum_i |w_i x_i|,   gamma_n = n u / (1 - n u)
+
+(Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., eq. 3.5), whatever the
+summation order. Rounding the result to the storage dtype adds at most ``u * |y|`` more. The
+*magnitude* ``sum_i |w_i x_i|`` is obtained by running the same reference op on ``|x|`` and
+``|w|`` (plus ``|b|``), so it is exact in float64 for any layer.
+
+The bound used is ``SAFETY * (gamma_n + u) * magnitude``. ``SAFETY = 2`` covers what the plain
+dot-product model does not: the per-channel scale-and-shift of an unfused BatchNorm (two more
+roundings per element), the one extra product per weight when a folded weight is applied, and
+convolution algorithms that re-associate more than a dot product does (Winograd and FFT
+variants in cuDNN and oneDNN, whose worst cases exceed the dot-product bound by a small
+constant). It is not a fudge for sloppiness: typical errors are ``~sqrt(n) u`` times the
+magnitude, far inside the bound, and a fold that is wrong by even one unit in the last place of
+a large weight exceeds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["UNIT_ROUNDOFF", "SAFETY", "unit_roundoff", "error_bound", "Comparison", "compare", "assert_within"]
+
+#: Unit roundoff ``u`` (half the machine epsilon) of each compute precision. TF32 keeps fp16's
+#: 10-bit mantissa with fp32's range; bf16 keeps 7 bits.
+UNIT_ROUNDOFF: dict[str, float] = {
+    "float64": 2.0**-53,
+    "float32": 2.0**-24,
+    "tf32": 2.0**-11,
+    "float16": 2.0**-11,
+    "bfloat16": 2.0**-8,
+}
+
+#: Safety factor applied on top of the worst-case dot-product bound (module docstring says why).
+SAFETY = 2.0
+
+
+def _dtype_name(dtype: Any) -> str:
+    """Map numpy dtypes, torch dtypes and strings ('fp16', 'half', 'tf32', ...) to a key of UNIT_ROUNDOFF."""
+    name = str(dtype).removeprefix("torch.").lower()
+    aliases = {"double": "float64", "float": "float32", "fp32": "float32", "half": "float16", "fp16": "float16",
+               "bf16": "bfloat16", "fp64": "float64"}
+    name = aliases.get(name, name)
+    if name not in UNIT_ROUNDOFF:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            pass
+    if name not in UNIT_ROUNDOFF:
+        raise ValueError(f"no unit roundoff known for dtype {dtype!r}; known: {sorted(UNIT_ROUNDOFF)}")
+    return name
+
+
+def unit_roundoff(dtype: Any) -> float:
+    """Unit roundoff of a precision given as a numpy dtype, torch dtype or name ('tf32', 'bf16', ...).
+
+    >>> unit_roundoff("float16") == 2.0**-11
+    True
+    """
+    return UNIT_ROUNDOFF[_dtype_name(dtype)]
+
+
+def error_bound(magnitude: Any, n: int, dtype: Any, *, safety: float = SAFETY) -> np.ndarray:
+    """Largest admissible |computed - reference| per element.
+
+    Parameters
+    ----------
+    magnitude : array_like
+        ``sum_i |w_i x_i|`` for each output element (the reference op run on absolute values).
+    n : int
+        Reduction length of each output element (e.g. ``in/groups * prod(kernel)`` for a conv),
+        plus the number of further operations applied to it in sequence (a BatchNorm adds 2).
+    dtype
+        The compute precision being judged.
+    safety : float
+        Multiplier on the worst-case bound; :data:`SAFETY` unless a test states why otherwise.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``safety * (gamma_n + u) * magnitude`` in float64.
+
+    >>> float(error_bound(1.0, 1, "float64", safety=1.0)) > 2.0**-53
+    True
+    """
+    if n < 1:
+        raise ValueError(f"reduction length n must be >= 1, got {n}")
+    u = unit_roundoff(dtype)
+    if n * u >= 1:
+        raise ValueError(f"n={n} is too long for dtype {dtype!r} (n*u={n * u:.3g} >= 1): the bound is vacuous")
+    gamma = n * u / (1 - n * u)
+    return safety * (gamma + u) * np.abs(np.asarray(magnitude, dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Outcome of comparing an array with its reference under a bound.
+
+    ``ratio`` is ``max |actual - expected| / bound``: the comparison passes when it is <= 1.
+    ``index`` is the worst element (largest ratio), with both values and the bound there.
+    """
+
+    ok: bool
+    ratio: float
+    index: tuple[int, ...]
+    actual: float
+    expected: float
+    bound: float
+    max_abs_error: float
+
+    def describe(self, what: str = "result") -> str:
+        status = "within" if self.ok else "EXCEEDS"
+        return (f"{what}: worst element at index {self.index}: actual={self.actual!r}, expected={self.expected!r}, "
+                f"|diff|={abs(self.actual - self.expected):.3e}, bound={self.bound:.3e} "
+                f"(ratio {self.ratio:.3g}, {status} the error model); max |diff| overall {self.max_abs_error:.3e}")
+
+
+def _to_numpy64(x: Any) -> np.ndarray:
+    # torch tensors (any device, any float dtype incl. bf16) expose .detach().cpu(); numpy has no bf16.
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def compare(actual: Any, expected: Any, bound: Any) -> Comparison:
+    """Compare ``actual`` with ``expected`` element-wise against ``bound`` (broadcast).
+
+    Shapes of ``actual`` and ``expected`` must agree exactly. Non-finite values in ``actual``
+    fail unless ``expected`` holds the same value at that position.
+    """
+    a, e = _to_numpy64(actual), _to_numpy64(expected)
+    if a.shape != e.shape:
+        raise ValueError(f"shape mismatch: actual {a.shape} vs expected {e.shape}")
+    b = np.broadcast_to(_to_numpy64(bound), e.shape)
+    if a.size == 0:
+        return Comparison(True, 0.0, (), 0.0, 0.0, 0.0, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        same = (a == e)  # also covers equal infinities
+        diff = np.where(same, 0.0, np.abs(a - e))
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        ratio = np.where(diff == 0, 0.0, np.where(b > 0, diff / b, np.inf))
+    flat = int(np.argmax(ratio))
+    index = tuple(int(i) for i in np.unravel_index(flat, e.shape))
+    worst = float(ratio.flat[flat])
+    return Comparison(ok=worst <= 1.0, ratio=worst, index=index, actual=float(a.flat[flat]),
+                      expected=float(e.flat[flat]), bound=float(b.flat[flat]), max_abs_error=float(diff.max()))
+
+
+def assert_within(actual: Any, expected: Any, bound: Any, what: str = "result") -> Comparison:
+    """Test helper: :func:`compare`, raising ``AssertionError`` with the worst element when it fails."""
+    result = compare(actual, expected, bound)
+    if not result.ok:
+        raise AssertionError(result.describe(what))
+    return result
