@@ -7,11 +7,13 @@ float64 numpy transcriptions of their definitions, mirroring ``torch.nn.function
 
 from .fold import bn_scale_shift, fold_bn_conv, fold_bn_linear, fold_conv_bn, fold_linear_bn
 from .ops import batch_norm, conv, conv_transpose, linear
-from .tolerance import SAFETY, UNIT_ROUNDOFF, Comparison, assert_within, compare, error_bound, unit_roundoff
+from .tolerance import (MODEL_RATIO, SAFETY, UNIT_ROUNDOFF, Comparison, ModelComparison, assert_within, compare,
+                        compare_models, error_bound, relative_rms_error, unit_roundoff)
 
 __all__ = [
     "bn_scale_shift", "fold_conv_bn", "fold_linear_bn", "fold_bn_conv", "fold_bn_linear",
     "conv", "conv_transpose", "batch_norm", "linear",
-    "UNIT_ROUNDOFF", "SAFETY", "unit_roundoff", "error_bound", "Comparison", "compare", "assert_within",
+    "UNIT_ROUNDOFF", "SAFETY", "MODEL_RATIO", "unit_roundoff", "error_bound", "Comparison", "compare", "assert_within",
+    "relative_rms_error", "ModelComparison", "compare_models",
 ]
 __version__ = "0.1.0"

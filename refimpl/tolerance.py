@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["UNIT_ROUNDOFF", "SAFETY", "unit_roundoff", "error_bound", "Comparison", "compare", "assert_within"]
+__all__ = ["UNIT_ROUNDOFF", "SAFETY", "MODEL_RATIO", "unit_roundoff", "error_bound", "Comparison", "compare",
+           "assert_within", "relative_rms_error", "ModelComparison", "compare_models"]
 
 #: Unit roundoff ``u`` (half the machine epsilon) of each compute precision. TF32 keeps fp16's
 #: 10-bit mantissa with fp32's range; bf16 keeps 7 bits.
@@ -162,3 +163,58 @@ def assert_within(actual: Any, expected: Any, bound: Any, what: str = "result") 
     if not result.ok:
         raise AssertionError(result.describe(what))
     return result
+
+
+#: Whole networks: how much larger the fused model's error may be than the unfused model's own.
+#: A per-element bound through dozens of layers and nonlinearities is vacuous, so a network is
+#: judged relative to itself: run the original in float64 (the reference), the original in the
+#: compute dtype and the fused model in the compute dtype, and compare their relative RMS errors.
+#: Folding in float64 and rounding once performs *fewer* roundings than the unfused model, so the
+#: expected ratio is <= 1; two error norms over one batch fluctuate, and 4 leaves room for that
+#: while a wrong fold (lost activation, wrong channel, wrong padding) is off by orders of magnitude.
+MODEL_RATIO = 4.0
+
+
+def relative_rms_error(actual: Any, reference: Any) -> float:
+    """``||actual - reference||_2 / ||reference||_2`` over all elements, in float64."""
+    a, r = _to_numpy64(actual), _to_numpy64(reference)
+    if a.shape != r.shape:
+        raise ValueError(f"shape mismatch: actual {a.shape} vs reference {r.shape}")
+    denominator = float(np.linalg.norm(r.ravel()))
+    numerator = float(np.linalg.norm((a - r).ravel()))
+    if denominator == 0:
+        return 0.0 if numerator == 0 else float("inf")
+    return numerator / denominator
+
+
+@dataclass(frozen=True)
+class ModelComparison:
+    """Fused vs unfused network errors against the float64 reference (see :data:`MODEL_RATIO`)."""
+
+    ok: bool
+    fused_error: float
+    unfused_error: float
+    limit: float
+
+    @property
+    def ratio(self) -> float:
+        return self.fused_error / max(self.unfused_error, np.finfo(np.float64).tiny)
+
+    def describe(self, what: str = "fused model") -> str:
+        status = "within" if self.ok else "EXCEEDS"
+        return (f"{what}: relative RMS error {self.fused_error:.3e} vs the unfused model's own {self.unfused_error:.3e} "
+                f"(limit {self.limit:.3e} = {MODEL_RATIO:g} x max(unfused error, u)); {status} the error model")
+
+
+def compare_models(fused: Any, unfused: Any, reference: Any, dtype: Any, *, ratio: float = MODEL_RATIO
+                   ) -> ModelComparison:
+    """Judge a fused network's output against the float64 ``reference`` run of the original.
+
+    ``unfused`` is the original network run in the same compute ``dtype`` as ``fused``. Passes
+    when the fused error is at most ``ratio * max(unfused error, u(dtype))``; the floor ``u``
+    keeps a float64 or exactly-representable comparison from demanding zero error.
+    """
+    fused_error = relative_rms_error(fused, reference)
+    unfused_error = relative_rms_error(unfused, reference)
+    limit = ratio * max(unfused_error, unit_roundoff(dtype))
+    return ModelComparison(ok=fused_error <= limit, fused_error=fused_error, unfused_error=unfused_error, limit=limit)
