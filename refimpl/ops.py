@@ -1,4 +1,440 @@
-def conv(): pass
-def conv_transpose(): pass
-def batch_norm(): pass
-def linear(): pass
+"""Float64 reference ops: plain numpy transcriptions of their definitions.
+
+Each function mirrors its ``torch.nn.functional`` counterpart argument for argument, so a
+test can swap one for the other: :func:`conv` (``conv1d``/``conv2d``/``conv3d``, plus the
+``padding_mode`` of ``nn.ConvNd``), :func:`conv_transpose` (``conv_transpose{1,2,3}d``),
+:func:`batch_norm` (eval mode) and :func:`linear`. Inputs are converted with
+``np.asarray(..., dtype=float64)`` (callers convert torch tensors); results are float64.
+
+These ops are the oracle the folds are checked against, so they never call ``refimpl.fold``.
+Convolution is written once for 1, 2 and 3 spatial dimensions: the sum over kernel offsets of
+strided, dilated windows of the padded input, contracted over the input channels of each
+group. The windows are gathered into one ``(channels * kernel, positions)`` matrix per sample
+and group, so the whole contraction is a single batched BLAS product.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["conv", "conv_transpose", "batch_norm", "linear"]
+
+#: ``nn.ConvNd`` padding modes and the ``numpy.pad`` mode with the same semantics.
+_NUMPY_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+def _f64(name: str, value: Any) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{name} must be convertible to a float64 array, got {type(value).__name__}: {error}") from None
+
+
+def _int_tuple(name: str, value: Any, dims: int, context: str) -> tuple[int, ...]:
+    """An int or a sequence of ``dims`` ints, as a tuple (torch's ``_ntuple``)."""
+    items = value if isinstance(value, (tuple, list)) else (value,) * dims
+    if len(items) != dims:
+        raise ValueError(f"{name}={value!r} must be an int or have {dims} entries (one per spatial dim); {context}")
+    try:
+        return tuple(operator.index(v) for v in items)
+    except TypeError:
+        raise TypeError(f"{name}={value!r} must be an int or a tuple of ints; {context}") from None
+
+
+def _check_bias(bias: Any, out_channels: int, context: str) -> np.ndarray | None:
+    if bias is None:
+        return None
+    b = _f64("bias", bias)
+    if b.shape != (out_channels,):
+        raise ValueError(f"bias.shape={b.shape} must be ({out_channels},), one entry per output channel; {context}")
+    return b
+
+
+def _channel_view(vector: np.ndarray, ndim: int) -> np.ndarray:
+    """Reshape a per-channel vector to broadcast along axis 1 of an ``ndim``-d array."""
+    return vector.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def _conv_operands(op: str, x: Any, weight: Any, groups: Any) -> tuple[np.ndarray, np.ndarray, int, bool, str]:
+    """Common checks of conv and conv_transpose: returns (x batched, weight, groups, was_unbatched, context)."""
+    x = _f64("x", x)
+    weight = _f64("weight", weight)
+    context = f"x.shape={x.shape}, weight.shape={weight.shape}, groups={groups!r}"
+    if weight.ndim not in (3, 4, 5):
+        raise ValueError(f"{op}: weight must have 3, 4 or 5 dims (1, 2 or 3 spatial dims); {context}")
+    if x.ndim not in (weight.ndim, weight.ndim - 1):
+        raise ValueError(f"{op}: x must have {weight.ndim} dims (batched) or {weight.ndim - 1} (unbatched) "
+                         f"to match weight's {weight.ndim - 2} spatial dims; {context}")
+    try:
+        groups = operator.index(groups)
+    except TypeError:
+        raise TypeError(f"{op}: groups must be an int; {context}") from None
+    if groups < 1:
+        raise ValueError(f"{op}: groups must be positive; {context}")
+    unbatched = x.ndim == weight.ndim - 1
+    if unbatched:
+        x = x[None]
+    if any(k == 0 for k in weight.shape[2:]):
+        raise ValueError(f"{op}: kernel size must be positive in every spatial dim; {context}")
+    return x, weight, groups, unbatched, context
+
+
+def conv(x: Any, weight: Any, bias: Any = None, stride: int | Sequence[int] = 1,
+         padding: int | Sequence[int] | str = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
+         padding_mode: str = "zeros") -> np.ndarray:
+    """N-d convolution (cross-correlation) in float64, as ``torch.nn.functional.conv{1,2,3}d``.
+
+    Parameters
+    ----------
+    x : array_like, shape (N, C_in, *spatial) or (C_in, *spatial)
+        Input; the number of spatial dims (1, 2 or 3) is that of ``weight``.
+    weight : array_like, shape (C_out, C_in / groups, *kernel)
+        Filters; output channels ``g * C_out/groups ... (g+1) * C_out/groups - 1`` see only the
+        input channels of group ``g``.
+    bias : array_like, shape (C_out,), optional
+    stride, dilation : int or tuple of ints, optional
+        Positive, per spatial dim.
+    padding : int, tuple of ints, "same" or "valid", optional
+        Padding added on both sides of each spatial dim. ``"valid"`` is no padding; ``"same"``
+        (stride 1 only) pads ``dilation * (kernel - 1)`` in total, the odd extra on the right,
+        as torch does.
+    groups : int, optional
+        Divides both ``C_in`` and ``C_out``.
+    padding_mode : {"zeros", "reflect", "replicate", "circular"}, optional
+        How the padding is filled, as the ``padding_mode`` of ``torch.nn.ConvNd`` (which pads
+        with ``F.pad`` in that mode and then convolves without padding).
+
+    Returns
+    -------
+    numpy.ndarray, float64, shape (N, C_out, *out)
+        ``out_d = floor((spatial_d + pad_left_d + pad_right_d - dilation_d * (kernel_d - 1) - 1)
+        / stride_d) + 1`` (no batch axis when ``x`` had none).
+
+    Raises
+    ------
+    ValueError
+        Ranks, channel counts, groups or bias length disagree; a stride or dilation is not
+        positive; padding is negative, or "same" with a stride > 1; unknown ``padding_mode``;
+        reflect/circular padding at least as large as (reflect) or larger than (circular) the
+        input; the output would be empty.
+    TypeError
+        A stride, padding, dilation or groups is not an int (or tuple of ints).
+
+    Notes
+    -----
+    With ``xp`` the padded input, ``G`` groups, ``C = C_in / G`` input channels per group and
+    ``g`` the group of output channel ``o``:
+
+    .. math::
+
+        y_{n,o,i} = b_o + \\sum_{c=0}^{C-1} \\sum_{k} w_{o,c,k}\\,
+                    xp_{n,\\,gC + c,\\; s \\odot i + d \\odot k}
+
+    where ``i`` and ``k`` are spatial multi-indices (output position and kernel offset) and
+    ``s``, ``d`` are the stride and dilation.
+
+    Examples
+    --------
+    >>> conv([[[1, 2, 3, 4]]], [[[1, 0, -1]]]).tolist()
+    [[[-2.0, -2.0]]]
+    >>> conv([[[1, 2, 3, 4]]], [[[1, 0, -1]]], padding=1, padding_mode="circular").tolist()
+    [[[2.0, -2.0, -2.0, 2.0]]]
+    """
+    x, weight, groups, unbatched, context = _conv_operands("conv", x, weight, groups)
+    dims = weight.ndim - 2
+    batch, in_channels = x.shape[:2]
+    out_channels, group_in = weight.shape[:2]
+    kernel = weight.shape[2:]
+    context += f", stride={stride!r}, padding={padding!r}, dilation={dilation!r}, padding_mode={padding_mode!r}"
+    if out_channels % groups:
+        raise ValueError(f"conv: out channels weight.shape[0]={out_channels} not divisible by groups; {context}")
+    if in_channels != group_in * groups:
+        raise ValueError(f"conv: x has {in_channels} channels but weight expects "
+                         f"weight.shape[1] * groups = {group_in * groups}; {context}")
+    bias = _check_bias(bias, out_channels, context)
+    stride = _int_tuple("stride", stride, dims, context)
+    dilation = _int_tuple("dilation", dilation, dims, context)
+    if min(stride) < 1 or min(dilation) < 1:
+        raise ValueError(f"conv: stride and dilation must be positive; {context}")
+    if padding_mode not in _NUMPY_PAD_MODE:
+        raise ValueError(f"conv: padding_mode must be one of {sorted(_NUMPY_PAD_MODE)}; {context}")
+
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = [(0, 0)] * dims
+        elif padding == "same":
+            if max(stride) > 1:
+                raise ValueError(f"conv: padding='same' requires stride 1 (as in torch); {context}")
+            # torch puts the odd unit of a 'same' padding on the right (end) side.
+            totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            pads = [(t // 2, t - t // 2) for t in totals]
+        else:
+            raise ValueError(f"conv: padding string must be 'same' or 'valid'; {context}")
+    else:
+        pads = [(p, p) for p in _int_tuple("padding", padding, dims, context)]
+    if min(min(p) for p in pads) < 0:
+        raise ValueError(f"conv: padding must be non-negative; {context}")
+    spatial = x.shape[2:]
+    if padding_mode == "reflect" and any(max(p) >= n for p, n in zip(pads, spatial)):
+        raise ValueError(f"conv: reflect padding must be smaller than the input size in each spatial dim; {context}")
+    if padding_mode == "circular" and any(max(p) > n for p, n in zip(pads, spatial)):
+        raise ValueError(f"conv: circular padding must not exceed the input size in each spatial dim; {context}")
+
+    padded_shape = [n + lo + hi for n, (lo, hi) in zip(spatial, pads)]
+    out_shape = tuple((n - d * (k - 1) - 1) // s + 1
+                      for n, d, k, s in zip(padded_shape, dilation, kernel, stride))
+    if min(out_shape) < 1:
+        raise ValueError(f"conv: output would be empty (spatial size {out_shape}): the dilated kernel "
+                         f"is larger than the padded input {tuple(padded_shape)}; {context}")
+
+    if any(lo or hi for lo, hi in pads):
+        xp = np.pad(x, [(0, 0), (0, 0)] + pads, mode=_NUMPY_PAD_MODE[padding_mode])
+    else:
+        xp = x
+    group_out = out_channels // groups
+    positions = math.prod(out_shape)
+    taps = math.prod(kernel)
+    # Weights per group as (G, C_out/G, C_in/G * K): row o, column (c, k) holds w[g*C_out/G + o, c, k].
+    w = weight.reshape(groups, group_out, group_in * taps)
+
+    if taps == 1 and max(stride) == 1:
+        # A 1x1 kernel with stride 1 reads every (padded) input position once: the input already is
+        # the (channels, positions) matrix, so the product needs no gathering at all.
+        columns = xp.reshape(batch, groups, group_in, positions)
+    else:
+        # columns[n, g, c, k, i] = xp[n, g*C + c, s*i + d*k]: the window of every kernel offset k,
+        # copied once; offsets vary slowest-but-one so each copy writes contiguous output rows.
+        columns = np.empty((batch, groups, group_in, taps) + out_shape)
+        offsets = itertools.product(*(range(k) for k in kernel))
+        for tap, offset in enumerate(offsets):
+            window = tuple(slice(d * k, d * k + s * (o - 1) + 1, s)
+                           for d, k, s, o in zip(dilation, offset, stride, out_shape))
+            columns[:, :, :, tap] = xp[(slice(None), slice(None)) + window].reshape(
+                (batch, groups, group_in) + out_shape)
+        columns = columns.reshape(batch, groups, group_in * taps, positions)
+
+    # One BLAS product per (sample, group): (C_out/G, C*K) @ (C*K, positions), written in place.
+    y = np.empty((batch, groups, group_out, positions))
+    np.matmul(w, columns, out=y)
+    y = y.reshape((batch, out_channels) + out_shape)
+    if bias is not None:
+        y += _channel_view(bias, y.ndim)
+    return y[0] if unbatched else y
+
+
+def conv_transpose(x: Any, weight: Any, bias: Any = None, stride: int | Sequence[int] = 1,
+                   padding: int | Sequence[int] = 0, output_padding: int | Sequence[int] = 0, groups: int = 1,
+                   dilation: int | Sequence[int] = 1) -> np.ndarray:
+    """N-d transposed convolution in float64, as ``torch.nn.functional.conv_transpose{1,2,3}d``.
+
+    Parameters
+    ----------
+    x : array_like, shape (N, C_in, *spatial) or (C_in, *spatial)
+    weight : array_like, shape (C_in, C_out / groups, *kernel)
+        Note the layout: input channels first, as in ``nn.ConvTransposeNd``.
+    bias : array_like, shape (C_out,), optional
+    stride, dilation : int or tuple of ints, optional
+        Positive, per spatial dim.
+    padding : int or tuple of ints, optional
+        Removed from both ends of the full output (non-negative).
+    output_padding : int or tuple of ints, optional
+        Extra size added to one side (the end) of the output; each entry must be smaller than
+        the stride or the dilation of its dim (torch's rule).
+    groups : int, optional
+        Divides both ``C_in`` and ``C_out``.
+
+    Returns
+    -------
+    numpy.ndarray, float64, shape (N, C_out, *out)
+        ``out_d = (spatial_d - 1) * stride_d - 2 * padding_d + dilation_d * (kernel_d - 1)
+        + output_padding_d + 1``.
+
+    Raises
+    ------
+    ValueError
+        Ranks, channel counts, groups or bias length disagree; a stride or dilation is not
+        positive; padding or output_padding is negative; output_padding is not smaller than
+        the stride or the dilation; the output would be empty.
+    TypeError
+        A stride, padding, output_padding, dilation or groups is not an int (or tuple of ints).
+
+    Notes
+    -----
+    The adjoint of :func:`conv`: every input element scatters its value times the kernel into
+    the output. With ``C = C_in / G`` input and ``O = C_out / G`` output channels per group,
+    input channel ``gC + c`` and output channel ``gO + o``:
+
+    .. math::
+
+        y_{n,\\,gO + o,\\; s \\odot i + d \\odot k - p} \\mathrel{+}= x_{n,\\,gC + c,\\,i}\\, w_{gC + c,\\,o,\\,k}
+
+    for every input position ``i`` and kernel offset ``k``, then ``y += b``. Targets past the
+    end (only reachable through ``output_padding``) receive nothing but the bias.
+
+    Examples
+    --------
+    >>> conv_transpose([[[1, 2]]], [[[1, 10, 100]]], stride=2).tolist()
+    [[[1.0, 10.0, 102.0, 20.0, 200.0]]]
+    """
+    x, weight, groups, unbatched, context = _conv_operands("conv_transpose", x, weight, groups)
+    dims = weight.ndim - 2
+    batch, in_channels = x.shape[:2]
+    group_out = weight.shape[1]
+    kernel = weight.shape[2:]
+    out_channels = group_out * groups
+    context += (f", stride={stride!r}, padding={padding!r}, output_padding={output_padding!r}, "
+                f"dilation={dilation!r}")
+    if weight.shape[0] % groups:
+        raise ValueError(f"conv_transpose: in channels weight.shape[0]={weight.shape[0]} not divisible by groups; "
+                         f"{context}")
+    if in_channels != weight.shape[0]:
+        raise ValueError(f"conv_transpose: x has {in_channels} channels but weight.shape[0]={weight.shape[0]} "
+                         f"(weight layout is [in, out/groups, *kernel]); {context}")
+    bias = _check_bias(bias, out_channels, context)
+    stride = _int_tuple("stride", stride, dims, context)
+    dilation = _int_tuple("dilation", dilation, dims, context)
+    padding = _int_tuple("padding", padding, dims, context)
+    output_padding = _int_tuple("output_padding", output_padding, dims, context)
+    if min(stride) < 1 or min(dilation) < 1:
+        raise ValueError(f"conv_transpose: stride and dilation must be positive; {context}")
+    if min(padding) < 0 or min(output_padding) < 0:
+        raise ValueError(f"conv_transpose: padding and output_padding must be non-negative; {context}")
+    if any(op >= s and op >= d for op, s, d in zip(output_padding, stride, dilation)):
+        raise ValueError(f"conv_transpose: output_padding must be smaller than either stride or dilation "
+                         f"in each spatial dim; {context}")
+    spatial = x.shape[2:]
+    # Full extent of the scatter, before cropping `padding` from both ends.
+    full_shape = tuple((n - 1) * s + d * (k - 1) + 1 + op
+                       for n, s, d, k, op in zip(spatial, stride, dilation, kernel, output_padding))
+    out_shape = tuple(f - 2 * p for f, p in zip(full_shape, padding))
+    if min(out_shape) < 1:
+        raise ValueError(f"conv_transpose: output would be empty (spatial size {out_shape}); {context}")
+
+    group_in = in_channels // groups
+    taps = math.prod(kernel)
+    positions = math.prod(spatial)
+    # contributions[n, g, o, k, i] = sum_c w[gC + c, o, k] * x[n, gC + c, i]: one product per (sample, group).
+    w_t = weight.reshape(groups, group_in, group_out * taps).transpose(0, 2, 1)
+    contributions = np.matmul(w_t, x.reshape(batch, groups, group_in, positions))
+    contributions = contributions.reshape((batch, out_channels, taps) + spatial)
+
+    full = np.zeros((batch, out_channels) + full_shape)
+    offsets = itertools.product(*(range(k) for k in kernel))
+    for tap, offset in enumerate(offsets):
+        target = tuple(slice(d * k, d * k + s * (n - 1) + 1, s)
+                       for d, k, s, n in zip(dilation, offset, stride, spatial))
+        full[(slice(None), slice(None)) + target] += contributions[:, :, tap]
+    y = full[(slice(None), slice(None)) + tuple(slice(p, p + o) for p, o in zip(padding, out_shape))]
+    y = np.ascontiguousarray(y)
+    if bias is not None:
+        y += _channel_view(bias, y.ndim)
+    return y[0] if unbatched else y
+
+
+def batch_norm(x: Any, mean: Any, var: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> np.ndarray:
+    """Eval-mode batch normalisation in float64, as ``torch.nn.functional.batch_norm(training=False)``.
+
+    Parameters
+    ----------
+    x : array_like, shape (N, C, *rest)
+        Any rank >= 2; the channel axis is 1.
+    mean, var : array_like, shape (C,)
+        Running mean and running variance.
+    weight, bias : array_like of shape (C,), optional
+        The affine ``gamma`` and ``beta``; omitted means 1 and 0 (``affine=False``).
+    eps : float, optional
+        Added to the variance.
+
+    Returns
+    -------
+    numpy.ndarray, float64, shape of ``x``
+
+    Raises
+    ------
+    ValueError
+        ``x`` has fewer than 2 dims, a per-channel argument does not have shape (C,), or
+        ``var + eps`` is not positive in some channel.
+
+    Notes
+    -----
+    .. math::
+
+        y_{n,c,\\dots} = \\frac{x_{n,c,\\dots} - \\mu_c}{\\sqrt{\\sigma^2_c + \\varepsilon}}\\,\\gamma_c + \\beta_c
+
+    Examples
+    --------
+    >>> batch_norm([[1.0, 7.0]], mean=[1.0, 3.0], var=[1.0, 4.0], weight=[5.0, 2.0], bias=[0.5, 1.0], eps=0.0).tolist()
+    [[0.5, 5.0]]
+    """
+    x = _f64("x", x)
+    if x.ndim < 2:
+        raise ValueError(f"batch_norm: x must have at least 2 dims (N, C, ...), got x.shape={x.shape}")
+    channels = x.shape[1]
+    named = {"mean": mean, "var": var, "weight": weight, "bias": bias}
+    params = {name: None if value is None else _f64(name, value) for name, value in named.items()}
+    for name, value in params.items():
+        if value is not None and value.shape != (channels,):
+            raise ValueError(f"batch_norm: {name}.shape={value.shape} must be ({channels},) to match "
+                             f"x.shape={x.shape} (channel axis 1)")
+    if params["mean"] is None or params["var"] is None:
+        raise ValueError("batch_norm: mean and var (running statistics) are required in eval mode")
+    denominator = params["var"] + float(eps)
+    bad = np.flatnonzero(~(denominator > 0) & ~np.isnan(denominator))
+    if bad.size:
+        c = int(bad[0])
+        raise ValueError(f"batch_norm: var + eps must be positive, but channel {c} has var={params['var'][c]!r}, "
+                         f"eps={eps!r} (x.shape={x.shape})")
+    view = lambda v: _channel_view(v, x.ndim)  # noqa: E731
+    y = (x - view(params["mean"])) / view(np.sqrt(denominator))
+    if params["weight"] is not None:
+        y = y * view(params["weight"])
+    if params["bias"] is not None:
+        y = y + view(params["bias"])
+    return y
+
+
+def linear(x: Any, weight: Any, bias: Any = None) -> np.ndarray:
+    """Affine map in float64, as ``torch.nn.functional.linear``.
+
+    Parameters
+    ----------
+    x : array_like, shape (*, in_features)
+    weight : array_like, shape (out_features, in_features)
+    bias : array_like, shape (out_features,), optional
+
+    Returns
+    -------
+    numpy.ndarray, float64, shape (*, out_features)
+
+    Raises
+    ------
+    ValueError
+        ``weight`` is not 2-d, ``x`` has no feature axis or its last dim differs from
+        ``in_features``, or ``bias`` does not have shape (out_features,).
+
+    Notes
+    -----
+    :math:`y = x W^T + b`.
+
+    Examples
+    --------
+    >>> linear([[1, 2]], [[1, 0], [3, -1]], [10, 20]).tolist()
+    [[11.0, 21.0]]
+    """
+    x = _f64("x", x)
+    weight = _f64("weight", weight)
+    context = f"x.shape={x.shape}, weight.shape={weight.shape}"
+    if weight.ndim != 2:
+        raise ValueError(f"linear: weight must be 2-d (out_features, in_features); {context}")
+    if x.ndim < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: the last dim of x must equal weight.shape[1] (in_features); {context}")
+    bias = _check_bias(bias, weight.shape[0], context)
+    y = x @ weight.T
+    if bias is not None:
+        y = y + bias
+    return y
