@@ -1,0 +1,425 @@
+"""Verify a fused model against the float64 reference run of the original.
+
+:func:`verify` judges a fused model -- produced by this project or by any other tool -- with the
+project's error model for whole networks (:func:`refimpl.compare_models`): the original is run
+in float64 (the reference) and in the compute dtype (its own error), the fused model in the
+compute dtype, and the fused model passes when its relative RMS error is within
+:data:`refimpl.MODEL_RATIO` times the original's own.
+
+The same test is applied per layer, wherever the fused and the original model have a module
+under the same qualified name whose output should not change when norms are folded: containers
+and blocks, activations, pooling and other leaves. Conv, linear and norm layers are not compared
+(folding legitimately changes a conv's output, and a norm replaced by ``nn.Identity`` passes on
+something else when it was folded into the *following* conv), and neither is any output that is
+just such a layer's result handed on unchanged (a ``nn.Sequential`` ending in a conv whose norm
+sits in the next ``Sequential``). The first module in execution order whose output breaks the
+error model is named, with the conv/linear/norm layers that ran just before it as suspects.
+
+Neither model is modified: the reference is a deep copy, and the two models are run in eval
+mode under ``torch.no_grad()`` with every module's ``training`` flag restored afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from refimpl import MODEL_RATIO, compare_models
+
+__all__ = ["verify", "Verdict", "OutputCheck", "LayerDivergence", "ModelRunError"]
+
+logger = logging.getLogger(__name__)
+
+_CONV_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
+#: Leaves that return their input unchanged in eval mode; a folded layer's output passes through them.
+_TRANSPARENT = (nn.Identity, nn.modules.dropout._DropoutNd)
+
+
+class ModelRunError(RuntimeError):
+    """Running one of the models raised. ``which`` is ``"original"``, ``"reference"`` or ``"fused"``."""
+
+    def __init__(self, which: str, error: BaseException):
+        self.which = which
+        super().__init__(f"running the {which} model raised {type(error).__name__}: {error}")
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """One floating-point output tensor of the model, judged by :func:`refimpl.compare_models`."""
+
+    path: str
+    ok: bool
+    fused_error: float
+    unfused_error: float
+    limit: float
+    ratio: float
+    max_abs_error: float
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class LayerDivergence:
+    """The first module, in execution order, whose output breaks the error model."""
+
+    module: str
+    call: int
+    path: str
+    fused_error: float
+    unfused_error: float
+    limit: float
+    ratio: float
+    max_abs_error: float
+    suspects: tuple[str, ...]
+    detail: str = ""
+
+    def describe(self) -> str:
+        where = self.module + (f" (call {self.call})" if self.call else "") + (
+            f" output {self.path}" if self.path != "output" else "")
+        text = f"first diverging layer: {where}"
+        if self.detail:
+            return f"{text}: {self.detail}"
+        text += (f": relative RMS error {self.fused_error:.3e} vs the unfused model's {self.unfused_error:.3e}"
+                 f" ({self.ratio:.3g}x, limit {MODEL_RATIO:g}x); max |diff| {self.max_abs_error:.3e}")
+        if self.suspects:
+            text += f"; ran just before it: {', '.join(self.suspects)}"
+        return text
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of :func:`verify`. ``ok`` is true when every output and every compared layer is within the model."""
+
+    ok: bool
+    dtype: str
+    outputs: tuple[OutputCheck, ...]
+    first_divergence: LayerDivergence | None
+    layers_compared: int
+    layers_not_compared: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def ratio(self) -> float:
+        """Worst ``fused error / unfused error`` over the outputs (``<= MODEL_RATIO`` passes)."""
+        return max((o.ratio for o in self.outputs), default=0.0)
+
+    @property
+    def max_abs_error(self) -> float:
+        """Largest ``|fused - float64 reference|`` over every output element."""
+        return max((o.max_abs_error for o in self.outputs), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ratio"] = self.ratio
+        data["max_abs_error"] = self.max_abs_error
+        data["outputs"] = [asdict(o) for o in self.outputs]
+        data["layers_not_compared"] = list(self.layers_not_compared)
+        data["notes"] = list(self.notes)
+        if self.first_divergence is not None:
+            data["first_divergence"]["suspects"] = list(self.first_divergence.suspects)
+        return data
+
+    def __str__(self) -> str:
+        lines = [f"{'OK' if self.ok else 'FAILED'}: fused model vs float64 reference ({self.dtype}); "
+                 f"error ratio {self.ratio:.3g} (limit {MODEL_RATIO:g}), max |diff| {self.max_abs_error:.3e}"]
+        for o in self.outputs:
+            status = "ok" if o.ok else "EXCEEDS"
+            extra = f" -- {o.detail}" if o.detail else ""
+            lines.append(f"  {o.path}: fused error {o.fused_error:.3e}, unfused {o.unfused_error:.3e}, "
+                         f"ratio {o.ratio:.3g}, max |diff| {o.max_abs_error:.3e}: {status}{extra}")
+        lines.append(f"  layers compared: {self.layers_compared}")
+        if self.first_divergence is not None:
+            lines.append("  " + self.first_divergence.describe())
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Module kinds and output flattening
+
+
+def _is_norm(module: nn.Module) -> bool:
+    # FrozenBatchNorm2d and other look-alikes are not _NormBase subclasses; their buffers give them away.
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return True
+    buffers = dict(module.named_buffers(recurse=False))
+    return "running_mean" in buffers and "running_var" in buffers
+
+
+def _changes_with_folding(module: nn.Module) -> bool:
+    return isinstance(module, _CONV_LINEAR) or _is_norm(module)
+
+
+def _kind(original: nn.Module | None, fused: nn.Module | None) -> str:
+    """How a module name is treated: 'changed' (not compared), 'transparent', 'container' or 'leaf'."""
+    present = [m for m in (original, fused) if m is not None]
+    if any(_changes_with_folding(m) for m in present):
+        return "changed"
+    reference = original if original is not None else fused
+    if isinstance(reference, _TRANSPARENT):
+        return "transparent"
+    if next(reference.children(), None) is not None:
+        return "container"
+    return "leaf"
+
+
+def _flatten(obj: Any, path: str = "output") -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _flatten(value, f"{path}[{key!r}]")
+    elif isinstance(obj, (tuple, list)):
+        for i, value in enumerate(obj):
+            yield from _flatten(value, f"{path}[{i}]")
+
+
+def _map_tensors(obj: Any, fn) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, _map_tensors(v, fn)) for k, v in obj.items())
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_map_tensors(v, fn) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def _reference_device(model: nn.Module) -> torch.device:
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    device = tensor.device if tensor is not None else torch.device("cpu")
+    # MPS has no float64; the reference then runs on the CPU.
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+# --------------------------------------------------------------------------------------------------
+# Recording one run
+
+
+@dataclass
+class _Run:
+    output: Any = None
+    order: list[tuple[str, int]] = field(default_factory=list)           # hook completion order
+    calls: dict[str, int] = field(default_factory=dict)                  # name -> number of calls
+    outputs: dict[tuple[str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+def _run(model: nn.Module, inputs: tuple, kinds: dict[str, str], per_layer: bool, which: str) -> _Run:
+    """Run ``model`` once in eval mode under no_grad, recording comparable module outputs."""
+    run = _Run()
+    # A tensor that is a conv/linear/norm output, handed on unchanged, is identified by its object
+    # and its version counter: an in-place op (ReLU(inplace=True), ``out += identity``) bumps the
+    # version, after which the values are no longer just the folded layer's.
+    derived: set[tuple[int, int]] = set()
+    keep_alive: list[torch.Tensor] = []  # so that ids in ``derived`` are not reused during the run
+
+    def mark(tensor: torch.Tensor) -> None:
+        derived.add((id(tensor), tensor._version))
+        keep_alive.append(tensor)
+
+    def is_derived(tensor: torch.Tensor) -> bool:
+        return (id(tensor), tensor._version) in derived
+
+    def make_hook(name: str, kind: str):
+        def hook(module, args, output):
+            call = run.calls.get(name, 0)
+            run.calls[name] = call + 1
+            tensors = list(_flatten(output))
+            run.order.append((name, call))
+            if kind == "changed":
+                for _, t in tensors:
+                    mark(t)
+                return
+            if kind == "transparent" and any(is_derived(t) for _, t in _flatten(args)):
+                for _, t in tensors:
+                    mark(t)
+            if not per_layer:
+                return
+            kept = {}
+            for path, t in tensors:
+                if not t.is_floating_point():
+                    continue
+                if kind != "leaf" and is_derived(t):
+                    continue
+                kept[path] = t.detach().clone()
+            run.outputs[(name, call)] = kept
+        return hook
+
+    handles = []
+    states = [(m, m.training) for m in model.modules()]
+    try:
+        for name, module in model.named_modules():
+            if name in kinds:
+                handles.append(module.register_forward_hook(make_hook(name, kinds[name])))
+        model.eval()
+        with torch.no_grad():
+            try:
+                run.output = model(*inputs)
+            except Exception as error:  # any failure of a user's model is reported, naming the model
+                raise ModelRunError(which, error) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in states:
+            module.training = training
+    return run
+
+
+# --------------------------------------------------------------------------------------------------
+# Comparisons
+
+
+def _judge(fused: torch.Tensor, unfused: torch.Tensor, reference: torch.Tensor) -> tuple[Any, float, str]:
+    if fused.shape != reference.shape or unfused.shape != reference.shape:
+        return None, math.inf, (f"shape {tuple(fused.shape)} in the fused model vs {tuple(reference.shape)} "
+                                f"in the original")
+    result = compare_models(fused, unfused, reference, fused.dtype)
+    max_abs = float((fused.detach().double() - reference.detach().double().to(fused.device)).abs().max()) \
+        if fused.numel() else 0.0
+    if math.isnan(max_abs):
+        max_abs = math.inf
+    return result, max_abs, ""
+
+
+def _check_outputs(fused: Any, unfused: Any, reference: Any) -> tuple[list[OutputCheck], list[str]]:
+    notes = []
+    f_items = dict(_flatten(fused))
+    u_items = dict(_flatten(unfused))
+    r_items = dict(_flatten(reference))
+    checks = []
+    if set(f_items) != set(r_items):
+        checks.append(OutputCheck("output", False, math.inf, 0.0, 0.0, math.inf, math.inf,
+                                  f"output structure differs: fused has {sorted(f_items)}, original {sorted(r_items)}"))
+        return checks, notes
+    if not r_items:
+        raise TypeError(f"the model returned {type(reference).__name__}, which holds no tensor to compare")
+    for path, ref in r_items.items():
+        fus, unf = f_items[path], u_items[path]
+        if not unf.is_floating_point():
+            # Integer outputs (argmax, indices) may legitimately flip on near-ties; they are not judged.
+            notes.append(f"{path} is {unf.dtype}, not compared")
+            continue
+        result, max_abs, detail = _judge(fus, unf, ref)
+        if result is None:
+            checks.append(OutputCheck(path, False, math.inf, 0.0, 0.0, math.inf, math.inf, detail))
+        else:
+            checks.append(OutputCheck(path, result.ok, result.fused_error, result.unfused_error, result.limit,
+                                      result.ratio, max_abs))
+    return checks, notes
+
+
+def _first_divergence(fused: _Run, unfused: _Run, reference: _Run, kinds: dict[str, str]
+                      ) -> tuple[LayerDivergence | None, int, list[str]]:
+    compared = 0
+    not_compared = sorted(name for name, count in fused.calls.items()
+                          if kinds.get(name) != "changed"
+                          and (reference.calls.get(name) != count or unfused.calls.get(name) != count))
+    skip = set(not_compared)
+    suspects: list[str] = []
+    for name, call in fused.order:
+        if kinds.get(name) == "changed":
+            suspects.append(name)
+            continue
+        if name in skip:
+            continue
+        f_out = fused.outputs.get((name, call), {})
+        u_out = unfused.outputs.get((name, call), {})
+        r_out = reference.outputs.get((name, call), {})
+        paths = [p for p in r_out if p in f_out and p in u_out]
+        if not paths:
+            continue
+        compared += 1
+        for path in paths:
+            result, max_abs, detail = _judge(f_out[path], u_out[path], r_out[path])
+            if result is None:
+                return LayerDivergence(name, call, path, math.inf, 0.0, 0.0, math.inf, math.inf,
+                                       tuple(suspects[-4:]), detail), compared, not_compared
+            if not result.ok:
+                return LayerDivergence(name, call, path, result.fused_error, result.unfused_error, result.limit,
+                                       result.ratio, max_abs, tuple(suspects[-4:])), compared, not_compared
+        suspects.clear()
+    return None, compared, not_compared
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def verify(original: nn.Module, fused: nn.Module, *example_inputs: Any, per_layer: bool = True) -> Verdict:
+    """Check a fused model against the float64 reference run of the original model.
+
+    Parameters
+    ----------
+    original : nn.Module
+        The model before fusion, in its compute dtype (its output in that dtype is the error
+        baseline the fused model is held to).
+    fused : nn.Module
+        The fused model, from this project or any other tool (an ``fx.GraphModule`` is fine).
+    *example_inputs
+        Positional inputs of both models (tensors, or tuples/lists/dicts of tensors).
+    per_layer : bool
+        Also compare corresponding intermediate modules and name the first that diverges. Costs
+        memory for every compared module's output; turn off for very large inputs.
+
+    Returns
+    -------
+    Verdict
+        ``ok``, the per-output errors (``ratio`` = fused error / unfused error, ``max_abs_error``),
+        the first diverging layer if any; ``str()`` prints it, ``to_dict()`` gives plain data.
+
+    Notes
+    -----
+    The reference is ``copy.deepcopy(original).double()`` run on the inputs converted to float64,
+    on the original's device (the CPU for MPS). Both models are run in eval mode; the error model
+    is :func:`refimpl.compare_models` applied to each floating-point output tensor.
+    """
+    for name, model in (("original", original), ("fused", fused)):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"verify: {name} must be an nn.Module, got {type(model).__name__}")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise TypeError(f"verify: the {name} model is a TorchScript module; pass the eager nn.Module")
+    if not example_inputs:
+        raise ValueError("verify: pass at least one example input (the models are run on it)")
+
+    originals = dict(original.named_modules())
+    fuseds = dict(fused.named_modules())
+    kinds = {name: _kind(originals[name], fuseds[name]) for name in originals.keys() & fuseds.keys()}
+    # The fused model's own conv/linear/norm layers are never compared (names it added included),
+    # but their outputs must be tracked so that what merely hands them on is not compared either.
+    kinds.update({name: "changed" for name, m in fuseds.items() if name not in kinds and _changes_with_folding(m)})
+    kinds_original = {**kinds, **{name: "changed" for name, m in originals.items()
+                                  if name not in kinds and _changes_with_folding(m)}}
+
+    device = _reference_device(original)
+    try:
+        reference_model = copy.deepcopy(original)
+    except Exception as error:
+        raise TypeError(f"verify: cannot deep-copy the original model for the float64 reference: "
+                        f"{type(error).__name__}: {error}") from error
+    reference_model.to(device=device, dtype=torch.float64)
+    reference_inputs = _map_tensors(example_inputs, lambda t: t.to(device=device, dtype=torch.float64)
+                                    if t.is_floating_point() else t.to(device))
+
+    reference = _run(reference_model, reference_inputs, kinds_original, per_layer, "reference")
+    del reference_model
+    unfused = _run(original, example_inputs, kinds_original, per_layer, "original")
+    fused_run = _run(fused, example_inputs, kinds, per_layer, "fused")
+
+    outputs, notes = _check_outputs(fused_run.output, unfused.output, reference.output)
+    divergence, compared, not_compared = None, 0, []
+    if per_layer:
+        divergence, compared, not_compared = _first_divergence(fused_run, unfused, reference, kinds)
+    ok = all(o.ok for o in outputs) and divergence is None
+    dtype = next((str(t.dtype).removeprefix("torch.") for _, t in _flatten(unfused.output)
+                  if t.is_floating_point()), "unknown")
+    verdict = Verdict(ok=ok, dtype=dtype, outputs=tuple(outputs), first_divergence=divergence,
+                      layers_compared=compared, layers_not_compared=tuple(not_compared), notes=tuple(notes))
+    logger.debug("verify: %s", verdict)
+    return verdict

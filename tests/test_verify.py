@@ -1,0 +1,254 @@
+"""adapters.torch.verify: passes correct fused models, names the first diverging layer of broken ones.
+
+The broken fused models are built by hand from the original's layers with ``refimpl``'s fold
+functions and then damaged in one known place, so the layer verify must name is known
+independently of the code under test.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from adapters.torch.verify import ModelRunError, Verdict, verify
+from refimpl import MODEL_RATIO, fold_bn_conv, fold_conv_bn
+
+torch.manual_seed(0)
+
+
+def _randomize(bn: nn.BatchNorm2d, generator: torch.Generator) -> None:
+    # Non-trivial statistics, so that a fold is never a near no-op and a wrong one shows.
+    width = bn.num_features
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.empty(width).uniform_(-1, 1, generator=generator))
+        bn.running_var.copy_(torch.empty(width).uniform_(0.5, 2.0, generator=generator))
+        bn.weight.copy_(torch.empty(width).uniform_(0.5, 1.5, generator=generator))
+        bn.bias.copy_(torch.empty(width).uniform_(-1, 1, generator=generator))
+
+
+def _stats(bn: nn.BatchNorm2d) -> tuple:
+    return (bn.running_mean.double(), bn.running_var.double(), bn.eps, bn.weight.double(), bn.bias.double())
+
+
+def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, *, before: bool = False) -> nn.Conv2d:
+    """``conv`` with ``bn`` folded in (``before``: the BN runs before the conv), via refimpl, in float64."""
+    bias = None if conv.bias is None else conv.bias.double()
+    if before:
+        weight, new_bias = fold_bn_conv(conv.weight.double(), bias, *_stats(bn), groups=conv.groups)
+    else:
+        weight, new_bias = fold_conv_bn(conv.weight.double(), bias, *_stats(bn), groups=conv.groups)
+    folded = copy.deepcopy(conv)
+    folded.bias = nn.Parameter(torch.empty(conv.out_channels, dtype=conv.weight.dtype))
+    with torch.no_grad():
+        folded.weight.copy_(weight)
+        folded.bias.copy_(new_bias)
+    return folded
+
+
+class Chain(nn.Module):
+    """stem (conv | bn, relu) split across two Sequentials, a conv-bn-relu block, a head returning a tuple."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False))
+        self.stem_norm = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem_norm(self.stem(x))
+        y = self.act(self.bn(self.conv(x))) + x
+        return self.fc(self.pool(y).flatten(1)), y
+
+
+class PreNorm(nn.Module):
+    """conv -> relu -> bn -> conv(zero padding) -> relu: the BN cannot be folded into the padded conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 6, 3)
+        self.act0 = nn.ReLU()
+        self.bn = nn.BatchNorm2d(6)
+        self.conv1 = nn.Conv2d(6, 4, 3, padding=1)
+        self.act1 = nn.Tanh()
+
+    def forward(self, x):
+        return self.act1(self.conv1(self.bn(self.act0(self.conv0(x)))))
+
+
+@pytest.fixture
+def chain():
+    generator = torch.Generator().manual_seed(1)
+    model = Chain().eval()
+    _randomize(model.stem_norm[0], generator)
+    _randomize(model.bn, generator)
+    return model
+
+
+def _fuse_chain(model: Chain) -> Chain:
+    fused = copy.deepcopy(model)
+    fused.stem[0] = _folded_conv(model.stem[0], model.stem_norm[0])
+    fused.stem_norm[0] = nn.Identity()
+    fused.conv = _folded_conv(model.conv, model.bn)
+    fused.bn = nn.Identity()
+    return fused
+
+
+def _input(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+
+
+class TestVerify:
+    def test_correct_fold_passes_across_sequential_boundary(self, chain):
+        # stem (a Sequential ending in the folded conv) legitimately changes; it must not be blamed.
+        verdict = verify(chain, _fuse_chain(chain), _input(2, 3, 12, 12))
+        assert verdict.ok, str(verdict)
+        assert verdict.first_divergence is None
+        assert [o.path for o in verdict.outputs] == ["output[0]", "output[1]"]
+        assert verdict.ratio <= MODEL_RATIO
+        assert verdict.layers_compared >= 4  # stem_norm, its relu, act, pool at least
+
+    def test_wrong_channel_scale_names_the_next_layer(self, chain):
+        fused = _fuse_chain(chain)
+        with torch.no_grad():
+            fused.conv.weight[3] *= 1.01  # one output channel scaled wrongly
+        verdict = verify(chain, fused, _input(2, 3, 12, 12))
+        assert not verdict.ok
+        assert verdict.first_divergence.module == "act"
+        assert "conv" in verdict.first_divergence.suspects
+        assert verdict.ratio > MODEL_RATIO
+        assert "first diverging layer: act" in str(verdict)
+
+    def test_dropped_activation_is_named(self, chain):
+        fused = _fuse_chain(chain)
+        fused.act = nn.Identity()
+        verdict = verify(chain, fused, _input(2, 3, 12, 12))
+        assert not verdict.ok
+        assert verdict.first_divergence.module == "act"
+
+    def test_dropped_activation_inside_sequential_is_named(self, chain):
+        fused = _fuse_chain(chain)
+        fused.stem_norm[1] = nn.Identity()
+        verdict = verify(chain, fused, _input(2, 3, 12, 12))
+        assert verdict.first_divergence.module == "stem_norm.1"
+
+    def test_bn_folded_across_zero_padding_fails(self):
+        generator = torch.Generator().manual_seed(3)
+        model = PreNorm().eval()
+        _randomize(model.bn, generator)
+        x = _input(2, 3, 10, 10)
+        fused = copy.deepcopy(model)
+        # What a registration-order fuser does: fold bn into the conv after it, ignoring its zero padding.
+        fused.conv1 = _folded_conv(model.conv1, model.bn, before=True)
+        fused.bn = nn.Identity()
+        verdict = verify(model, fused, x)
+        assert not verdict.ok
+        assert verdict.first_divergence.module == "act1"
+        assert verdict.first_divergence.suspects == ("bn", "conv1")
+        # The same fold is exact when the conv does not pad: verify accepts it.
+        exact = copy.deepcopy(model)
+        exact.conv1.padding = (0, 0)
+        exact_fused = copy.deepcopy(exact)
+        exact_fused.conv1 = _folded_conv(exact.conv1, exact.bn, before=True)
+        exact_fused.bn = nn.Identity()
+        assert verify(exact, exact_fused, x).ok
+
+    def test_dict_outputs(self):
+        class Heads(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 4, 1)
+                self.bn = nn.BatchNorm2d(4)
+                self.act = nn.SiLU()
+
+            def forward(self, x):
+                y = self.bn(self.conv(x))
+                return {"features": y, "activated": self.act(y), "argmax": y.argmax(1)}
+
+        model = Heads().eval()
+        _randomize(model.bn, torch.Generator().manual_seed(4))
+        fused = copy.deepcopy(model)
+        fused.conv = _folded_conv(model.conv, model.bn)
+        fused.bn = nn.Identity()
+        verdict = verify(model, fused, _input(2, 3, 5, 5))
+        assert verdict.ok, str(verdict)
+        assert {o.path for o in verdict.outputs} == {"output['features']", "output['activated']"}
+        assert any("argmax" in note for note in verdict.notes)
+        broken = copy.deepcopy(fused)
+        with torch.no_grad():
+            broken.conv.bias[0] += 0.5
+        bad = verify(model, broken, _input(2, 3, 5, 5))
+        assert not bad.ok and bad.first_divergence.module == "act"
+
+    def test_output_structure_mismatch_fails(self, chain):
+        fused = _fuse_chain(chain)
+        fused.forward = lambda x: Chain.forward(fused, x)[0]
+        verdict = verify(chain, fused, _input(1, 3, 8, 8))
+        assert not verdict.ok
+        assert "output structure differs" in verdict.outputs[0].detail
+
+    def test_does_not_modify_either_model(self, chain):
+        chain.train()
+        chain.stem[0].weight.requires_grad_(False)
+        fused = _fuse_chain(chain)
+        before = {k: v.clone() for k, v in chain.state_dict().items()}
+        fused_before = {k: v.clone() for k, v in fused.state_dict().items()}
+        verdict = verify(chain, fused, _input(4, 3, 8, 8))
+        assert verdict.ok, str(verdict)  # run in eval mode: the running statistics are used
+        assert all(m.training for m in chain.modules()) and all(m.training for m in fused.modules())
+        # A training-mode forward would have updated the running statistics.
+        assert all(torch.equal(before[k], v) for k, v in chain.state_dict().items())
+        assert all(torch.equal(fused_before[k], v) for k, v in fused.state_dict().items())
+        assert not chain.stem[0].weight.requires_grad and chain.conv.weight.requires_grad
+        assert all(not m._forward_hooks for m in [*chain.modules(), *fused.modules()])
+        assert next(chain.parameters()).dtype == torch.float32
+
+    def test_torch_fx_graph_module(self):
+        from torch.fx.experimental.optimization import fuse
+
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1),
+                              nn.BatchNorm2d(4)).eval()
+        generator = torch.Generator().manual_seed(5)
+        _randomize(model[1], generator)
+        _randomize(model[4], generator)
+        verdict = verify(model, fuse(model), _input(2, 3, 9, 9))
+        assert verdict.ok, str(verdict)
+        assert verdict.layers_compared >= 1  # the ReLU, under the same name in the GraphModule
+
+    def test_plain_data_and_text(self, chain):
+        verdict = verify(chain, _fuse_chain(chain), _input(1, 3, 8, 8))
+        data = verdict.to_dict()
+        assert data["ok"] is True and data["dtype"] == "float32"
+        assert data["ratio"] == verdict.ratio and data["max_abs_error"] == verdict.max_abs_error
+        import json
+        assert json.loads(json.dumps(data)) == data
+        assert str(verdict).startswith("OK: fused model vs float64 reference (float32)")
+
+    def test_bfloat16_models(self, chain):
+        model = chain.to(torch.bfloat16)
+        fused = _fuse_chain(chain)
+        x = _input(2, 3, 8, 8).to(torch.bfloat16)
+        assert verify(model, fused, x).ok
+        with torch.no_grad():
+            fused.conv.weight[2] *= 1.25  # channel 2 is live on this input (0 is cut by the ReLU)
+        assert not verify(model, fused, x).ok
+
+    def test_bad_arguments(self, chain):
+        with pytest.raises(TypeError, match="fused must be an nn.Module"):
+            verify(chain, lambda x: x, _input(1, 3, 8, 8))
+        with pytest.raises(ValueError, match="at least one example input"):
+            verify(chain, chain)
+
+    def test_fused_model_crash_is_attributed(self, chain):
+        fused = _fuse_chain(chain)
+        fused.fc = nn.Linear(7, 5)  # wrong width: the fused model cannot run
+        with pytest.raises(ModelRunError, match="running the fused model raised RuntimeError") as info:
+            verify(chain, fused, _input(1, 3, 8, 8))
+        assert info.value.which == "fused"
+
