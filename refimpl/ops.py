@@ -387,7 +387,7 @@ def batch_norm(x: Any, mean: Any, var: Any, weight: Any = None, bias: Any = None
     bad = np.flatnonzero(~(denominator > 0) & ~np.isnan(denominator))
     if bad.size:
         c = int(bad[0])
-        raise ValueError(f"batch_norm: var + eps must be positive, but channel {c} has var={params['var'][c]!r}, "
+        raise ValueError(f"batch_norm: var + eps must be positive, but channel {c} has var={float(params['var'][c])!r}, "
                          f"eps={eps!r} (x.shape={x.shape})")
     view = lambda v: _channel_view(v, x.ndim)  # noqa: E731
     y = (x - view(params["mean"])) / view(np.sqrt(denominator))
