@@ -79,7 +79,7 @@ class LayerDivergence:
     detail: str = ""
 
     def describe(self) -> str:
-        where = self.module + (f" (call {self.call})" if self.call else "") + (
+        where = (self.module or "<the model itself>") + (f" (call {self.call})" if self.call else "") + (
             f" output {self.path}" if self.path != "output" else "")
         text = f"first diverging layer: {where}"
         if self.detail:

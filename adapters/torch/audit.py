@@ -1,0 +1,214 @@
+"""Audit a BatchNorm fuser -- this project's or anyone's -- over the case suite and the model zoo.
+
+A fuser is any callable ``fuser(model) -> model`` named as ``"module:function"`` (for example
+``mmcv.cnn:fuse_conv_bn``, ``torch.fx.experimental.optimization:fuse`` or
+``adapters.torch:fuse_conv_bn``). For each model of :mod:`adapters.torch.cases` (and of
+:mod:`adapters.torch.zoo` when torchvision/timm are installed) the fuser gets a deep copy of the
+model in eval mode; its result is checked with :func:`adapters.torch.verify` against the float64
+reference run of the original, and the norm evaluations left in one forward pass are counted and
+compared with the hand-worked number a correct fuser leaves. Each model gets one status:
+
+``ok``      the output is right and every foldable norm was folded;
+``missed``  the output is right but more norm evaluations are left than necessary;
+``WRONG``   the output breaks the error model (by how much, and the first diverging layer);
+``CRASH``   the fuser, or the fused model, raised (exception type and message).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from . import cases as case_suite
+from .verify import ModelRunError, verify
+
+__all__ = ["AuditResult", "AuditTarget", "STATUSES", "load_object", "audit_targets", "audit_one", "run_audit",
+           "format_header", "format_result", "format_summary", "summarize"]
+
+logger = logging.getLogger(__name__)
+
+#: Statuses in the order the summary lists them.
+STATUSES = ("ok", "missed", "WRONG", "CRASH")
+
+
+def load_object(spec: str, what: str = "object") -> Any:
+    """Import ``"package.module:attribute"`` (the attribute may be dotted: ``module:Class.method``)."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"{what} must be given as 'package.module:function', got {spec!r}")
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"cannot import module {module_name!r} for {what} {spec!r}: {error}") from error
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ValueError(f"module {module_name!r} has no attribute {attribute!r} ({what} {spec!r})") from None
+    return target
+
+
+@dataclass(frozen=True)
+class AuditTarget:
+    """One model to audit: how to build it and its input, and how many norm evaluations must remain."""
+
+    name: str
+    family: str
+    build: Callable[[], nn.Module]
+    make_input: Callable[[], torch.Tensor]
+    expected_left: int
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """Outcome of one model. ``left`` is None when the fused model never ran (CRASH)."""
+
+    name: str
+    family: str
+    status: str
+    left: int | None
+    expected_left: int
+    ratio: float | None
+    max_abs_error: float | None
+    detail: str
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("ratio", "max_abs_error"):
+            if data[key] is not None and not math.isfinite(data[key]):
+                data[key] = str(data[key])  # JSON has no inf/nan
+        return data
+
+
+def audit_targets(*, cases: bool = True, zoo: bool = True, select: Iterable[str] = (),
+                  device: torch.device | str = "cpu") -> Iterator[AuditTarget]:
+    """The case suite, then the zoo entries whose library is installed; ``select``: names or families to keep."""
+    wanted = set(select)
+
+    def keep(name: str, family: str) -> bool:
+        return not wanted or name in wanted or family in wanted
+
+    if cases:
+        for case in case_suite.iter_cases():
+            if keep(case.name, case.family):
+                yield AuditTarget(case.name, case.family, lambda c=case: c.build().to(device),
+                                  lambda c=case: c.make_input(device=device), case.left)
+    if zoo:
+        from . import zoo as model_zoo
+
+        for entry in model_zoo.ZOO.values():
+            if not keep(entry.name, "zoo"):
+                continue
+            try:
+                importlib.import_module(entry.library)
+            except ImportError:
+                logger.warning("skipping zoo model %s: %s is not installed (the 'zoo' extra)", entry.name,
+                               entry.library)
+                continue
+            yield AuditTarget(entry.name, "zoo", lambda e=entry: e.build().to(device),
+                              lambda e=entry: e.example_input().to(device), entry.unfoldable)
+
+
+def _one_line(error: BaseException) -> str:
+    message = " ".join(str(error).split())
+    if len(message) > 160:
+        message = message[:157] + "..."
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def audit_one(fuser: Callable[[nn.Module], nn.Module], target: AuditTarget) -> AuditResult:
+    """Fuse a deep copy of ``target``'s model with ``fuser`` and judge the result."""
+    start = time.perf_counter()
+    model = target.build().eval()
+    x = target.make_input()
+
+    def result(status: str, detail: str, left: int | None = None, ratio: float | None = None,
+               max_abs: float | None = None) -> AuditResult:
+        return AuditResult(target.name, target.family, status, left, target.expected_left, ratio, max_abs, detail,
+                           time.perf_counter() - start)
+
+    # A fuser's warnings are its own business; recording them keeps a caller's warning filters
+    # (e.g. "error") from turning them into crashes of the audit.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fused = fuser(copy.deepcopy(model))
+        except Exception as error:  # the fuser under audit may raise anything: that is the finding
+            return result("CRASH", f"fuser raised {_one_line(error)}")
+        if not isinstance(fused, nn.Module):
+            return result("CRASH", f"TypeError: fuser returned {type(fused).__name__}, not an nn.Module")
+        try:
+            verdict = verify(model, fused, x)
+            left = case_suite.count_norm_calls(fused, x)
+        except ModelRunError as error:
+            if error.which == "fused":
+                return result("CRASH", f"fused model raised {_one_line(error.__cause__)}")
+            raise
+    note = f"; {len(caught)} warning(s), first: {caught[0].category.__name__}: {caught[0].message}" if caught else ""
+    if not verdict.ok:
+        parts = [f"error {verdict.ratio:.3g}x the unfused model's (limit 4x)"]
+        if verdict.first_divergence is not None:
+            parts.append(verdict.first_divergence.describe())
+        parts.extend(o.detail for o in verdict.outputs if o.detail)
+        return result("WRONG", "; ".join(parts) + note, left, verdict.ratio, verdict.max_abs_error)
+    if left > target.expected_left:
+        return result("missed", f"{left - target.expected_left} foldable norm evaluation(s) left{note}", left,
+                      verdict.ratio, verdict.max_abs_error)
+    detail = note.removeprefix("; ")
+    if left < target.expected_left:
+        # Not a fault: e.g. a GraphModule can fold a shared norm at one call site and keep it at another.
+        detail = f"folded beyond the hand-worked count ({left} left < {target.expected_left})" + note
+    return result("ok", detail, left, verdict.ratio, verdict.max_abs_error)
+
+
+def run_audit(fuser: Callable[[nn.Module], nn.Module], targets: Iterable[AuditTarget],
+              on_result: Callable[[AuditResult], None] | None = None) -> list[AuditResult]:
+    """Audit every target in order; ``on_result`` is called as each finishes (for streaming output)."""
+    results = []
+    for target in targets:
+        logger.info("auditing %s", target.name)
+        outcome = audit_one(fuser, target)
+        results.append(outcome)
+        if on_result is not None:
+            on_result(outcome)
+    return results
+
+
+def summarize(results: Iterable[AuditResult]) -> dict[str, int]:
+    counts = {status: 0 for status in STATUSES}
+    for outcome in results:
+        counts[outcome.status] += 1
+    return counts
+
+
+_NAME_WIDTH = 38
+_FAMILY_WIDTH = 18
+
+
+def format_header() -> str:
+    return f"{'status':<7} {'model':<{_NAME_WIDTH}} {'family':<{_FAMILY_WIDTH}} {'left':>7} {'ratio':>8}  detail"
+
+
+def format_result(outcome: AuditResult) -> str:
+    """One line: status, model, family, norm evaluations left / expected, error ratio, detail."""
+    left = "-" if outcome.left is None else f"{outcome.left}/{outcome.expected_left}"
+    ratio = "-" if outcome.ratio is None else f"{outcome.ratio:.3g}"
+    line = (f"{outcome.status:<7} {outcome.name:<{_NAME_WIDTH}} {outcome.family:<{_FAMILY_WIDTH}} {left:>7} "
+            f"{ratio:>8}  {outcome.detail}")
+    return line.rstrip()
+
+
+def format_summary(results: list[AuditResult], fuser_name: str) -> str:
+    counts = summarize(results)
+    listed = ", ".join(f"{counts[s]} {s}" for s in STATUSES)
+    return f"summary: {listed} ({len(results)} models) -- fuser {fuser_name}"
