@@ -1,0 +1,1 @@
+"""Framework adapters: apply the reference fold math to real models (``adapters.torch``)."""

@@ -1,0 +1,538 @@
+"""Planning and applying folds, transactionally.
+
+The pass runs in three stages:
+
+1. **Analyse** (``graph``): trace, list every call site, and find for each norm call site the
+   layer call it could fold into (conv/linear before it, or conv/linear after it).
+2. **Plan**: choose one fold per norm call site so that every module is treated the same at
+   all its call sites (a conv folds only if each of its calls is followed by the same norms; a
+   norm is removed only if every one of its calls is folded), then compute every new weight and
+   bias in float64 on the parameters' device and round once to the parameter dtype.
+3. **Apply**: swap the new tensors in and replace folded norms. Nothing is mutated before every
+   new tensor exists, and an exception during the swap undoes it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn.parameter import is_lazy
+
+import refimpl
+
+from .graph import CallSite, LayerKind, ModelIndex, SiteAnalysis, analyse_sites, trace_regions
+from .norms import NormInfo, NormRejection, norm_stats
+from .report import FoldedPair, FusionReport, SkippedNorm
+
+__all__ = ["fuse", "fuse_conv_bn", "FoldedNormAct"]
+
+log = logging.getLogger("adapters.torch")
+
+# When several explanations apply to one unfused norm, the most specific is reported.
+_REASON_PRIORITY = ("overflow", "reused_incompatibly", "parametrized", "unsupported_layer", "rank_unknown",
+                    "output_used_elsewhere", "zero_padding", "transposed_after_bn", "untraceable",
+                    "no_fusable_neighbour")
+
+
+class FoldedNormAct(nn.Module):
+    """What remains of a norm+activation layer (timm ``BatchNormAct2d``) once its norm is folded.
+
+    Keeps the original ``drop`` and ``act`` children under the same names, so their state_dict
+    keys and any activation parameters survive.
+    """
+
+    def __init__(self, drop: nn.Module, act: nn.Module):
+        super().__init__()
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))
+
+
+# -- pre-checks ----------------------------------------------------------------------------
+
+def _check_model(model: Any) -> None:
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"cannot fuse a TorchScript module ({type(model).__name__}); fuse the eager nn.Module "
+                        "before scripting it")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse expects a torch.nn.Module, got {type(model).__qualname__}")
+    lazy, meta = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            raise TypeError(f"submodule '{name}' is a TorchScript module ({type(module).__name__}); fuse the eager "
+                            "model before scripting it")
+        for kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers)):
+            for tname, tensor in tensors.items():
+                if tensor is None:
+                    continue
+                qualified = f"{name}.{tname}" if name else tname
+                if is_lazy(tensor):
+                    lazy.append(f"{qualified} ({type(module).__name__})")
+                elif tensor.is_meta:
+                    meta.append(f"{qualified} ({type(module).__name__}, shape {tuple(tensor.shape)})")
+    if lazy:
+        raise ValueError(f"lazy modules are not initialised; run one forward pass first. Uninitialised: "
+                         f"{', '.join(lazy[:10])}{' ...' if len(lazy) > 10 else ''}")
+    if meta:
+        raise ValueError(f"the model has tensors on the meta device (no values to fold); materialise it first. "
+                         f"Meta tensors: {', '.join(meta[:10])}{' ...' if len(meta) > 10 else ''}")
+
+
+# -- observation with example inputs --------------------------------------------------------
+
+@dataclass
+class _Observation:
+    calls: dict[int, int]
+    ranks: dict[int, set[int]]
+
+
+def _observe(model: nn.Module, index: ModelIndex, example_inputs: Any) -> _Observation:
+    """Run the model once in eval mode, counting calls and input ranks of every fold-relevant module.
+
+    Training flags and running statistics are left exactly as they were: the run is in eval
+    mode (no statistics update) under ``no_grad``, and every module's flag is restored.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        args: tuple = (example_inputs,)
+    elif isinstance(example_inputs, (tuple, list)):
+        args = tuple(example_inputs)
+    else:
+        raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got "
+                        f"{type(example_inputs).__qualname__}")
+    calls: dict[int, int] = {}
+    ranks: dict[int, set[int]] = {}
+
+    def count(module, inputs):
+        key = id(module)
+        calls[key] = calls.get(key, 0) + 1
+        if inputs and isinstance(inputs[0], torch.Tensor):
+            ranks.setdefault(key, set()).add(inputs[0].dim())
+
+    flags = [(m, m.training) for m in index.modules]
+    handles = []
+    try:
+        for module in index.modules:
+            if index.is_leaf(module):
+                handles.append(module.register_forward_pre_hook(count))
+        model.eval()
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in flags:
+            module.training = flag
+    return _Observation(calls, ranks)
+
+
+# -- planning -------------------------------------------------------------------------------
+
+@dataclass
+class _Step:
+    norm: nn.Module
+    info: NormInfo
+    direction: str  # "forward": the norm runs after the layer; "backward": before it
+    order: int      # norms between this one and the layer
+
+
+@dataclass
+class _LayerPlan:
+    layer: nn.Module
+    kind: str
+    steps: list[_Step]
+    weight: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    changes: Optional[list[float]] = None
+
+
+class _Planner:
+    def __init__(self, index: ModelIndex, analysis: SiteAnalysis):
+        self.index = index
+        self.analysis = analysis
+        self.reasons: dict[int, list[tuple[str, str]]] = {}
+        self.vetoed_layers: dict[int, tuple[str, str]] = {}
+        self.vetoed_norms: dict[int, tuple[str, str]] = {}
+
+    def note(self, norm: nn.Module, code: str, detail: str) -> None:
+        self.reasons.setdefault(id(norm), []).append((code, detail))
+
+    def choose(self) -> dict[tuple, tuple[str, Any]]:
+        """One fold per norm call site, consistent across every module's call sites.
+
+        Each site starts with its forward candidate (conv -> BN is preferred), falls back to its
+        backward candidate, then to nothing; choices only ever move down that list, so the
+        loop ends after at most two downgrades per site.
+        """
+        a = self.analysis
+        choice: dict[tuple, tuple[str, Any]] = {}
+        norm_sites: dict[int, list[CallSite]] = {}
+        for module_id, verdict in self.index.norms.items():
+            if isinstance(verdict, NormInfo) and module_id in a.sites:
+                norm_sites[module_id] = a.sites[module_id]
+        for module_id, sites in norm_sites.items():
+            for site in sites:
+                key = a.site_key(site)
+                cand = self._first_allowed(key, start="forward")
+                if cand is not None:
+                    choice[key] = cand
+        changed = True
+        while changed:
+            changed = False
+            # A norm is removed only if every one of its calls folds.
+            for module_id, sites in norm_sites.items():
+                keys = [a.site_key(s) for s in sites]
+                present = [k for k in keys if k in choice]
+                if present and len(present) != len(keys):
+                    norm = sites[0].module
+                    self.note(norm, "reused_incompatibly", f"{self.index.name(norm)} is called at {len(keys)} "
+                              f"sites but only {len(present)} of them can be folded")
+                    for k in present:
+                        del choice[k]
+                    changed = True
+            # Chains: every norm between a norm and its layer must fold into that layer the same way.
+            for key in list(choice):
+                direction, cand = choice[key]
+                region = cand.norm.region
+                for node in cand.between:
+                    other = choice.get((id(region), node))
+                    if other is None or other[0] != direction or other[1].layer.node is not cand.layer.node:
+                        norm = cand.norm.module
+                        between = self.index.name(region.module(node))
+                        self.note(norm, "no_fusable_neighbour", f"{between}, between "
+                                  f"{self.index.name(norm)} and {self.index.name(cand.layer.module)}, is not folded")
+                        self._downgrade(choice, key)
+                        changed = True
+                        break
+            # A layer folds only if each of its calls gets the same folds.
+            per_site: dict[tuple, list[tuple[str, int, int]]] = {}
+            for key, (direction, cand) in choice.items():
+                per_site.setdefault(a.site_key(cand.layer), []).append(
+                    (direction, len(cand.between), id(cand.norm.module)))
+            layers_seen: set[int] = set()
+            for key, (direction, cand) in list(choice.items()):
+                layer = cand.layer.module
+                if id(layer) in layers_seen:
+                    continue
+                layers_seen.add(id(layer))
+                signatures = {tuple(sorted(per_site.get(a.site_key(s), []))) for s in a.sites[id(layer)]}
+                if len(signatures) > 1:
+                    for k, (d, c) in list(choice.items()):
+                        if c.layer.module is layer:
+                            self.note(c.norm.module, "reused_incompatibly", f"{self.index.name(layer)} is called at "
+                                      f"{len(a.sites[id(layer)])} sites that are not all followed/preceded by the "
+                                      "same norm layers")
+                            self._downgrade(choice, k)
+                    changed = True
+        return choice
+
+    def _first_allowed(self, key: tuple, start: str) -> Optional[tuple[str, Any]]:
+        a = self.analysis
+        order = ("forward", "backward") if start == "forward" else ("backward",)
+        for direction in order:
+            cand = (a.forward if direction == "forward" else a.backward).get(key)
+            if cand is None:
+                continue
+            norm_veto = self.vetoed_norms.get(id(cand.norm.module))
+            if norm_veto is not None:
+                self.note(cand.norm.module, *norm_veto)
+                return None
+            layer_veto = self.vetoed_layers.get(id(cand.layer.module))
+            if layer_veto is not None:
+                self.note(cand.norm.module, *layer_veto)
+                continue
+            return (direction, cand)
+        return None
+
+    def _downgrade(self, choice: dict, key: tuple) -> None:
+        direction, _ = choice.pop(key)
+        if direction == "forward":
+            cand = self._first_allowed(key, start="backward")
+            if cand is not None:
+                choice[key] = cand
+
+    def layer_plans(self, choice: dict) -> list[_LayerPlan]:
+        plans: dict[int, _LayerPlan] = {}
+        seen_sites: set[tuple] = set()
+        for _key, (direction, cand) in choice.items():
+            layer = cand.layer.module
+            site_key = self.analysis.site_key(cand.layer)
+            plan = plans.get(id(layer))
+            if plan is None:
+                plan = plans[id(layer)] = _LayerPlan(layer, self.index.layer(layer)[0], [])
+                seen_sites.add(site_key)
+            elif site_key not in seen_sites:
+                continue  # another call of the same layer: identical folds (checked), counted once
+            info = self.index.norms[id(cand.norm.module)]
+            plan.steps.append(_Step(cand.norm.module, info, direction, len(cand.between)))
+        for plan in plans.values():
+            # Dataflow order: norms before the layer (nearest first), then norms after it (nearest first).
+            plan.steps.sort(key=lambda s: (s.direction != "backward", s.order))
+        ordered = sorted(plans.values(), key=lambda p: self.index.name(p.layer))
+        return ordered
+
+
+def _fold_dtype(device: torch.device) -> torch.dtype:
+    # MPS has no float64; there the fold is computed in float32 (still one rounding to the parameter dtype).
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _compute(plan: _LayerPlan, index: ModelIndex) -> Optional[str]:
+    """Compute the layer's new weight and bias. Returns an overflow detail instead when they do not fit."""
+    layer = plan.layer
+    weight = layer.weight
+    dtype = _fold_dtype(weight.device)
+    w = weight.detach().to(dtype)
+    b = None if layer.bias is None else layer.bias.detach().to(dtype)
+    changes = []
+    layer_name = index.name(layer)
+    for step in plan.steps:
+        norm_name = index.name(step.norm)
+        stats = norm_stats(step.norm, step.info)
+        args = [stats.mean.to(device=w.device, dtype=dtype), stats.var.to(device=w.device, dtype=dtype), stats.eps,
+                None if stats.weight is None else stats.weight.to(device=w.device, dtype=dtype),
+                None if stats.bias is None else stats.bias.to(device=w.device, dtype=dtype)]
+        try:
+            if step.direction == "forward":
+                if plan.kind == LayerKind.LINEAR:
+                    new_w, new_b = refimpl.fold_linear_bn(w, b, *args)
+                else:
+                    new_w, new_b = refimpl.fold_conv_bn(w, b, *args, transposed=plan.kind == LayerKind.CONV_TRANSPOSE,
+                                                        groups=layer.groups)
+            elif plan.kind == LayerKind.LINEAR:
+                new_w, new_b = refimpl.fold_bn_linear(w, b, *args)
+            else:
+                new_w, new_b = refimpl.fold_bn_conv(w, b, *args, groups=layer.groups)
+        except (ValueError, TypeError) as exc:
+            order = f"{layer_name} -> {norm_name}" if step.direction == "forward" else f"{norm_name} -> {layer_name}"
+            raise type(exc)(f"cannot fold {order} ({type(layer).__name__} weight {tuple(weight.shape)}, "
+                            f"{type(step.norm).__name__}({step.info.num_features})): {exc}") from exc
+        scale = float(w.abs().max()) if w.numel() else 0.0
+        change = float((new_w - w).abs().max()) if w.numel() else 0.0
+        changes.append(change / scale if scale > 0 else (0.0 if change == 0 else float("inf")))
+        w, b = new_w, new_b
+    bias_dtype = weight.dtype if layer.bias is None else layer.bias.dtype
+    rounded_w = w.to(weight.dtype)
+    rounded_b = b.to(bias_dtype)
+    if not bool(torch.isfinite(rounded_w).all()) or not bool(torch.isfinite(rounded_b).all()):
+        return (f"folding into {layer_name} gives weight/bias values up to "
+                f"{max(float(w.abs().max()), float(b.abs().max())):.3g}, not finite in {weight.dtype}")
+    # Keep the parameter's memory format (channels_last) and device; values are copied in.
+    plan.weight = torch.empty_like(weight, memory_format=torch.preserve_format).copy_(rounded_w)
+    plan.bias = rounded_b.clone()
+    plan.changes = changes
+    return None
+
+
+def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelIndex) -> None:
+    """Swap new tensors in and replace folded norms; on any exception, undo everything."""
+    undo: list = []
+    try:
+        for plan in plans:
+            layer = plan.layer
+            old_weight = layer.weight
+            # Assigning .data keeps the Parameter object (optimisers and hooks that hold it stay valid)
+            # and its requires_grad.
+            undo.append(("data", old_weight, old_weight.data))
+            old_weight.data = plan.weight
+            if layer.bias is not None:
+                undo.append(("data", layer.bias, layer.bias.data))
+                layer.bias.data = plan.bias
+            else:
+                undo.append(("bias", layer, None))
+                layer.bias = nn.Parameter(plan.bias, requires_grad=old_weight.requires_grad)
+        for norm in folded_norms:
+            verdict = index.norms[id(norm)]
+            if verdict.has_act:
+                replacement: nn.Module = FoldedNormAct(norm.drop, norm.act)
+            else:
+                replacement = nn.Identity()
+            replacement.training = norm.training
+            for parent, attr in index.registrations.get(id(norm), []):
+                undo.append(("module", parent, (attr, parent._modules[attr])))
+                parent._modules[attr] = replacement
+    except BaseException:
+        for action, target, value in reversed(undo):
+            if action == "data":
+                target.data = value
+            elif action == "bias":
+                target._parameters["bias"] = None
+            else:
+                attr, module = value
+                target._modules[attr] = module
+        raise
+
+
+# -- the public entry points ----------------------------------------------------------------
+
+def fuse(model: nn.Module, *, inplace: bool = False,
+         example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None) -> tuple[nn.Module, FusionReport]:
+    """Fold every BatchNorm that dataflow allows into its neighbouring conv/linear layer.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model. Its classes and attribute names are kept; folded norms become ``nn.Identity``
+        (norm+activation layers keep their ``drop`` and ``act``).
+    inplace : bool
+        Fold into ``model`` itself; otherwise a deep copy is folded and ``model`` is untouched.
+    example_inputs : tensor or tuple of tensors, optional
+        Inputs for one eval-mode forward pass of the original: proves the rank of Linear /
+        BatchNorm1d inputs and confirms that every fold-relevant module is called only where
+        the traced graphs say (calls hidden in untraceable code block the fold).
+
+    Returns
+    -------
+    (model, report)
+        The fused model (``model`` itself when ``inplace``) and a :class:`FusionReport`.
+
+    Raises
+    ------
+    TypeError
+        TorchScript modules, or something that is not an ``nn.Module``.
+    ValueError
+        Lazy (uninitialised) or meta tensors; a norm whose width does not match its layer, or
+        whose running variance is negative or not finite. The model is left unchanged.
+    """
+    _check_model(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+    index = ModelIndex(model)
+    observation = _observe(model, index, example_inputs) if example_inputs is not None else None
+
+    flags = [(m, m.training) for m in index.modules]
+    try:
+        # Trace in eval mode: folding assumes eval semantics, and modules that branch on
+        # self.training (stochastic depth, ...) must show their eval-mode dataflow.
+        for module in index.modules:
+            module.training = False
+        traced = trace_regions(model, index)
+    finally:
+        for module, flag in flags:
+            module.training = flag
+    analysis = analyse_sites(index, traced.regions, observation.ranks if observation else None)
+
+    planner = _Planner(index, analysis)
+    _veto_unshareable_layers(planner, index, analysis)
+    if observation is not None:
+        _veto_hidden_calls(planner, index, analysis, observation)
+
+    while True:
+        planner.reasons = {}
+        choice = planner.choose()
+        plans = planner.layer_plans(choice)
+        overflowed = False
+        for plan in plans:
+            detail = _compute(plan, index)
+            if detail is not None:
+                planner.vetoed_layers[id(plan.layer)] = ("overflow", detail)
+                overflowed = True
+        if not overflowed:
+            break
+
+    folded_norm_ids = {id(c.norm.module) for _, c in choice.values()}
+    folded_norms = [m for m in index.modules if id(m) in folded_norm_ids]
+    _apply(plans, folded_norms, index)
+
+    report = _build_report(model, index, traced, analysis, planner, plans, folded_norm_ids)
+    if report.training_mode:
+        log.warning("the model is in training mode; BatchNorm was folded with eval semantics (running statistics)")
+    log.info("%s", report.summary())
+    return model, report
+
+
+def _veto_unshareable_layers(planner: _Planner, index: ModelIndex, analysis: SiteAnalysis) -> None:
+    for layer_id, where in analysis.weight_reads.items():
+        planner.vetoed_layers[layer_id] = ("reused_incompatibly", f"a parameter of the layer is read directly at "
+                                           f"{where}; folding would change that use")
+    for cand in list(analysis.forward.values()) + list(analysis.backward.values()):
+        layer = cand.layer.module
+        if id(layer) not in planner.vetoed_layers and index.shares_parameters(layer):
+            planner.vetoed_layers[id(layer)] = ("reused_incompatibly", f"{index.name(layer)} shares a parameter "
+                                                "with another module (tied weights)")
+
+
+def _veto_hidden_calls(planner: _Planner, index: ModelIndex, analysis: SiteAnalysis, obs: _Observation) -> None:
+    for module_id, count in obs.calls.items():
+        traced = len(analysis.sites.get(module_id, ()))
+        if count > traced:
+            module = next((m for m in index.modules if id(m) == module_id), None)
+            name = index.name_of.get(module_id, "?")
+            veto = ("untraceable", f"{name} ran {count} time(s) with example_inputs but the traced graphs show "
+                    f"{traced} call site(s); calls in untraced code may see a different fold")
+            if module is not None and isinstance(index.norms.get(module_id), NormInfo):
+                planner.vetoed_norms[module_id] = veto
+            else:
+                planner.vetoed_layers[module_id] = veto
+
+
+def _pick_reason(reasons: list[tuple[str, str]]) -> tuple[str, str]:
+    best = min(reasons, key=lambda r: _REASON_PRIORITY.index(r[0]) if r[0] in _REASON_PRIORITY else 99)
+    return best
+
+
+def _under(name: str, prefixes: dict[str, str]) -> Optional[str]:
+    """The longest proper ancestor (or the name itself) of ``name`` found in ``prefixes``."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        candidate = ".".join(parts[:i])
+        if candidate in prefixes:
+            return candidate
+    return None
+
+
+def _build_report(model, index, traced, analysis, planner, plans, folded_norm_ids) -> FusionReport:
+    report = FusionReport()
+    norm_modules = [m for m in index.modules if id(m) in index.norms]
+    report.norms_found = len(norm_modules)
+    report.training_mode = bool(model.training or any(m.training for m in norm_modules))
+    kinds = {(LayerKind.CONV, "forward"): "conv->bn", (LayerKind.CONV_TRANSPOSE, "forward"): "conv_transpose->bn",
+             (LayerKind.LINEAR, "forward"): "linear->bn", (LayerKind.CONV, "backward"): "bn->conv",
+             (LayerKind.LINEAR, "backward"): "bn->linear"}
+    for plan in plans:
+        for step, change in zip(plan.steps, plan.changes):
+            report.folded.append(FoldedPair(norm=index.name(step.norm), layer=index.name(plan.layer),
+                                            kind=kinds[(plan.kind, step.direction)], max_rel_change=change))
+    for norm in norm_modules:
+        if id(norm) in folded_norm_ids:
+            continue
+        name = index.name(norm)
+        verdict = index.norms[id(norm)]
+        if isinstance(verdict, NormRejection):
+            report.skipped.append(SkippedNorm(name, verdict.reason, verdict.detail))
+            continue
+        reasons = planner.reasons.get(id(norm), []) + analysis.reasons.get(id(norm), [])
+        if id(norm) in planner.vetoed_norms:
+            reasons.append(planner.vetoed_norms[id(norm)])
+        if reasons:
+            report.skipped.append(SkippedNorm(name, *_pick_reason(reasons)))
+            continue
+        if id(norm) not in analysis.sites:
+            opaque = _under(name, traced.opaque)
+            if opaque is not None:
+                report.skipped.append(SkippedNorm(name, "unsupported_layer", f"it sits inside {opaque} "
+                                                  f"({traced.opaque[opaque]}), a layer treated as opaque"))
+                continue
+            failed = _under(name, traced.failures)
+            if failed is not None:
+                report.skipped.append(SkippedNorm(name, "untraceable", f"'{failed or '<model>'}' could not be "
+                                                  f"traced ({traced.failures[failed]})"))
+                continue
+            report.skipped.append(SkippedNorm(name, "no_fusable_neighbour", "it is never called in the traced "
+                                              "forward"))
+            continue
+        report.skipped.append(SkippedNorm(name, "no_fusable_neighbour", "no foldable layer next to it"))
+    return report
+
+
+def fuse_conv_bn(module: nn.Module) -> nn.Module:
+    """Drop-in for ``mmcv.cnn.fuse_conv_bn``: fold in place and return the same module object."""
+    fused, _ = fuse(module, inplace=True)
+    return fused
+

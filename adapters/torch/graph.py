@@ -1,0 +1,611 @@
+"""Dataflow of a model: tracing with a norm-preserving leaf policy, and candidate fold pairs.
+
+Pairs come from the traced computation, never from registration order. The model is traced
+with :class:`LeafTracer`, which keeps every layer that can take part in a fold (conv, transposed
+conv, linear, recognised norms, eval-mode identities) as a ``call_module`` node. Where tracing a
+module fails, each of its children is traced on its own, so one untraceable ``forward`` only
+hides the modules it calls directly.
+
+Everything here is linear in model size: module tables are built once, and each call site is
+walked along its own short path of single-user nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import fx, nn
+from torch.nn.utils import parametrize
+
+from .norms import NormInfo, NormKind, NormRejection, classify_norm
+
+__all__ = ["LayerKind", "ModelIndex", "Region", "CallSite", "ForwardCandidate", "BackwardCandidate",
+           "LeafTracer", "trace_regions", "analyse_sites", "classify_layer"]
+
+log = logging.getLogger(__name__)
+
+
+class LayerKind:
+    """Values of :func:`classify_layer` for layers a norm can fold into."""
+
+    CONV = "conv"
+    CONV_TRANSPOSE = "conv_transpose"
+    LINEAR = "linear"
+
+
+_LAYER_BASES = (
+    (nn.Conv1d, LayerKind.CONV), (nn.Conv2d, LayerKind.CONV), (nn.Conv3d, LayerKind.CONV),
+    (nn.ConvTranspose1d, LayerKind.CONV_TRANSPOSE), (nn.ConvTranspose2d, LayerKind.CONV_TRANSPOSE),
+    (nn.ConvTranspose3d, LayerKind.CONV_TRANSPOSE), (nn.Linear, LayerKind.LINEAR),
+)
+_IDENTITY_BASES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                   nn.FeatureAlphaDropout)
+_QUANTIZED_PACKAGES = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic",
+                       "torch.nn.intrinsic", "torch.ao.nn.qat", "torch.nn.qat", "torch.ao.nn.quantizable")
+# Modules and functions whose output has the shape of their (first) input: rank proofs pass through them.
+_SHAPE_PRESERVING_MODULES = _IDENTITY_BASES + (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh)
+_SHAPE_PRESERVING_FUNCTIONS = {
+    torch.relu, torch.sigmoid, torch.tanh, nn.functional.relu, nn.functional.relu6, nn.functional.gelu,
+    nn.functional.silu, nn.functional.leaky_relu, nn.functional.elu, nn.functional.hardswish,
+    nn.functional.hardsigmoid, nn.functional.dropout, nn.functional.mish, torch.sigmoid, nn.functional.sigmoid,
+    nn.functional.tanh, nn.functional.softplus,
+}
+_SHAPE_PRESERVING_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "float", "half", "double",
+                             "bfloat16", "to", "type_as"}
+# Users that read only metadata of a tensor: folding changes values, never shape/dtype/device.
+_METADATA_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "get_device"}
+_METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout"}
+
+
+def _known_forward(module: nn.Module, bases: tuple) -> Optional[type]:
+    """The base among ``bases`` that ``module`` is an instance of, if its forward is that base's own."""
+    for base in bases:
+        if isinstance(module, base):
+            return base if type(module).forward is base.forward else None
+    return None
+
+
+def is_identity_in_eval(module: nn.Module) -> bool:
+    """Identity and dropout layers: the identity in eval semantics, which folding assumes."""
+    return _known_forward(module, _IDENTITY_BASES) is not None
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return type(module).__module__.startswith(_QUANTIZED_PACKAGES)
+
+
+def classify_layer(module: nn.Module) -> tuple[Optional[str], str]:
+    """Classify a potential fold partner.
+
+    Returns ``(kind, "")`` for a foldable conv/transposed conv/linear, ``(None, reason)``
+    for a layer that looks like one but cannot be folded (``reason`` is a report code), and
+    ``(None, "")`` for anything else.
+    """
+    if is_quantized(module):
+        return None, "unsupported_layer"
+    for base, kind in _LAYER_BASES:
+        if isinstance(module, base):
+            if type(module).forward is not base.forward and not parametrize.is_parametrized(module):
+                # A subclass with its own forward (weight standardisation, dynamic padding, ...)
+                # may not apply its weight linearly; folding into it is not known to be exact.
+                return None, "unsupported_layer"
+            if parametrize.is_parametrized(module) or _has_weight_hook(module):
+                return None, "parametrized"
+            return kind, ""
+    return None, ""
+
+
+def _has_weight_hook(module: nn.Module) -> bool:
+    # torch.nn.utils.weight_norm / spectral_norm (the hook-based, pre-parametrize versions)
+    # recompute `weight` from other tensors before every forward: a folded weight would be overwritten.
+    for hook in module._forward_pre_hooks.values():
+        if type(hook).__name__ in ("WeightNorm", "SpectralNorm"):
+            return True
+    return "weight_g" in module._parameters or "weight_orig" in module._parameters
+
+
+class ModelIndex:
+    """Lookup tables over a model, built once: names, norm classification, registrations."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.name_of: dict[int, str] = {}
+        self.modules: list[nn.Module] = []
+        for name, module in model.named_modules():
+            self.name_of[id(module)] = name
+            self.modules.append(module)
+        # Every (parent, attribute) under which a module is registered: a folded norm is replaced at all of them.
+        self.registrations: dict[int, list[tuple[nn.Module, str]]] = {}
+        for parent in self.modules:
+            for attr, child in parent._modules.items():
+                if child is not None:
+                    self.registrations.setdefault(id(child), []).append((parent, attr))
+        self.norms: dict[int, NormInfo | NormRejection] = {}
+        param_users: dict[int, int] = {}
+        for module in self.modules:
+            verdict = classify_norm(module)
+            if verdict is not None:
+                self.norms[id(module)] = verdict
+            for param in module._parameters.values():
+                if param is not None:
+                    param_users[id(param)] = param_users.get(id(param), 0) + 1
+        self._param_users = param_users
+        self._layer_cache: dict[int, tuple[Optional[str], str]] = {}
+
+    def name(self, module: nn.Module) -> str:
+        return self.name_of.get(id(module), f"<unregistered {type(module).__name__}>")
+
+    def layer(self, module: nn.Module) -> tuple[Optional[str], str]:
+        key = id(module)
+        cached = self._layer_cache.get(key)
+        if cached is None:
+            cached = self._layer_cache[key] = classify_layer(module)
+        return cached
+
+    def shares_parameters(self, module: nn.Module) -> bool:
+        """Whether a parameter of ``module`` is also registered in another module (tied weights)."""
+        return any(p is not None and self._param_users.get(id(p), 0) > 1 for p in module._parameters.values())
+
+    def is_leaf(self, module: nn.Module) -> bool:
+        if id(module) in self.norms or is_identity_in_eval(module):
+            return True
+        kind, reason = self.layer(module)
+        return kind is not None or reason != ""
+
+
+class LeafTracer(fx.Tracer):
+    """An fx tracer that keeps fold partners as leaves and records which module each target names.
+
+    Plain fx traces through modules defined outside ``torch.nn`` (torchvision's
+    FrozenBatchNorm2d, timm's BatchNormAct2d), which would hide them as arithmetic.
+    """
+
+    def __init__(self, index: ModelIndex):
+        super().__init__()
+        self.index = index
+        self.target_modules: dict[str, nn.Module] = {}
+        self.opaque_leaves: list[nn.Module] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.index.is_leaf(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        if self.is_leaf_module(m, ""):
+            target = self.path_of_module(m)
+            self.target_modules[target] = m
+            if m._modules and not self.index.is_leaf(m):
+                self.opaque_leaves.append(m)
+        return super().call_module(m, forward, args, kwargs)
+
+
+@dataclass
+class Region:
+    """One traced part of the model: the graph of ``root``'s forward."""
+
+    prefix: str              # qualified name of ``root`` in the model ('' for the model itself)
+    root: nn.Module
+    graph: fx.Graph
+    modules: dict[str, nn.Module]
+
+    @property
+    def is_model(self) -> bool:
+        return self.prefix == ""
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.modules[node.target]
+
+
+@dataclass
+class TraceResult:
+    regions: list[Region]
+    failures: dict[str, str] = field(default_factory=dict)   # qualified name -> why tracing it failed
+    opaque: dict[str, str] = field(default_factory=dict)     # qualified name of an unknown leaf with children
+
+
+def trace_regions(model: nn.Module, index: ModelIndex) -> TraceResult:
+    """Trace ``model``; where a module cannot be traced, trace its non-leaf children separately."""
+    result = TraceResult(regions=[])
+    stack = [("", model)]
+    while stack:
+        prefix, root = stack.pop()
+        tracer = LeafTracer(index)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                graph = tracer.trace(root)
+            for w in caught:
+                log.debug("while tracing %r: %s", prefix or type(root).__name__, w.message)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not traceable here": descend
+            summary = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            result.failures[prefix] = summary
+            log.debug("cannot trace %r (%s); tracing its children separately", prefix or "<model>", summary)
+            children = [(f"{prefix}.{n}" if prefix else n, c) for n, c in root.named_children()]
+            stack.extend((n, c) for n, c in reversed(children) if not index.is_leaf(c))
+            continue
+        result.regions.append(Region(prefix, root, graph, tracer.target_modules))
+        for m in tracer.opaque_leaves:
+            result.opaque[index.name(m)] = type(m).__qualname__
+    return result
+
+
+@dataclass(frozen=True)
+class CallSite:
+    region: Region
+    node: fx.Node
+
+    @property
+    def module(self) -> nn.Module:
+        return self.region.module(self.node)
+
+
+@dataclass
+class ForwardCandidate:
+    """Norm call site ``norm`` may fold into the layer call site ``layer`` that produces its input.
+
+    ``between`` are the norm call sites that sit between the two (conv -> BN -> BN): they must
+    fold into the same layer call for this one to.
+    """
+
+    layer: CallSite
+    norm: CallSite
+    between: tuple[fx.Node, ...]
+
+
+@dataclass
+class BackwardCandidate:
+    """Norm call site ``norm`` may fold into the layer call site ``layer`` that consumes its output."""
+
+    layer: CallSite
+    norm: CallSite
+    between: tuple[fx.Node, ...]
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    users = []
+    for user in node.users:
+        if user.op == "call_method" and user.target in _METADATA_METHODS:
+            continue
+        if (user.op == "call_function" and user.target is getattr and len(user.args) == 2
+                and user.args[1] in _METADATA_ATTRS):
+            continue
+        users.append(user)
+    return users
+
+
+def _sole_input(node: fx.Node, source: fx.Node) -> bool:
+    return node.args == (source,) and not node.kwargs
+
+
+class SiteAnalysis:
+    """Per-call-site analysis over all traced regions.
+
+    Collects call sites per module, candidate folds per norm call site, and for every norm
+    call site that has no candidate the reasons found while looking (each a ``(code, detail)``).
+    """
+
+    def __init__(self, index: ModelIndex, regions: list[Region], input_ranks: dict[int, set[int]] | None):
+        self.index = index
+        self.regions = regions
+        self.input_ranks = input_ranks or {}
+        self.sites: dict[int, list[CallSite]] = {}
+        self.weight_reads: dict[int, str] = {}
+        self.forward: dict[tuple[int, fx.Node], ForwardCandidate] = {}
+        self.backward: dict[tuple[int, fx.Node], BackwardCandidate] = {}
+        self.reasons: dict[int, list[tuple[str, str]]] = {}
+        self._rank_memo: dict[fx.Node, bool] = {}
+        self._region_of: dict[int, Region] = {}
+
+    def site_key(self, site: CallSite) -> tuple[int, fx.Node]:
+        return (id(site.region), site.node)
+
+    def note(self, norm: nn.Module, code: str, detail: str) -> None:
+        self.reasons.setdefault(id(norm), []).append((code, detail))
+
+    def run(self) -> None:
+        for region in self.regions:
+            for node in region.graph.nodes:
+                if node.op == "call_module":
+                    module = region.module(node)
+                    self.sites.setdefault(id(module), []).append(CallSite(region, node))
+                elif node.op == "get_attr":
+                    owner_path, _, _ = str(node.target).rpartition(".")
+                    try:
+                        owner = region.root.get_submodule(owner_path)
+                    except AttributeError:
+                        continue
+                    where = f"{region.prefix}.{node.target}" if region.prefix else str(node.target)
+                    self.weight_reads[id(owner)] = where
+        for region in self.regions:
+            for node in region.graph.nodes:
+                if node.op == "call_module":
+                    verdict = self.index.norms.get(id(region.module(node)))
+                    if isinstance(verdict, NormInfo):
+                        site = CallSite(region, node)
+                        self._look_upstream(site, verdict)
+                        self._look_downstream(site, verdict)
+
+    # -- helpers -------------------------------------------------------------------------
+    def _passes_through(self, region: Region, node: fx.Node) -> bool:
+        """Whether a node is the identity for folding purposes (eval identity, or a foldable pure norm)."""
+        if node.op != "call_module":
+            return False
+        module = region.module(node)
+        if is_identity_in_eval(module):
+            return True
+        verdict = self.index.norms.get(id(module))
+        if not isinstance(verdict, NormInfo):
+            return False
+        return not verdict.has_act or (is_identity_in_eval(module.drop) and is_identity_in_eval(module.act))
+
+    def _is_norm_node(self, region: Region, node: fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(self.index.norms.get(id(region.module(node))), NormInfo)
+
+    def proven_2d(self, region: Region, node: fx.Node) -> bool:
+        """Whether the tensor ``node`` is provably 2-D (N, C) from the graph alone."""
+        memo = self._rank_memo
+        path = []
+        current = node
+        result = False
+        # Follow shape-preserving ops iteratively (long chains must not recurse deeply).
+        while True:
+            if current in memo:
+                result = memo[current]
+                break
+            path.append(current)
+            verdict, following = self._rank_step(region, current)
+            if following is None:
+                result = verdict
+                break
+            current = following
+        for visited in path:
+            memo[visited] = result
+        return result
+
+    def _rank_step(self, region: Region, node: fx.Node) -> tuple[bool, Optional[fx.Node]]:
+        """``(answer, None)`` when decided at ``node``, ``(False, input)`` to defer to ``input``."""
+        first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if node.op == "call_function":
+            if node.target is torch.flatten:
+                start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+                end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+                return start == 1 and end == -1, None
+            if node.target is torch.reshape:
+                shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("shape")
+                return isinstance(shape, (tuple, list)) and len(shape) == 2, None
+            if node.target in _SHAPE_PRESERVING_FUNCTIONS and first is not None:
+                return False, first
+            return False, None
+        if node.op == "call_method":
+            if node.target == "flatten":
+                start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+                end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+                return start == 1 and end == -1, None
+            if node.target in ("view", "reshape"):
+                shape = node.args[1:]
+                if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+                    shape = shape[0]
+                return len(shape) == 2 and not node.kwargs, None
+            if node.target in _SHAPE_PRESERVING_METHODS and first is not None:
+                return False, first
+            return False, None
+        if node.op == "call_module":
+            module = region.module(node)
+            ranks = self.input_ranks.get(id(module))
+            if isinstance(module, nn.Flatten) and type(module).forward is nn.Flatten.forward:
+                return module.start_dim == 1 and module.end_dim == -1, None
+            if first is None:
+                return False, None
+            if self.index.layer(module)[0] == LayerKind.LINEAR:
+                if ranks:
+                    return ranks == {2}, None
+                return False, first
+            if self._is_norm_node(region, node) or _known_forward(module, _SHAPE_PRESERVING_MODULES):
+                if ranks:
+                    return ranks == {2}, None
+                return False, first
+        return False, None
+
+    def _input_is_2d(self, site: CallSite) -> bool:
+        ranks = self.input_ranks.get(id(site.module))
+        if ranks:
+            # Observed at run time with the example inputs: every call saw (N, C).
+            return ranks == {2}
+        arg = site.node.args[0] if site.node.args else None
+        return isinstance(arg, fx.Node) and self.proven_2d(site.region, arg)
+
+    def _boundary_reason(self, region: Region, where: str) -> tuple[str, str]:
+        if region.is_model:
+            return "no_fusable_neighbour", f"its {where} is the model's {where}"
+        return "untraceable", (f"its {where} crosses the boundary of '{region.prefix}', whose caller could not be "
+                               "traced")
+
+    # -- conv/linear -> norm ---------------------------------------------------------------
+    def _look_upstream(self, site: CallSite, info: NormInfo) -> None:
+        region, norm_node = site.region, site.node
+        norm = site.module
+        name = self.index.name(norm)
+        between: list[fx.Node] = []
+        current = norm_node
+        shared_by: Optional[tuple[fx.Node, list[fx.Node]]] = None
+        while True:
+            source = current.args[0] if current.args and isinstance(current.args[0], fx.Node) else None
+            if source is None or not _sole_input(current, source):
+                self.note(norm, "no_fusable_neighbour", f"{name} is not called on a single tensor")
+                return
+            users = _value_users(source)
+            if len(users) != 1 and shared_by is None:
+                shared_by = (source, users)
+            if source.op == "placeholder":
+                self.note(norm, *self._boundary_reason(region, "input"))
+                return
+            if self._passes_through(region, source):
+                if self._is_norm_node(region, source):
+                    between.append(source)
+                current = source
+                continue
+            break
+        if source.op != "call_module":
+            self.note(norm, "no_fusable_neighbour", f"{name} reads the output of {_describe(source)}")
+            return
+        layer_module = region.module(source)
+        layer_name = self.index.name(layer_module)
+        kind, refusal = self.index.layer(layer_module)
+        if kind is None:
+            if refusal:
+                self.note(norm, refusal, f"{name} follows {layer_name} ({type(layer_module).__qualname__}), which "
+                          f"cannot be folded into: {_REFUSAL_TEXT[refusal]}")
+            else:
+                self.note(norm, "no_fusable_neighbour", f"{name} follows {layer_name} "
+                          f"({type(layer_module).__qualname__}), which is not a conv or linear layer")
+            return
+        if shared_by is not None:
+            node, users = shared_by
+            others = ", ".join(_describe(u) for u in users if u is not current)
+            self.note(norm, "output_used_elsewhere", f"the output of {_describe_in(region, node, self.index)} that "
+                      f"feeds {name} is also used by {others or 'another consumer'}")
+            return
+        if not norm_fits_layer(info, layer_module, kind):
+            self.note(norm, "no_fusable_neighbour", f"{name} ({type(norm).__qualname__}) does not normalise the "
+                      f"channel axis of {layer_name} ({type(layer_module).__qualname__})")
+            return
+        if kind == LayerKind.LINEAR:
+            if not self._input_is_2d(CallSite(region, source)):
+                self.note(norm, "rank_unknown", f"{layer_name} -> {name}: the linear input is not proven 2-D "
+                          "(pass example_inputs)")
+                return
+        self.forward[self.site_key(site)] = ForwardCandidate(CallSite(region, source), site, tuple(between))
+
+    # -- norm -> conv/linear ---------------------------------------------------------------
+    def _look_downstream(self, site: CallSite, info: NormInfo) -> None:
+        region, norm_node = site.region, site.node
+        norm = site.module
+        name = self.index.name(norm)
+        if info.has_act and not self._passes_through(region, norm_node):
+            self.note(norm, "no_fusable_neighbour", f"{name} applies its activation "
+                      f"({type(norm.act).__qualname__}) before any following layer")
+            return
+        between: list[fx.Node] = []
+        current = norm_node
+        shared = None
+        while True:
+            users = _value_users(current)
+            if len(users) != 1:
+                if not users:
+                    return
+                if shared is None:
+                    shared = (current, users)
+                # Keep looking along the first user only to say whether a layer would follow.
+            user = users[0]
+            if user.op == "output":
+                self.note(norm, *self._boundary_reason(region, "output"))
+                return
+            if not _sole_input(user, current):
+                self.note(norm, "no_fusable_neighbour", f"{name} feeds {_describe(user)}")
+                return
+            if self._passes_through(region, user):
+                if self._is_norm_node(region, user):
+                    between.append(user)
+                current = user
+                continue
+            break
+        if user.op != "call_module":
+            self.note(norm, "no_fusable_neighbour", f"{name} feeds {_describe(user)}")
+            return
+        layer_module = region.module(user)
+        layer_name = self.index.name(layer_module)
+        kind, refusal = self.index.layer(layer_module)
+        if kind is None:
+            if refusal:
+                self.note(norm, refusal, f"{name} feeds {layer_name} ({type(layer_module).__qualname__}), which "
+                          f"cannot be folded into: {_REFUSAL_TEXT[refusal]}")
+            else:
+                self.note(norm, "no_fusable_neighbour", f"{name} feeds {layer_name} "
+                          f"({type(layer_module).__qualname__}), which is not a conv or linear layer")
+            return
+        if shared is not None:
+            node, users = shared
+            self.note(norm, "output_used_elsewhere", f"the output of {_describe_in(region, node, self.index)} "
+                      f"after {name} has {len(users)} consumers")
+            return
+        if not norm_fits_layer(info, layer_module, kind):
+            self.note(norm, "no_fusable_neighbour", f"{name} ({type(norm).__qualname__}) does not normalise the "
+                      f"channel axis that {layer_name} ({type(layer_module).__qualname__}) reads")
+            return
+        if kind == LayerKind.CONV_TRANSPOSE:
+            self.note(norm, "transposed_after_bn", f"{name} feeds the transposed conv {layer_name}: the shift is "
+                      "not a per-channel constant")
+            return
+        if kind == LayerKind.CONV and not conv_pads_exactly(layer_module):
+            self.note(norm, "zero_padding", f"{name} feeds {layer_name}, which zero-pads (padding="
+                      f"{layer_module.padding!r}, padding_mode={layer_module.padding_mode!r}): not exact at borders")
+            return
+        if kind == LayerKind.LINEAR and not self._input_is_2d(site):
+            self.note(norm, "rank_unknown", f"{name} -> {layer_name}: the norm input is not proven 2-D "
+                      "(pass example_inputs)")
+            return
+        self.backward[self.site_key(site)] = BackwardCandidate(CallSite(region, user), site, tuple(between))
+
+
+_REFUSAL_TEXT = {
+    "unsupported_layer": "quantized, or a subclass with its own forward",
+    "parametrized": "its weight is parametrized (parametrize / weight_norm / spectral_norm)",
+}
+
+
+def norm_fits_layer(info: NormInfo, layer: nn.Module, kind: str) -> bool:
+    """Whether the norm's channel axis is the layer's channel axis.
+
+    FrozenBatchNorm2d and timm's norm+act layers broadcast over (or assert) 4-D input: they
+    pair only with 2-D (transposed) convolutions. Linear layers pair with torch's own
+    BatchNorm classes, whose channel axis is 1 (the feature axis once the input is 2-D).
+    """
+    if info.kind != NormKind.BATCH_NORM:
+        return kind != LayerKind.LINEAR and layer.weight.dim() == 4
+    return True
+
+
+def conv_pads_exactly(conv: nn.Module) -> bool:
+    """Whether every input position a conv reads is a real input value (no zeros inserted)."""
+    if conv.padding_mode != "zeros":
+        return True  # reflect / replicate / circular padding copies input values
+    padding = conv.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            return True
+        # 'same': total padding per dim is dilation * (kernel - 1)
+        return all(d * (k - 1) == 0 for d, k in zip(conv.dilation, conv.kernel_size))
+    return all(p == 0 for p in padding)
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module '{node.target}'"
+    if node.op == "call_function":
+        return f"{getattr(node.target, '__name__', node.target)}()"
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "output":
+        return "the output"
+    return f"{node.op} '{node.name}'"
+
+
+def _describe_in(region: Region, node: fx.Node, index: ModelIndex) -> str:
+    if node.op == "call_module":
+        return index.name(region.module(node))
+    return _describe(node)
+
+
+def analyse_sites(index: ModelIndex, regions: list[Region],
+                  input_ranks: dict[int, set[int]] | None = None) -> SiteAnalysis:
+    analysis = SiteAnalysis(index, regions, input_ranks)
+    analysis.run()
+    return analysis
+

@@ -1,0 +1,158 @@
+"""Recognising BatchNorm-like layers and reading their eval-mode statistics.
+
+A layer is foldable only if its forward is known to compute eval-mode BatchNorm (optionally
+followed by dropout and an activation, for timm's norm+act layers). Recognition never imports
+torchvision or timm: their classes are identified by class name, base class and attributes,
+and the forward is checked to be the one of the known class (a subclass that overrides
+``forward`` could compute anything, so it is reported, not folded).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["NormKind", "NormInfo", "NormRejection", "classify_norm", "norm_stats"]
+
+
+class NormKind:
+    """How a recognised norm computes its output (values of :attr:`NormInfo.kind`)."""
+
+    BATCH_NORM = "batch_norm"            # torch BatchNorm1d/2d/3d, SyncBatchNorm, their plain subclasses
+    BATCH_NORM_ACT = "batch_norm_act"    # timm BatchNormAct2d / SyncBatchNormAct: batch_norm -> drop -> act
+    FROZEN = "frozen"                    # FrozenBatchNorm2d (torchvision, detectron2, timm): buffers only
+    FROZEN_ACT = "frozen_act"            # timm FrozenBatchNormAct2d: frozen batch norm -> drop -> act
+
+
+@dataclass(frozen=True)
+class NormInfo:
+    """A recognised norm layer. ``kind`` is a :class:`NormKind` value."""
+
+    kind: str
+    num_features: int
+
+    @property
+    def has_act(self) -> bool:
+        """Whether the layer applies dropout + activation after normalising (kept when folded)."""
+        return self.kind in (NormKind.BATCH_NORM_ACT, NormKind.FROZEN_ACT)
+
+
+@dataclass(frozen=True)
+class NormRejection:
+    """A norm-like layer that cannot be folded, with the report's reason code and a detail."""
+
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class NormStats:
+    """Eval-mode statistics of a norm layer (detached tensors on the layer's device)."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    eps: float
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    num_features: int
+
+
+# Forwards known to compute eval-mode BatchNorm of their input (given running statistics).
+_BATCH_NORM_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+_TIMM_NORM_ACT = {"BatchNormAct2d": nn.BatchNorm2d, "SyncBatchNormAct": nn.SyncBatchNorm}
+
+
+def _class_in_mro(module: nn.Module, name: str, package: str) -> Optional[type]:
+    for cls in type(module).__mro__:
+        if cls.__name__ == name and cls.__module__.split(".")[0] == package:
+            return cls
+    return None
+
+
+def _has_drop_and_act(module: nn.Module) -> bool:
+    modules = module._modules
+    return isinstance(modules.get("drop"), nn.Module) and isinstance(modules.get("act"), nn.Module)
+
+
+def _frozen_buffers(module: nn.Module) -> Optional[int]:
+    """Channel count if ``module`` holds exactly the FrozenBatchNorm buffers and no parameters."""
+    if module._parameters:
+        return None
+    buffers = module._buffers
+    names = ("weight", "bias", "running_mean", "running_var")
+    tensors = [buffers.get(n) for n in names]
+    if any(t is None or t.dim() != 1 for t in tensors):
+        return None
+    width = int(tensors[0].shape[0])
+    if any(int(t.shape[0]) != width for t in tensors):
+        return None
+    eps = getattr(module, "eps", None)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        return None
+    return width
+
+
+def classify_norm(module: nn.Module) -> NormInfo | NormRejection | None:
+    """Recognise a BatchNorm-like layer.
+
+    Returns a :class:`NormInfo` for a foldable norm, a :class:`NormRejection` for a norm-like
+    layer that cannot be folded (unknown forward, no running statistics), and None for
+    anything that is not a BatchNorm at all.
+    """
+    if isinstance(module, _BatchNorm):
+        forward = type(module).forward
+        kind = None
+        for name, base in _TIMM_NORM_ACT.items():
+            cls = _class_in_mro(module, name, "timm")
+            if cls is not None and issubclass(cls, base) and forward is cls.forward and _has_drop_and_act(module):
+                kind = NormKind.BATCH_NORM_ACT
+                break
+        if kind is None:
+            if forward not in _BATCH_NORM_FORWARDS:
+                return NormRejection("unknown_norm", f"{type(module).__qualname__} subclasses "
+                                     f"{_BatchNorm.__name__} but overrides forward; its computation is unknown")
+            kind = NormKind.BATCH_NORM
+        if not module.track_running_stats or module.running_mean is None or module.running_var is None:
+            return NormRejection("no_running_stats", f"{type(module).__qualname__}(track_running_stats="
+                                 f"{module.track_running_stats}) normalises with batch statistics")
+        return NormInfo(kind, int(module.num_features))
+    if "FrozenBatchNorm" in type(module).__name__:
+        width = _frozen_buffers(module)
+        if width is None:
+            return NormRejection("unknown_norm", f"{type(module).__qualname__} does not hold the FrozenBatchNorm "
+                                 "buffers (weight, bias, running_mean, running_var; no parameters; eps)")
+        timm_frozen_act = _class_in_mro(module, "FrozenBatchNormAct2d", "timm")
+        if timm_frozen_act is not None:
+            if type(module).forward is timm_frozen_act.forward and _has_drop_and_act(module):
+                return NormInfo(NormKind.FROZEN_ACT, width)
+            return NormRejection("unknown_norm", f"{type(module).__qualname__} overrides the forward of "
+                                 "timm's FrozenBatchNormAct2d")
+        if module._modules:
+            # A frozen norm with children does more than normalise; we do not know what.
+            return NormRejection("unknown_norm", f"{type(module).__qualname__} has child modules "
+                                 f"{list(module._modules)}; its computation is unknown")
+        return NormInfo(NormKind.FROZEN, width)
+    return None
+
+
+def _detached(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach()
+
+
+def norm_stats(module: nn.Module, info: NormInfo) -> NormStats:
+    """Read the running statistics, eps and affine parameters of a recognised norm."""
+    eps = float(module.eps)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{type(module).__qualname__} has eps={module.eps!r}; it must be finite and >= 0")
+    if info.kind in (NormKind.FROZEN, NormKind.FROZEN_ACT):
+        weight, bias = module.weight, module.bias
+    else:
+        weight = module.weight if module.affine else None
+        bias = module.bias if module.affine else None
+    return NormStats(mean=module.running_mean.detach(), var=module.running_var.detach(), eps=eps,
+                     weight=_detached(weight), bias=_detached(bias), num_features=info.num_features)
