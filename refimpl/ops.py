@@ -9,8 +9,8 @@ test can swap one for the other: :func:`conv` (``conv1d``/``conv2d``/``conv3d``,
 These ops are the oracle the folds are checked against, so they never call ``refimpl.fold``.
 Convolution is written once for 1, 2 and 3 spatial dimensions: the sum over kernel offsets of
 strided, dilated windows of the padded input, contracted over the input channels of each
-group. The windows are gathered into one ``(channels * kernel, positions)`` matrix per sample
-and group, so the whole contraction is a single batched BLAS product.
+group. The windows are gathered into one ``(channels * kernel, positions)`` matrix per group
+(and per sample, on large feature maps), so the whole contraction is a single BLAS product each.
 """
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ __all__ = ["conv", "conv_transpose", "batch_norm", "linear"]
 
 #: ``nn.ConvNd`` padding modes and the ``numpy.pad`` mode with the same semantics.
 _NUMPY_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+#: Feature maps with fewer output positions than this are convolved with the batch merged into
+#: one product. Above it the per-sample products are already wide, and merging would only add a
+#: transpose of a large output (``benchmarks/reference_ops.py``: 512 channels at 7x7 runs ~30%
+#: faster merged; 64 channels at 56x56 gains nothing).
+_MERGE_BATCH_BELOW = 1024
 
 
 def _f64(name: str, value: Any) -> np.ndarray:
@@ -202,25 +208,37 @@ def conv(x: Any, weight: Any, bias: Any = None, stride: int | Sequence[int] = 1,
     # Weights per group as (G, C_out/G, C_in/G * K): row o, column (c, k) holds w[g*C_out/G + o, c, k].
     w = weight.reshape(groups, group_out, group_in * taps)
 
+    # BLAS runs best on wide products. Deep layers have few positions per sample, so there the
+    # whole batch goes side by side into one product per group, paying one transpose of the output.
+    merge_batch = batch > 1 and positions < _MERGE_BATCH_BELOW
+    if merge_batch:
+        source = np.moveaxis(xp, 0, 1)  # (C_in, N, *padded)
+        grouped = (groups, group_in, batch) + out_shape
+    else:
+        source = xp
+        grouped = (batch, groups, group_in) + out_shape
     if taps == 1 and max(stride) == 1:
         # A 1x1 kernel with stride 1 reads every (padded) input position once: the input already is
-        # the (channels, positions) matrix, so the product needs no gathering at all.
-        columns = xp.reshape(batch, groups, group_in, positions)
+        # the (channels, positions) matrix, so the product needs no gathering.
+        columns = source.reshape(grouped)
     else:
-        # columns[n, g, c, k, i] = xp[n, g*C + c, s*i + d*k]: the window of every kernel offset k,
-        # copied once; offsets vary slowest-but-one so each copy writes contiguous output rows.
-        columns = np.empty((batch, groups, group_in, taps) + out_shape)
+        # columns[..., c, k, ...] = xp[n, g*C + c, s*i + d*k]: the window of every kernel offset k,
+        # copied once, each copy writing whole contiguous rows of positions.
+        tap_axis = 2 if merge_batch else 3
+        columns = np.empty(grouped[:tap_axis] + (taps,) + grouped[tap_axis:])
         offsets = itertools.product(*(range(k) for k in kernel))
         for tap, offset in enumerate(offsets):
             window = tuple(slice(d * k, d * k + s * (o - 1) + 1, s)
                            for d, k, s, o in zip(dilation, offset, stride, out_shape))
-            columns[:, :, :, tap] = xp[(slice(None), slice(None)) + window].reshape(
-                (batch, groups, group_in) + out_shape)
-        columns = columns.reshape(batch, groups, group_in * taps, positions)
+            columns[(slice(None),) * tap_axis + (tap,)] = source[(slice(None), slice(None)) + window].reshape(grouped)
 
-    # One BLAS product per (sample, group): (C_out/G, C*K) @ (C*K, positions), written in place.
-    y = np.empty((batch, groups, group_out, positions))
-    np.matmul(w, columns, out=y)
+    # One BLAS product (C_out/G, C*K) @ (C*K, positions) per group, and per sample unless merged.
+    if merge_batch:
+        y = np.matmul(w, columns.reshape(groups, group_in * taps, batch * positions))
+        y = np.ascontiguousarray(np.moveaxis(y.reshape((out_channels, batch) + out_shape), 0, 1))
+    else:
+        y = np.empty((batch, groups, group_out, positions))
+        np.matmul(w, columns.reshape(batch, groups, group_in * taps, positions), out=y)
     y = y.reshape((batch, out_channels) + out_shape)
     if bias is not None:
         y += _channel_view(bias, y.ndim)

@@ -143,6 +143,9 @@ class TestConv:
         ((2, 6, 9, 9), (3, 3), 1, 1, 6),   # depthwise
         ((2, 6, 9, 9), (3, 3), 2, 1, 6),   # depthwise, channel multiplier below
         ((1, 4, 11, 13), (5, 3), (2, 3), (2, 1), 2),
+        # Large enough feature maps for the per-sample products (small ones merge the batch).
+        ((2, 4, 34, 34), (3, 3), 1, 1, 2),
+        ((2, 4, 34, 34), (1, 1), 1, 0, 2),
     ])
     def test_against_torch_fixed(self, shape, kernel, stride, padding, groups):
         rng = np.random.default_rng(0)
