@@ -1,0 +1,268 @@
+"""Conformance vectors and ``python -m refimpl check``: regeneration, and deliberately wrong results."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from refimpl import bn_scale_shift, conformance
+from refimpl.__main__ import main
+
+torch = pytest.importorskip("torch")
+
+LOW_PRECISION = ["conv2d_bn_float16", "linear_bn_bfloat16", "bn_linear_float16", "conv1d_bn_bfloat16"]
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    return conformance.load_vectors(conformance.VECTORS_DIR)
+
+
+@pytest.fixture(scope="module")
+def good_results(vectors):
+    return conformance.reference_results(vectors)
+
+
+def run_check(tmp_path, results, capsys):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results), encoding="utf-8")
+    code = main(["check", str(conformance.VECTORS_DIR), str(path)])
+    return code, capsys.readouterr().out
+
+
+def case_line(out: str, name: str) -> str:
+    return next(line for line in out.splitlines() if line.split(":")[0].split()[-1:] == [name])
+
+
+class TestVectors:
+    def test_regenerated_vectors_match_committed_bytes(self, tmp_path):
+        written = conformance.write_vectors(tmp_path)
+        committed = sorted(p.name for p in conformance.VECTORS_DIR.glob("*.json"))
+        assert sorted(p.name for p in written) == committed
+        for path in written:
+            assert path.read_bytes() == (conformance.VECTORS_DIR / path.name).read_bytes(), path.name
+
+    def test_cli_writes_the_same_vectors(self, tmp_path, capsys):
+        assert main(["vectors", "--out", str(tmp_path)]) == 0
+        assert (tmp_path / "manifest.json").read_bytes() == (conformance.VECTORS_DIR / "manifest.json").read_bytes()
+
+    def test_coverage_of_folds_and_verdicts(self, vectors):
+        assert {v["fold"] for v in vectors.values()} == {"conv_bn", "linear_bn", "bn_conv", "bn_linear"}
+        assert {v["expected"]["verdict"] for v in vectors.values()} == set(conformance.VERDICTS)
+        assert {v["storage_dtype"] for v in vectors.values()} == {"float64", "float32", "float16", "bfloat16"}
+        assert any(v["layer"].get("transposed") and v["layer"]["groups"] > 1 for v in vectors.values())
+        assert {v["layer"].get("padding_mode") for v in vectors.values() if v["fold"] == "bn_conv"} >= {
+            "zeros", "reflect", "replicate", "circular"}
+
+    def test_float64_values_round_trip_exactly(self, vectors):
+        # The JSON holds Python's shortest repr; parsing must give back the generator's float64 bits.
+        fresh = conformance.build_case("conv2d_bn")
+        stored = vectors["conv2d_bn"]
+        assert fresh["expected"]["weight"]["data"] == stored["expected"]["weight"]["data"]
+        assert fresh["probe"]["y"]["data"] == stored["probe"]["y"]["data"]
+
+    def test_expected_fold_agrees_with_torch_float64(self, vectors):
+        # Independent oracle: torch's own fuse helpers (float64, groups=1 layouts where they are right).
+        from torch.nn.utils.fusion import fuse_conv_bn_weights
+        v = vectors["conv2d_bn"]
+        t = lambda x: None if x is None else torch.tensor(conformance._decode(x), dtype=torch.float64)
+        bn = v["inputs"]["bn"]
+        w, b = fuse_conv_bn_weights(t(v["inputs"]["weight"]), t(v["inputs"]["bias"]), t(bn["running_mean"]),
+                                    t(bn["running_var"]), bn["eps"], t(bn["weight"]), t(bn["bias"]))
+        tolerance = v["tolerance"]
+        for name, actual in (("weight", w), ("bias", b)):
+            bound = conformance.error_bound(conformance._decode(tolerance[name]["magnitude"]), tolerance[name]["n"],
+                                            "float64")
+            assert conformance.compare(actual, conformance._decode(v["expected"][name]), bound).ok, name
+
+    def test_probe_output_agrees_with_torch_float64(self, vectors):
+        v = vectors["conv_transpose2d_bn_grouped"]
+        layer, bn = v["layer"], v["inputs"]["bn"]
+        t = lambda x: torch.tensor(conformance._decode(x), dtype=torch.float64)
+        y = torch.nn.functional.conv_transpose2d(t(v["probe"]["x"]), t(v["inputs"]["weight"]), t(v["inputs"]["bias"]),
+                                                 stride=layer["stride"], padding=layer["padding"],
+                                                 output_padding=layer["output_padding"], groups=layer["groups"])
+        y = torch.nn.functional.batch_norm(y, t(bn["running_mean"]), t(bn["running_var"]), t(bn["weight"]),
+                                           t(bn["bias"]), eps=bn["eps"])
+        expected = conformance._decode(v["probe"]["y"])
+        bound = conformance.error_bound(conformance._decode(v["probe"]["magnitude"]), v["probe"]["n"], "float64")
+        assert conformance.compare(y, expected, bound).ok
+
+    def test_rounding_matches_numpy_float16(self):
+        values = np.random.default_rng(0).normal(0, 300, 2000) * np.logspace(-9, 0, 2000)
+        ours = conformance.round_to_dtype(values, "float16")
+        assert np.array_equal(ours, values.astype(np.float16).astype(np.float64))
+
+    def test_bfloat16_rounding_is_direct_not_via_float32(self):
+        # 1 + 2^-8 + 2^-30 rounds up in bfloat16; via float32 it first becomes the tie 1 + 2^-8 and goes to even.
+        x = 1.0 + 2.0**-8 + 2.0**-30
+        assert conformance.round_to_dtype([x], "bfloat16")[0] == 1.0 + 2.0**-7
+        assert torch.tensor([x], dtype=torch.float64).float().bfloat16().double().item() == 1.0
+
+    def test_duplicate_case_name_is_rejected(self):
+        with pytest.raises(ValueError, match="registered twice"):
+            conformance.case("conv2d_bn")(lambda: {})
+
+
+class TestCheck:
+    def test_refimpl_results_pass(self, tmp_path, good_results, capsys):
+        code, out = run_check(tmp_path, good_results, capsys)
+        assert code == 0, out
+        assert f"{len(good_results['results'])} passed, 0 failed" in out
+
+    def test_results_subcommand_writes_a_passing_file(self, tmp_path, capsys):
+        path = tmp_path / "refimpl-results.json"
+        assert main(["results", "--out", str(path), "--vectors", str(conformance.VECTORS_DIR)]) == 0
+        assert main(["check", str(conformance.VECTORS_DIR), str(path)]) == 0
+
+    def test_weight_a_few_ulp_beyond_the_bound_fails(self, tmp_path, vectors, good_results, capsys):
+        results = copy.deepcopy(good_results)
+        v = vectors["conv2d_bn_float64"]
+        weight = np.array(results["results"]["conv2d_bn_float64"]["weight"])
+        bound = conformance.error_bound(conformance._decode(v["tolerance"]["weight"]["magnitude"]),
+                                        v["tolerance"]["weight"]["n"], "float64")
+        index = (1, 0, 2, 1)
+        weight[index] = conformance._decode(v["expected"]["weight"])[index] + 1.5 * bound[index]
+        results["results"]["conv2d_bn_float64"]["weight"] = weight.tolist()
+        code, out = run_check(tmp_path, results, capsys)
+        assert code == 1
+        line = case_line(out, "conv2d_bn_float64")
+        assert line.startswith("FAIL") and "weight[1, 0, 2, 1]" in line and "ratio=1.5" in line
+
+    def test_bias_with_wrong_sign_fails(self, tmp_path, good_results, capsys):
+        results = copy.deepcopy(good_results)
+        entry = results["results"]["linear_bn"]
+        entry["bias"] = [-b for b in entry["bias"]]
+        code, out = run_check(tmp_path, results, capsys)
+        assert code == 1
+        line = case_line(out, "linear_bn")
+        assert line.startswith("FAIL") and "bias[" in line
+
+    def test_transposed_groups_scaled_in_the_wrong_layout_fails(self, tmp_path, vectors, good_results, capsys):
+        # torch.nn.utils.fusion reshapes s to [1, out, 1, 1] for a ConvTranspose weight [in, out/groups, k, k],
+        # which cannot broadcast when groups > 1; a fuser that makes it broadcast scales axis 1 by
+        # s[:out/groups] in every group, so group 1's output channels get group 0's scale.
+        name = "conv_transpose2d_bn_grouped"
+        v = vectors[name]
+        bn = {key: conformance._decode(value) if isinstance(value, dict) else value
+              for key, value in v["inputs"]["bn"].items()}
+        s, _ = bn_scale_shift(bn["running_mean"], bn["running_var"], bn["eps"], bn["weight"], bn["bias"])
+        weight = conformance._decode(v["inputs"]["weight"])
+        per_group = weight.shape[1]
+        results = copy.deepcopy(good_results)
+        results["results"][name]["weight"] = (weight * s[None, :per_group, None, None]).tolist()
+        code, out = run_check(tmp_path, results, capsys)
+        assert code == 1
+        line = case_line(out, name)
+        assert line.startswith(f"FAIL  {name}: weight[")
+        assert int(line.split("weight[")[1].split(",")[0]) >= weight.shape[0] // 2  # a group-1 input channel
+
+    def test_low_precision_folded_naively_fails(self, tmp_path, vectors, good_results, capsys):
+        results = copy.deepcopy(good_results)
+        for name in LOW_PRECISION:
+            v = vectors[name]
+            dtype = getattr(torch, v["storage_dtype"])
+            t = lambda x: None if x is None else torch.tensor(conformance._decode(x), dtype=dtype)
+            bn = {key: t(value) if isinstance(value, dict) else value for key, value in v["inputs"]["bn"].items()}
+            weight, bias = conformance._fold(v["fold"], v["layer"], t(v["inputs"]["weight"]),
+                                             t(v["inputs"]["bias"]), bn)
+            as_json = lambda a: [x if math.isfinite(x) else repr(x) for x in a.double().flatten().tolist()]
+            results["results"][name] = {"weight": np.reshape(np.array(as_json(weight), dtype=object),
+                                                             tuple(weight.shape)).tolist(),
+                                        "bias": as_json(bias)}
+        code, out = run_check(tmp_path, results, capsys)
+        assert code == 1
+        for name in LOW_PRECISION:
+            line = case_line(out, name)
+            assert line.startswith("FAIL") and "bit for bit" in line, line
+        assert f"{len(LOW_PRECISION)} failed" in out
+
+    def test_low_precision_off_by_one_ulp_fails(self, tmp_path, good_results, capsys):
+        results = copy.deepcopy(good_results)
+        bits = results["results"]["conv2d_bn_float16"]["bias_bits"]
+        bits[3] = f"0x{int(bits[3], 16) + 1:04x}"
+        code, out = run_check(tmp_path, results, capsys)
+        assert code == 1
+        assert "bias[3]" in case_line(out, "conv2d_bn_float16") and "1 ulp off" in out
+
+    def test_wrong_verdict_fails(self, tmp_path, good_results, capsys):
+        results = copy.deepcopy(good_results)
+        results["results"]["bn_conv2d_zero_padding"] = {"verdict": "foldable"}
+        results["results"]["conv2d_bn_negative_variance"] = {"verdict": "not_foldable: zero_padding"}
+        code, out = run_check(tmp_path, results, capsys)
+        assert code == 1
+        assert "expected verdict 'not_foldable: zero_padding', got folded weights" in case_line(
+            out, "bn_conv2d_zero_padding")
+        assert case_line(out, "conv2d_bn_negative_variance").startswith("FAIL")
+
+    def test_refusing_a_foldable_case_fails(self, tmp_path, good_results, capsys):
+        results = copy.deepcopy(good_results)
+        results["results"]["bn_conv2d_reflect"] = {"verdict": "not_foldable: zero_padding"}
+        code, out = run_check(tmp_path, results, capsys)
+        assert code == 1 and case_line(out, "bn_conv2d_reflect").startswith("FAIL")
+
+    def test_missing_case_fails(self, tmp_path, good_results, capsys):
+        results = copy.deepcopy(good_results)
+        del results["results"]["conv3d_bn"]
+        code, out = run_check(tmp_path, results, capsys)
+        assert code == 1
+        assert case_line(out, "conv3d_bn") == "FAIL  conv3d_bn: missing from the results"
+
+    def test_wrong_probe_output_fails(self, tmp_path, good_results, capsys):
+        results = copy.deepcopy(good_results)
+        output = np.array(results["results"]["conv2d_bn_strided"]["output"])
+        output[0, 1, 0, 0] += 1e-3
+        results["results"]["conv2d_bn_strided"]["output"] = output.tolist()
+        code, out = run_check(tmp_path, results, capsys)
+        assert code == 1 and "output[0, 1, 0, 0]" in case_line(out, "conv2d_bn_strided")
+
+    @pytest.mark.parametrize("content", [
+        "{not json",
+        json.dumps({"results": []}),
+        json.dumps({"results": {"conv2d_bn": {"weight": [[1.0, "x"]]}}}),
+        json.dumps({"results": {"conv2d_bn": {"weight": [[1.0], [1.0, 2.0]]}}}),
+        json.dumps({"format": "something-else", "results": {}}),
+    ], ids=["bad-json", "results-not-object", "non-number", "ragged", "wrong-format"])
+    def test_malformed_results_exit_2(self, tmp_path, capsys, content):
+        path = tmp_path / "results.json"
+        path.write_text(content, encoding="utf-8")
+        assert main(["check", str(conformance.VECTORS_DIR), str(path)]) == 2
+        assert capsys.readouterr().err.startswith("error: ")
+
+    def test_missing_vectors_dir_exits_2(self, tmp_path, capsys):
+        path = tmp_path / "results.json"
+        path.write_text("{}", encoding="utf-8")
+        assert main(["check", str(tmp_path / "nowhere"), str(path)]) == 2
+        assert "does not exist" in capsys.readouterr().err
+
+    def test_subprocess_check_fails_and_names_the_case(self, tmp_path, good_results):
+        results = copy.deepcopy(good_results)
+        del results["results"]["bn_linear"]
+        path = tmp_path / "results.json"
+        path.write_text(json.dumps(results), encoding="utf-8")
+        done = subprocess.run([sys.executable, "-m", "refimpl", "check", str(conformance.VECTORS_DIR), str(path)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1, done.stderr
+        assert "FAIL  bn_linear: missing from the results" in done.stdout
+
+
+class TestSelfCheckAndHelp:
+    def test_self_check_passes(self, capsys):
+        assert main([]) == 0
+        out = capsys.readouterr().out
+        assert "self-check passed" in out and "match a fresh regeneration byte for byte" in out
+        assert out.count("ok   fold ") == 5
+
+    def test_help_lists_every_subcommand(self, capsys):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        for command in ("vectors", "check", "results"):
+            assert command in out
