@@ -478,3 +478,123 @@ def test_backends_agree_with_numpy(backend, case):
     assert_within(got_w, expected_w, error_bound(np.abs(expected_w), EXTRA_OPS, "float64"), what="folded weight")
     assert_within(got_b, expected_b, error_bound(_bias_magnitude(fold, w, b, bn, kwargs), bias_n + EXTRA_OPS,
                                                  "float64"), what="folded bias")
+
+
+# --------------------------------------------------------------------------------------------
+# Rounding: fold in float64, round once, compared with the correctly rounded exact fold.
+
+# (mantissa bits incl. the implicit one, exponent of the smallest subnormal)
+_FORMATS = {"float16": (11, -24), "bfloat16": (8, -133), "float32": (24, -149)}
+
+
+def _round_correctly(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Round extended-precision ``x`` to ``dtype`` once, to nearest with ties to even.
+
+    Written out rather than cast because the library casts round twice: numpy converts
+    longdouble to float16 through float32, and torch converts float64 to float16 and
+    bfloat16 through float32 as well. Returns float64 holding values exactly representable in
+    ``dtype`` (finite inputs in range only).
+    """
+    bits, smallest_exponent = _FORMATS[dtype]
+    x = np.asarray(x, dtype=np.longdouble)
+    _, exponent = np.frexp(x)                                     # x = m * 2**e, 0.5 <= |m| < 1
+    quantum = np.maximum(exponent - bits, smallest_exponent).astype(np.int32)
+    # Scaling by a power of two is exact; rint rounds half to even on the integer significand.
+    return np.ldexp(np.rint(np.ldexp(x, -quantum)), quantum).astype(np.float64)
+
+
+def _to_dtype(x64: np.ndarray, dtype: str):
+    """The project's single rounding of a float64 result: numpy for fp16/fp32, torch for bf16."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(x64)).to(torch.bfloat16).double().numpy()
+    return x64.astype(dtype).astype(np.float64)
+
+
+def _params_in(params: dict, kind):
+    """``params`` (float64 arrays holding dtype values) converted to longdouble, float64, or the dtype."""
+    def convert(v):
+        if not isinstance(v, np.ndarray):
+            return v
+        if kind == "bfloat16":
+            return torch.from_numpy(v).to(torch.bfloat16)
+        return v.astype(kind)
+    return {k: convert(v) for k, v in params.items()}
+
+
+_EXTENDED = np.finfo(np.longdouble).nmant >= 60
+needs_extended = pytest.mark.skipif(not _EXTENDED, reason="np.longdouble is no wider than float64 here")
+
+
+class TestCorrectRoundingOracle:
+    # The oracle must be right before it judges anything: hand cases at ties and near ties.
+    @pytest.mark.parametrize("value, dtype, expected", [
+        (1 + 2.0**-11, "float16", 1.0),                                  # tie -> even (down)
+        (1 + 3 * 2.0**-11, "float16", 1 + 2.0**-9),                      # tie -> even (up)
+        (1 + 2.0**-11 + 2.0**-40, "float16", 1 + 2.0**-10),             # just above a tie: up
+        (1 + 2.0**-8 + 2.0**-30, "bfloat16", 1 + 2.0**-7),
+        (-(1 + 2.0**-24 + 2.0**-52), "float32", -(1 + 2.0**-23)),
+        (3 * 2.0**-26, "float16", 2.0**-24),                             # subnormal, tie -> even
+        (2.0**-25 + 2.0**-40, "float16", 2.0**-24),
+        (0.0, "float16", 0.0),
+        (65504.0, "float16", 65504.0),
+    ])
+    def test_hand_cases(self, value, dtype, expected):
+        assert _round_correctly(np.array([value]), dtype).tolist() == [expected]
+
+    @needs_extended
+    def test_extended_input_below_float64_resolution(self):
+        just_above_tie = np.longdouble(1) + np.longdouble(2.0**-11) + np.ldexp(np.longdouble(1), -60)
+        assert _round_correctly(np.array([just_above_tie]), "float16").tolist() == [1 + 2.0**-10]
+
+    def test_agrees_with_numpy_from_float64(self):
+        # numpy's float64 -> float16/float32 casts round once, correctly.
+        x = np.random.default_rng(3).standard_normal(20000) * 8
+        for dtype in ("float16", "float32"):
+            assert np.array_equal(_round_correctly(x, dtype), x.astype(dtype).astype(np.float64))
+
+
+ROUNDING_FOLDS = [
+    pytest.param(fold_conv_bn, (64, 16, 3, 3), 64, {}, id="conv-bn"),
+    pytest.param(fold_conv_bn, (16, 32, 3, 3), 64, dict(transposed=True, groups=2), id="convT-bn"),
+    pytest.param(fold_linear_bn, (128, 96), 128, {}, id="linear-bn"),
+    pytest.param(fold_bn_conv, (64, 8, 3, 3), 16, dict(groups=2), id="bn-conv"),
+    pytest.param(fold_bn_linear, (128, 96), 96, {}, id="bn-linear"),
+]
+
+
+@needs_extended
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("fold, shape, channels, kwargs", ROUNDING_FOLDS)
+def test_float64_fold_rounded_once_is_correctly_rounded(fold, shape, channels, kwargs, dtype):
+    rng = np.random.default_rng(17)
+    # Parameters as the dtype holds them (rounded once from float64), kept in float64 exactly.
+    raw = dict(w=rng.standard_normal(shape), b=rng.standard_normal(shape[1] * kwargs.get("groups", 1)
+                                                                   if kwargs.get("transposed") else shape[0]),
+               bn_mean=rng.standard_normal(channels), bn_var=rng.uniform(0.01, 4.0, channels),
+               bn_weight=rng.standard_normal(channels), bn_bias=rng.standard_normal(channels))
+    params = {k: _round_correctly(v, dtype) for k, v in raw.items()}
+
+    def run(kind):
+        p = _params_in(params, kind)
+        return fold(p.pop("w"), p.pop("b"), bn_eps=1e-5, **p, **kwargs)
+
+    exact = run(np.longdouble)
+    once = [_to_dtype(r, dtype) for r in run(np.float64)]
+    in_dtype = [(r.double().numpy() if hasattr(r, "double") else r.astype(np.float64)) for r in run(dtype)]
+    correct = [_round_correctly(e, dtype) for e in exact]
+
+    u64 = 2.0**-53
+    for name, e, o, c, d in zip(("weight", "bias"), exact, once, correct, in_dtype):
+        agree = o == c
+        assert agree.mean() >= 0.999, f"{name}: only {agree.mean():.4%} correctly rounded"
+        # Every disagreement must be a double-rounding tie: the exact value lies within the
+        # float64 fold's own error (and, for bf16 via torch, float32's half-ulp) of the midpoint
+        # between the two neighbours. The float64 error is measured, not assumed.
+        midpoint = (o.astype(np.longdouble) + c.astype(np.longdouble)) / 2
+        fold_error = np.abs(np.asarray(run(np.float64)[0 if name == "weight" else 1], dtype=np.longdouble) - e)
+        slack = fold_error + (2.0**-24 * np.abs(e) if dtype == "bfloat16" else 0) + 4 * u64 * np.abs(e)
+        near_tie = np.abs(e - midpoint) <= slack
+        assert np.all(near_tie | agree), (
+            f"{name}: {int((~(near_tie | agree)).sum())} elements rounded wrongly and not at a tie")
+        # Folding in the parameter dtype itself (what mmcv and torch.fx do) is measurably worse.
+        assert (d == c).mean() < agree.mean(), f"{name}: folding in {dtype} was not worse"
