@@ -112,6 +112,10 @@ def _check(vectors_dir: str, results_path: str) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyError as error:
+        print(f"error: vectors in {vectors_dir!r} lack the entry {error}: not a {conformance.FORMAT} set",
+              file=sys.stderr)
+        return 2
     implementation = results.get("implementation", "unnamed implementation")
     print(f"checking {implementation!s} against {len(vectors)} cases in {vectors_dir}")
     for outcome in outcomes:

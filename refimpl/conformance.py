@@ -685,12 +685,10 @@ def _bn_conv2d_zero_padding() -> dict:
     layer = _conv_layer(2, 2, 3, 3, padding=1)
     weight, bias = _dyadic(rng, _weight_shape(layer)), _dyadic(rng, (3,), 4)
     bn = _random_bn(rng, 2, "float32")
-    # Demonstrate the verdict with the reference ops: the fold is wrong at the border.
-    x = _dyadic(rng, (1, 2, 4, 4), 4)
-    folded = apply_layer(layer, x, *_fold("bn_conv", layer, weight, bias, bn))
-    unfused = apply_layer(layer, apply_bn(bn, x), weight, bias)
-    if np.allclose(folded[..., 0, 0], unfused[..., 0, 0], rtol=0, atol=0):
-        raise ValueError("case 'bn_conv2d_zero_padding': the fold happens to be right at the border; pick another seed")
+    # Demonstrate the verdict with the reference ops: the folded conv misses the error model at a border.
+    check = verify_fold("bn_conv", layer, weight, bias, bn, _dyadic(rng, (1, 2, 4, 4), 4))
+    if check.ok or 0 < check.index[2] < 3 and 0 < check.index[3] < 3:
+        raise ValueError("case 'bn_conv2d_zero_padding': the fold is not wrong at the border; pick another seed")
     return _verdict_case("bn_conv2d_zero_padding", _doc(_bn_conv2d_zero_padding), "bn_conv", layer, weight, bias,
                          bn, "float32", "not_foldable: zero_padding")
 
