@@ -18,6 +18,9 @@ The expected numbers are the oracle, worked out by hand from each model's *dataf
     Where two codes describe the same situation equally well (the conv feeding a shared
     BatchNorm is also used elsewhere: "output used elsewhere" and "reused incompatibly" are
     both true) both are accepted;
+``pairs``
+    where given, the exact set of ``(norm, layer, kind)`` folds (qualified module names, kind as
+    in the report: "conv->bn", "conv_transpose->bn", "linear->bn", "bn->conv", "bn->linear");
 ``rank_dependent``
     BatchNorm1d <-> Linear folds that are exact only on 2-D ``(N, C)`` inputs. With
     ``example_inputs`` a correct fuser folds them; without, it may prove the rank statically
@@ -62,6 +65,7 @@ class Case:
     description: str
     skips: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     rank_dependent: tuple[str, ...] = ()
+    pairs: frozenset[tuple[str, str, str]] | None = None
 
     def make_input(self, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                    device: torch.device | str | None = None) -> torch.Tensor:
@@ -236,7 +240,8 @@ class ShiftedBatchNorm2d(nn.BatchNorm2d):
 # Registration
 
 def _register(name: str, input_shape: tuple[int, ...], *, foldable: int, left: int, family: str,
-              skips: Mapping[str, tuple[str, ...]] | None = None, rank_dependent: tuple[str, ...] = ()
+              skips: Mapping[str, tuple[str, ...]] | None = None, rank_dependent: tuple[str, ...] = (),
+              pairs: tuple[tuple[str, str, str], ...] | None = None
               ) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
     """Register a builder; its docstring is the case description (the hand-worked reasoning)."""
     if family not in FAMILIES:
@@ -249,7 +254,10 @@ def _register(name: str, input_shape: tuple[int, ...], *, foldable: int, left: i
 
         def build() -> nn.Module:
             generator = torch.Generator().manual_seed(seed)
-            model = make()
+            # Module constructors draw their default init from the global RNG; every value is redrawn
+            # below, so only the global RNG's state needs protecting from the side effect.
+            with torch.random.fork_rng(devices=[]):
+                model = make()
             randomize_parameters(model, generator)
             randomize_norm_stats(model, generator)
             return model.eval()
@@ -259,7 +267,8 @@ def _register(name: str, input_shape: tuple[int, ...], *, foldable: int, left: i
         description = " ".join((make.__doc__ or "").split())
         CASES[name] = Case(name=name, build=build, input_shape=tuple(input_shape), foldable=foldable, left=left,
                            family=family, description=description, skips=dict(skips or {}),
-                           rank_dependent=tuple(rank_dependent))
+                           rank_dependent=tuple(rank_dependent),
+                           pairs=None if pairs is None else frozenset(pairs))
         return make
 
     return decorator
@@ -272,7 +281,8 @@ def _seq(*layers: nn.Module) -> nn.Sequential:
 # ---------------------------------------------------------------------------------------------
 # Fold families: conv -> BN
 
-@_register("conv1d_bn", (2, 3, 8), foldable=1, left=0, family="conv->bn")
+@_register("conv1d_bn", (2, 3, 8), foldable=1, left=0, family="conv->bn",
+           pairs=(("1", "0", "conv->bn"),))
 def _conv1d_bn() -> nn.Module:
     """Conv1d (stride 2, reflect padding, bias) -> BatchNorm1d on (N, C, L): the conv's output
     channels are BN's channels whatever the padding, so the BN folds; nothing is left."""
@@ -284,43 +294,50 @@ for _mode in ("zeros", "reflect", "replicate", "circular"):
         return _seq(nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode), nn.BatchNorm2d(4))
     _make.__doc__ = (f"Conv2d with padding_mode={_mode!r} -> BatchNorm2d: a BN after a conv folds whatever the conv "
                      f"pads with (padding happens before the products), so it folds; nothing is left.")
-    _register(f"conv2d_bn_pad_{_mode}", (2, 3, 8, 8), foldable=1, left=0, family="conv->bn")(_make)
+    _register(f"conv2d_bn_pad_{_mode}", (2, 3, 8, 8), foldable=1, left=0, family="conv->bn",
+              pairs=(("1", "0", "conv->bn"),))(_make)
 
 
-@_register("conv2d_nobias_same_bn", (2, 3, 8, 8), foldable=1, left=0, family="conv->bn")
+@_register("conv2d_nobias_same_bn", (2, 3, 8, 8), foldable=1, left=0, family="conv->bn",
+           pairs=(("1", "0", "conv->bn"),))
 def _conv2d_nobias_same_bn() -> nn.Module:
     """Conv2d without bias and padding='same' -> BatchNorm2d: folds; the fused conv gains a bias."""
     return _seq(nn.Conv2d(3, 4, 3, padding="same", bias=False), nn.BatchNorm2d(4))
 
 
-@_register("conv2d_groups_stride_dilation_bn", (2, 4, 9, 9), foldable=1, left=0, family="conv->bn")
+@_register("conv2d_groups_stride_dilation_bn", (2, 4, 9, 9), foldable=1, left=0, family="conv->bn",
+           pairs=(("1", "0", "conv->bn"),))
 def _conv2d_groups_bn() -> nn.Module:
     """Conv2d (groups=2, stride 2, dilation 2) -> BatchNorm2d: groups do not change that weight
     row o produces channel o, so the BN folds; nothing is left."""
     return _seq(nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), nn.BatchNorm2d(6))
 
 
-@_register("conv2d_depthwise_bn", (2, 4, 8, 8), foldable=1, left=0, family="conv->bn")
+@_register("conv2d_depthwise_bn", (2, 4, 8, 8), foldable=1, left=0, family="conv->bn",
+           pairs=(("1", "0", "conv->bn"),))
 def _conv2d_depthwise_bn() -> nn.Module:
     """Depthwise Conv2d (groups = channels, no bias) -> BatchNorm2d -> ReLU: folds; nothing is left."""
     return _seq(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4), nn.ReLU())
 
 
-@_register("conv3d_bn", (2, 2, 5, 6, 6), foldable=1, left=0, family="conv->bn")
+@_register("conv3d_bn", (2, 2, 5, 6, 6), foldable=1, left=0, family="conv->bn",
+           pairs=(("1", "0", "conv->bn"),))
 def _conv3d_bn() -> nn.Module:
     """Conv3d (groups=2, stride (1, 2, 2), replicate padding, no bias) -> BatchNorm3d: folds."""
     return _seq(nn.Conv3d(2, 4, 3, stride=(1, 2, 2), padding=1, padding_mode="replicate", groups=2, bias=False),
                 nn.BatchNorm3d(4))
 
 
-@_register("conv_bn_bn", (2, 3, 8, 8), foldable=2, left=0, family="conv->bn")
+@_register("conv_bn_bn", (2, 3, 8, 8), foldable=2, left=0, family="conv->bn",
+           pairs=(("1", "0", "conv->bn"), ("2", "0", "conv->bn")))
 def _conv_bn_bn() -> nn.Module:
     """Conv2d -> BatchNorm2d -> BatchNorm2d: the first BN folds into the conv, and the conv
     (now ending in a per-channel affine map) still feeds only the second, which folds too."""
     return _seq(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.BatchNorm2d(4))
 
 
-@_register("conv_identity_bn", (2, 3, 8, 8), foldable=1, left=0, family="conv->bn")
+@_register("conv_identity_bn", (2, 3, 8, 8), foldable=1, left=0, family="conv->bn",
+           pairs=(("2", "0", "conv->bn"),))
 def _conv_identity_bn() -> nn.Module:
     """Conv2d -> nn.Identity -> BatchNorm2d: Identity computes nothing, so the BN folds."""
     return _seq(nn.Conv2d(3, 4, 3), nn.Identity(), nn.BatchNorm2d(4))
@@ -329,14 +346,16 @@ def _conv_identity_bn() -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # Fold families: conv_transpose -> BN
 
-@_register("conv_transpose1d_bn", (2, 3, 8), foldable=1, left=0, family="conv_transpose->bn")
+@_register("conv_transpose1d_bn", (2, 3, 8), foldable=1, left=0, family="conv_transpose->bn",
+           pairs=(("1", "0", "conv_transpose->bn"),))
 def _conv_transpose1d_bn() -> nn.Module:
     """ConvTranspose1d (stride 2, output_padding 1) -> BatchNorm1d: the transposed weight is
     [in, out/groups, k]; the BN scales its output-channel axis (dim 1); folds."""
     return _seq(nn.ConvTranspose1d(3, 4, 3, stride=2, output_padding=1), nn.BatchNorm1d(4))
 
 
-@_register("conv_transpose2d_groups_bn", (2, 4, 5, 5), foldable=1, left=0, family="conv_transpose->bn")
+@_register("conv_transpose2d_groups_bn", (2, 4, 5, 5), foldable=1, left=0, family="conv_transpose->bn",
+           pairs=(("1", "0", "conv_transpose->bn"),))
 def _conv_transpose2d_groups_bn() -> nn.Module:
     """ConvTranspose2d (groups=2, stride 2, padding 1, output_padding 1) -> BatchNorm2d: with
     groups the output channel of weight[i, j] is (i // (in/groups)) * (out/groups) + j, which a
@@ -344,13 +363,15 @@ def _conv_transpose2d_groups_bn() -> nn.Module:
     return _seq(nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), nn.BatchNorm2d(6))
 
 
-@_register("conv_transpose2d_dilation_bn", (2, 3, 5, 5), foldable=1, left=0, family="conv_transpose->bn")
+@_register("conv_transpose2d_dilation_bn", (2, 3, 5, 5), foldable=1, left=0, family="conv_transpose->bn",
+           pairs=(("1", "0", "conv_transpose->bn"),))
 def _conv_transpose2d_dilation_bn() -> nn.Module:
     """ConvTranspose2d (dilation 2, no bias) -> BatchNorm2d: folds; the fused layer gains a bias."""
     return _seq(nn.ConvTranspose2d(3, 4, 3, dilation=2, bias=False), nn.BatchNorm2d(4))
 
 
-@_register("conv_transpose3d_groups_bn", (2, 4, 3, 3, 3), foldable=1, left=0, family="conv_transpose->bn")
+@_register("conv_transpose3d_groups_bn", (2, 4, 3, 3, 3), foldable=1, left=0, family="conv_transpose->bn",
+           pairs=(("1", "0", "conv_transpose->bn"),))
 def _conv_transpose3d_groups_bn() -> nn.Module:
     """ConvTranspose3d (groups=2, stride 2, no bias) -> BatchNorm3d: folds."""
     return _seq(nn.ConvTranspose3d(4, 6, 2, stride=2, groups=2, bias=False), nn.BatchNorm3d(6))
@@ -360,7 +381,8 @@ def _conv_transpose3d_groups_bn() -> nn.Module:
 # Fold families: linear -> BN1d, BN -> conv, BN -> linear
 
 @_register("linear_bn1d_2d_input", (4, 5), foldable=1, left=0, family="linear->bn",
-           rank_dependent=("1",))
+           rank_dependent=("1",),
+           pairs=(("1", "0", "linear->bn"),))
 def _linear_bn1d() -> nn.Module:
     """Linear -> BatchNorm1d on a 2-D (N, C) model input: BN's channel axis is the linear's
     output features, so it folds -- but only the example input proves the rank."""
@@ -368,7 +390,8 @@ def _linear_bn1d() -> nn.Module:
 
 
 @_register("flatten_linear_bn1d", (2, 3, 8, 8), foldable=1, left=0, family="linear->bn",
-           rank_dependent=("5",))
+           rank_dependent=("5",),
+           pairs=(("5", "4", "linear->bn"),))
 def _flatten_linear_bn1d() -> nn.Module:
     """Conv2d -> ReLU -> pool -> Flatten -> Linear -> BatchNorm1d: the conv has no BN (ReLU
     follows); the Linear gets a 2-D input from Flatten, so Linear -> BN1d folds."""
@@ -376,7 +399,8 @@ def _flatten_linear_bn1d() -> nn.Module:
                 nn.BatchNorm1d(6))
 
 
-@_register("bn_conv2d_valid", (2, 3, 8, 8), foldable=1, left=0, family="bn->conv")
+@_register("bn_conv2d_valid", (2, 3, 8, 8), foldable=1, left=0, family="bn->conv",
+           pairs=(("0", "1", "bn->conv"),))
 def _bn_conv2d_valid() -> nn.Module:
     """BatchNorm2d -> Conv2d without padding: every input the conv reads is a BN output, so the
     BN folds into the conv (W' = W s per input channel, b' = b + sum W t); nothing is left."""
@@ -388,23 +412,27 @@ for _mode in ("reflect", "replicate", "circular"):
         return _seq(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode))
     _make.__doc__ = (f"BatchNorm2d -> Conv2d with padding 1, padding_mode={_mode!r}: the padding copies BN outputs, "
                      f"so every position the conv reads is a BN output and the fold is exact; nothing is left.")
-    _register(f"bn_conv2d_pad_{_mode}", (2, 3, 8, 8), foldable=1, left=0, family="bn->conv")(_make)
+    _register(f"bn_conv2d_pad_{_mode}", (2, 3, 8, 8), foldable=1, left=0, family="bn->conv",
+              pairs=(("0", "1", "bn->conv"),))(_make)
 
 
-@_register("bn_conv2d_groups_stride", (2, 4, 9, 9), foldable=1, left=0, family="bn->conv")
+@_register("bn_conv2d_groups_stride", (2, 4, 9, 9), foldable=1, left=0, family="bn->conv",
+           pairs=(("0", "1", "bn->conv"),))
 def _bn_conv2d_groups() -> nn.Module:
     """BatchNorm2d -> Conv2d (groups=2, stride 2, no padding, no bias): input channel c feeds
     group c // (in/groups); folds; the conv gains a bias."""
     return _seq(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, stride=2, groups=2, bias=False))
 
 
-@_register("bn_conv1d_circular", (2, 3, 8), foldable=1, left=0, family="bn->conv")
+@_register("bn_conv1d_circular", (2, 3, 8), foldable=1, left=0, family="bn->conv",
+           pairs=(("0", "1", "bn->conv"),))
 def _bn_conv1d_circular() -> nn.Module:
     """BatchNorm1d -> Conv1d with circular padding: exact, folds."""
     return _seq(nn.BatchNorm1d(3), nn.Conv1d(3, 4, 3, padding=1, padding_mode="circular"))
 
 
-@_register("bn_conv3d_replicate", (2, 2, 4, 5, 5), foldable=1, left=0, family="bn->conv")
+@_register("bn_conv3d_replicate", (2, 2, 4, 5, 5), foldable=1, left=0, family="bn->conv",
+           pairs=(("0", "1", "bn->conv"),))
 def _bn_conv3d_replicate() -> nn.Module:
     """BatchNorm3d -> Conv3d with replicate padding: exact, folds."""
     return _seq(nn.BatchNorm3d(2), nn.Conv3d(2, 3, 3, padding=1, padding_mode="replicate"))
@@ -419,7 +447,8 @@ def _bn_conv2d_zero_padding() -> nn.Module:
     return _seq(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1))
 
 
-@_register("bn_linear_2d_input", (4, 5), foldable=1, left=0, family="bn->linear", rank_dependent=("0",))
+@_register("bn_linear_2d_input", (4, 5), foldable=1, left=0, family="bn->linear", rank_dependent=("0",),
+           pairs=(("0", "1", "bn->linear"),))
 def _bn_linear() -> nn.Module:
     """BatchNorm1d -> Linear on a 2-D (N, C) model input: folds into the linear (proven 2-D only
     by the example input)."""
@@ -443,7 +472,8 @@ class _ReidHead(nn.Module):
 
 
 @_register("reid_bn_dropout_linear", (2, 3, 8, 8), foldable=2, left=0, family="bn->linear",
-           rank_dependent=("bottleneck",))
+           rank_dependent=("bottleneck",),
+           pairs=(("backbone.1", "backbone.0", "conv->bn"), ("bottleneck", "classifier", "bn->linear")))
 def _reid_head() -> nn.Module:
     """Conv -> BN -> ReLU -> pool -> flatten -> BN1d -> Dropout -> Linear: backbone.1 folds into
     backbone.0; the bottleneck BN1d folds into the classifier through the Dropout (the identity
@@ -451,7 +481,8 @@ def _reid_head() -> nn.Module:
     return _ReidHead()
 
 
-@_register("flatten_bn1d_linear", (2, 3, 8, 8), foldable=1, left=0, family="bn->linear", rank_dependent=("4",))
+@_register("flatten_bn1d_linear", (2, 3, 8, 8), foldable=1, left=0, family="bn->linear", rank_dependent=("4",),
+           pairs=(("4", "5", "bn->linear"),))
 def _flatten_bn1d_linear() -> nn.Module:
     """Conv2d -> ReLU -> pool -> Flatten -> BatchNorm1d -> Linear: the conv has no BN; the BN1d
     sees 2-D features and folds into the Linear."""
@@ -462,20 +493,23 @@ def _flatten_bn1d_linear() -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # Norm-layer variants
 
-@_register("bn_affine_false", (2, 3, 8, 8), foldable=1, left=0, family="norms")
+@_register("bn_affine_false", (2, 3, 8, 8), foldable=1, left=0, family="norms",
+           pairs=(("1", "0", "conv->bn"),))
 def _bn_affine_false() -> nn.Module:
     """Conv2d -> BatchNorm2d(affine=False): gamma = 1, beta = 0, running stats still apply; folds."""
     return _seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False))
 
 
-@_register("frozen_bn", (2, 3, 8, 8), foldable=1, left=0, family="norms")
+@_register("frozen_bn", (2, 3, 8, 8), foldable=1, left=0, family="norms",
+           pairs=(("1", "0", "conv->bn"),))
 def _frozen_bn() -> nn.Module:
     """Conv2d (no bias) -> FrozenBatchNorm2d (torchvision's buffers, not a _BatchNorm) -> ReLU:
     recognised by its buffers and folded; nothing is left."""
     return _seq(nn.Conv2d(3, 4, 3, bias=False), FrozenBatchNorm2d(4), nn.ReLU())
 
 
-@_register("batchnorm_act", (2, 3, 8, 8), foldable=1, left=0, family="norms")
+@_register("batchnorm_act", (2, 3, 8, 8), foldable=1, left=0, family="norms",
+           pairs=(("1", "0", "conv->bn"),))
 def _batchnorm_act() -> nn.Module:
     """Conv2d -> BatchNormAct2d (timm-style: BN, drop, ReLU): the BN part folds into the conv,
     the module is replaced by one keeping drop and act, so the ReLU still runs; no BN is left."""
@@ -483,7 +517,8 @@ def _batchnorm_act() -> nn.Module:
                 nn.Conv2d(4, 2, 1))
 
 
-@_register("sync_bn_eval", (2, 3, 8, 8), foldable=1, left=0, family="norms")
+@_register("sync_bn_eval", (2, 3, 8, 8), foldable=1, left=0, family="norms",
+           pairs=(("1", "0", "conv->bn"),))
 def _sync_bn() -> nn.Module:
     """Conv2d -> SyncBatchNorm in eval mode: eval semantics are plain BN with running stats; folds."""
     return _seq(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4))
@@ -521,7 +556,8 @@ def _trap_bn_before_conv_zero_padding() -> nn.Module:
     return _ConvRegisteredFirst(padding=1)
 
 
-@_register("trap_bn_before_conv_valid", (2, 4, 8, 8), foldable=1, left=0, family="trap")
+@_register("trap_bn_before_conv_valid", (2, 4, 8, 8), foldable=1, left=0, family="trap",
+           pairs=(("bn", "conv", "bn->conv"),))
 def _trap_bn_before_conv_valid() -> nn.Module:
     """conv registered first, forward does conv(bn(x)), no padding: a correct fuser folds the BN
     *into the conv's input side* (BN -> conv); a registration-order walk folds it on the output
@@ -594,7 +630,8 @@ class _ConvReusedSameNorm(nn.Module):
         return self.bn(self.conv(y))
 
 
-@_register("trap_conv_reused_same_bn", (2, 4, 8, 8), foldable=1, left=0, family="trap")
+@_register("trap_conv_reused_same_bn", (2, 4, 8, 8), foldable=1, left=0, family="trap",
+           pairs=(("bn", "conv", "conv->bn"),))
 def _trap_conv_reused_same_bn() -> nn.Module:
     """The same conv -> same BN pair called twice (ReLU between the calls): every call of the
     conv is followed by the same BN, and every BN call follows that conv, so it folds once and
@@ -618,7 +655,8 @@ class _SharedNorm(nn.Module):
         return out
 
 
-@_register("trap_bn_shared_by_two_convs", (2, 3, 8, 8), foldable=1, left=0, family="trap")
+@_register("trap_bn_shared_by_two_convs", (2, 3, 8, 8), foldable=1, left=0, family="trap",
+           pairs=(("bn", "conv1", "conv->bn"), ("bn", "conv2", "conv->bn")))
 def _trap_bn_shared_by_two_convs() -> nn.Module:
     """One BN called after conv1 and after conv2, each conv feeding only it: the BN folds into
     both convs and becomes Identity (one norm module folded, two folded pairs); nothing is left."""
@@ -634,7 +672,8 @@ def _trap_bn_shared_one_conv_leaks() -> nn.Module:
     return _SharedNorm(leak=True)
 
 
-@_register("trap_split_sequential", (2, 3, 8, 8), foldable=2, left=0, family="trap")
+@_register("trap_split_sequential", (2, 3, 8, 8), foldable=2, left=0, family="trap",
+           pairs=(("1.0", "0.0", "conv->bn"), ("3.1.0", "3.0", "conv->bn")))
 def _trap_split_sequential() -> nn.Module:
     """Sequential(Sequential(conv), Sequential(bn), ReLU, Sequential(conv, Sequential(bn))): each
     pair straddles container boundaries but is adjacent in the dataflow; both fold."""
@@ -656,7 +695,8 @@ class _ModuleListLoop(nn.Module):
         return x
 
 
-@_register("trap_modulelist_loop", (2, 3, 8, 8), foldable=3, left=0, family="trap")
+@_register("trap_modulelist_loop", (2, 3, 8, 8), foldable=3, left=0, family="trap",
+           pairs=tuple((f"norms.{i}", f"convs.{i}", "conv->bn") for i in range(3)))
 def _trap_modulelist_loop() -> nn.Module:
     """convs and norms in two ModuleLists (norms registered first), paired in a Python loop:
     conv_i -> norm_i -> ReLU three times; all three fold."""
@@ -677,7 +717,8 @@ class _ModuleDictLoop(nn.Module):
         return x
 
 
-@_register("trap_moduledict_loop", (2, 3, 8, 8), foldable=2, left=0, family="trap")
+@_register("trap_moduledict_loop", (2, 3, 8, 8), foldable=2, left=0, family="trap",
+           pairs=(("layers.norm_a", "layers.conv_a", "conv->bn"), ("layers.norm_b", "layers.conv_b", "conv->bn")))
 def _trap_moduledict_loop() -> nn.Module:
     """A ModuleDict registered in scrambled order, used in a loop: conv_a -> norm_a -> ReLU ->
     conv_b -> norm_b -> ReLU; both fold."""
@@ -696,7 +737,8 @@ class _DataDependentRouter(nn.Module):
         return self.neg(x)
 
 
-@_register("trap_untraceable_parent", (2, 3, 8, 8), foldable=2, left=0, family="trap")
+@_register("trap_untraceable_parent", (2, 3, 8, 8), foldable=2, left=0, family="trap",
+           pairs=(("pos.1", "pos.0", "conv->bn"), ("neg.1", "neg.0", "conv->bn")))
 def _trap_untraceable_parent() -> nn.Module:
     """The parent's forward branches on x.sum() (untraceable), its children pos and neg are
     traceable conv -> BN -> ReLU blocks: analysing each child folds both BNs; whichever
@@ -719,7 +761,8 @@ class _DataDependentWithOwnPair(nn.Module):
 
 
 @_register("trap_untraceable_parent_own_pair", (2, 3, 8, 8), foldable=1, left=1, family="trap",
-           skips={"bn": ("untraceable",)})
+           skips={"bn": ("untraceable",)},
+           pairs=(("child.1", "child.0", "conv->bn"),))
 def _trap_untraceable_parent_own_pair() -> nn.Module:
     """The untraceable parent calls conv -> bn itself (not through a child): that region cannot
     be traced, so bn stays ("untraceable"); the traceable child's conv -> BN folds. One BN runs."""
@@ -738,7 +781,8 @@ class _ResidualNormBeforeConv(nn.Module):
         return h + self.conv2(self.bn(h))
 
 
-@_register("trap_residual_bn_before_conv", (2, 3, 8, 8), foldable=1, left=0, family="trap")
+@_register("trap_residual_bn_before_conv", (2, 3, 8, 8), foldable=1, left=0, family="trap",
+           pairs=(("bn", "conv2", "bn->conv"),))
 def _trap_residual_bn_before_conv() -> nn.Module:
     """h = conv1(x); h + conv2(bn(h)), registered conv1, bn, conv2. conv1's output also feeds the
     add, so bn must not fold into conv1 (what a registration-order walk does); bn's output feeds
