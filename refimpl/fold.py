@@ -187,19 +187,27 @@ def fold_conv_bn(conv_weight: Array, conv_bias: Array | None, bn_mean: Array, bn
     >>> w.ravel().tolist(), b.tolist()
     ([0.5, 1.0], [-0.5, -2.0])
     """
-    xp = array_namespace(conv_weight, conv_bias, bn_mean, bn_var, bn_weight, bn_bias)
-    out_channels = _check_conv_weight(xp, "conv_weight", conv_weight, groups, transposed)
-    _require_float(xp, "conv_bias", conv_bias)
-    _require_vector("conv_bias", conv_bias, out_channels, f"the {out_channels} output channels of conv_weight "
-                    f"{_shape(conv_weight)}")
+    return _fold_after(conv_weight, conv_bias, bn_mean, bn_var, bn_eps, bn_weight, bn_bias, transposed=transposed,
+                       groups=groups, layer="conv")
+
+
+def _fold_after(weight: Array, bias: Array | None, bn_mean: Array, bn_var: Array, bn_eps: float,
+                bn_weight: Array | None, bn_bias: Array | None, *, transposed: bool, groups: int, layer: str
+                ) -> tuple[Array, Array]:
+    """Layer -> BN: shared by the conv and linear folds; ``layer`` names the arguments in messages."""
+    xp = array_namespace(weight, bias, bn_mean, bn_var, bn_weight, bn_bias)
+    w_name, b_name = f"{layer}_weight", f"{layer}_bias"
+    out_channels = _check_conv_weight(xp, w_name, weight, groups, transposed)
+    _require_float(xp, b_name, bias)
+    _require_vector(b_name, bias, out_channels, f"the {out_channels} output channels of {w_name} {_shape(weight)}")
     if _shape(bn_var) != (out_channels,):
-        raise ValueError(f"BatchNorm has {_shape(bn_var)} channels (bn_var shape) but the conv has {out_channels} "
-                         f"output channels (conv_weight shape {_shape(conv_weight)}, groups={groups}, "
+        raise ValueError(f"BatchNorm has {_shape(bn_var)} channels (bn_var shape) but the {layer} has {out_channels} "
+                         f"output channels ({w_name} shape {_shape(weight)}, groups={groups}, "
                          f"transposed={transposed})")
     s, t = bn_scale_shift(bn_mean, bn_var, bn_eps, bn_weight, bn_bias)
-    weight = conv_weight * _channel_axis_scale(xp, s, _shape(conv_weight), groups, transposed)
-    bias = t if conv_bias is None else conv_bias * s + t
-    return weight, bias
+    folded_weight = weight * _channel_axis_scale(xp, s, _shape(weight), groups, transposed)
+    folded_bias = t if bias is None else bias * s + t
+    return folded_weight, folded_bias
 
 
 def fold_linear_bn(linear_weight: Array, linear_bias: Array | None, bn_mean: Array, bn_var: Array, bn_eps: float,
@@ -219,7 +227,8 @@ def fold_linear_bn(linear_weight: Array, linear_bias: Array | None, bn_mean: Arr
     """
     if len(_shape(linear_weight)) != 2:
         raise ValueError(f"linear_weight must be [out, in], got shape {_shape(linear_weight)}")
-    return fold_conv_bn(linear_weight, linear_bias, bn_mean, bn_var, bn_eps, bn_weight, bn_bias)
+    return _fold_after(linear_weight, linear_bias, bn_mean, bn_var, bn_eps, bn_weight, bn_bias, transposed=False,
+                       groups=1, layer="linear")
 
 
 def fold_bn_conv(conv_weight: Array, conv_bias: Array | None, bn_mean: Array, bn_var: Array, bn_eps: float,
@@ -262,17 +271,24 @@ def fold_bn_conv(conv_weight: Array, conv_bias: Array | None, bn_mean: Array, bn
     >>> w.ravel().tolist(), b.tolist()
     ([0.5, 1.0], [-2.5])
     """
-    xp = array_namespace(conv_weight, conv_bias, bn_mean, bn_var, bn_weight, bn_bias)
-    out_channels = _check_conv_weight(xp, "conv_weight", conv_weight, groups, transposed=False)
-    _require_float(xp, "conv_bias", conv_bias)
-    _require_vector("conv_bias", conv_bias, out_channels, f"the {out_channels} output channels of conv_weight "
-                    f"{_shape(conv_weight)}")
-    shape = _shape(conv_weight)
+    return _fold_before(conv_weight, conv_bias, bn_mean, bn_var, bn_eps, bn_weight, bn_bias, groups=groups,
+                        layer="conv")
+
+
+def _fold_before(weight: Array, bias: Array | None, bn_mean: Array, bn_var: Array, bn_eps: float,
+                 bn_weight: Array | None, bn_bias: Array | None, *, groups: int, layer: str) -> tuple[Array, Array]:
+    """BN -> layer: shared by the conv and linear folds; ``layer`` names the arguments in messages."""
+    xp = array_namespace(weight, bias, bn_mean, bn_var, bn_weight, bn_bias)
+    w_name, b_name = f"{layer}_weight", f"{layer}_bias"
+    out_channels = _check_conv_weight(xp, w_name, weight, groups, transposed=False)
+    _require_float(xp, b_name, bias)
+    _require_vector(b_name, bias, out_channels, f"the {out_channels} output channels of {w_name} {_shape(weight)}")
+    shape = _shape(weight)
     in_per_group = shape[1]
     in_channels = in_per_group * groups
     if _shape(bn_var) != (in_channels,):
-        raise ValueError(f"BatchNorm has {_shape(bn_var)} channels (bn_var shape) but the conv reads {in_channels} "
-                         f"input channels (conv_weight shape {shape}, groups={groups})")
+        raise ValueError(f"BatchNorm has {_shape(bn_var)} channels (bn_var shape) but the {layer} reads {in_channels} "
+                         f"input channels ({w_name} shape {shape}, groups={groups})")
     s, t = bn_scale_shift(bn_mean, bn_var, bn_eps, bn_weight, bn_bias)
     spatial = (1,) * (len(shape) - 2)
     out_per_group = out_channels // groups
@@ -282,11 +298,11 @@ def fold_bn_conv(conv_weight: Array, conv_bias: Array | None, bn_mean: Array, bn
         rows = xp.broadcast_to(grouped, (groups, out_per_group, in_per_group))
         return xp.reshape(rows, (out_channels, in_per_group) + spatial)
 
-    weight = conv_weight * per_row(s)
+    folded_weight = weight * per_row(s)
     reduce_axes = tuple(range(1, len(shape)))
-    shift = xp.sum(conv_weight * per_row(t), axis=reduce_axes)
-    bias = shift if conv_bias is None else conv_bias + shift
-    return weight, bias
+    shift = xp.sum(weight * per_row(t), axis=reduce_axes)
+    folded_bias = shift if bias is None else bias + shift
+    return folded_weight, folded_bias
 
 
 def fold_bn_linear(linear_weight: Array, linear_bias: Array | None, bn_mean: Array, bn_var: Array, bn_eps: float,
@@ -306,4 +322,5 @@ def fold_bn_linear(linear_weight: Array, linear_bias: Array | None, bn_mean: Arr
     """
     if len(_shape(linear_weight)) != 2:
         raise ValueError(f"linear_weight must be [out, in], got shape {_shape(linear_weight)}")
-    return fold_bn_conv(linear_weight, linear_bias, bn_mean, bn_var, bn_eps, bn_weight, bn_bias)
+    return _fold_before(linear_weight, linear_bias, bn_mean, bn_var, bn_eps, bn_weight, bn_bias, groups=1,
+                        layer="linear")

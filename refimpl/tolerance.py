@@ -18,8 +18,10 @@ roundings per element), the one extra product per weight when a folded weight is
 convolution algorithms that re-associate more than a dot product does (Winograd and FFT
 variants in cuDNN and oneDNN, whose worst cases exceed the dot-product bound by a small
 constant). It is not a fudge for sloppiness: typical errors are ``~sqrt(n) u`` times the
-magnitude, far inside the bound, and a fold that is wrong by even one unit in the last place of
-a large weight exceeds it.
+magnitude, far inside the bound, while a wrong fold (a misplaced channel scale, a lost shift, a
+padding border) is off by a fraction of the magnitude itself, many orders of magnitude beyond it.
+Unit-in-the-last-place questions (is a stored fp16 weight the correctly rounded fold?) are not
+judged by this bound but bit for bit (``spec/conformance.md``).
 """
 
 from __future__ import annotations

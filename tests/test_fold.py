@@ -393,7 +393,7 @@ BAD_INPUT = [
     pytest.param(lambda: fold_linear_bn(np.ones((2, 1, 1)), None, *_ok_bn(2)), ValueError,
                  "linear_weight must be [out, in], got shape (2, 1, 1)", id="linear-bn-rank"),
     pytest.param(lambda: fold_linear_bn(np.ones((2, 3)), None, *_ok_bn(3)), ValueError,
-                 "BatchNorm has (3,) channels (bn_var shape) but the conv has 2 output channels",
+                 "BatchNorm has (3,) channels (bn_var shape) but the linear has 2 output channels",
                  id="linear-bn-channels"),
     pytest.param(lambda: fold_bn_conv(np.ones((4, 2, 3)), None, *_ok_bn(2), groups=2), ValueError,
                  "BatchNorm has (2,) channels (bn_var shape) but the conv reads 4 input channels "
@@ -419,8 +419,6 @@ def test_bad_input_raises_naming_argument_and_values(call, exception, message):
         call()
 
 
-@pytest.mark.xfail(strict=True, reason="fold_linear_bn/fold_bn_linear delegate to the conv folds, so their "
-                                       "messages name conv_weight/conv_bias rather than linear_weight/linear_bias")
 @pytest.mark.parametrize("fold", [fold_linear_bn, fold_bn_linear])
 def test_linear_folds_name_linear_arguments(fold):
     with pytest.raises(TypeError, match="linear_weight"):
