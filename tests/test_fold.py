@@ -409,7 +409,7 @@ BAD_INPUT = [
     pytest.param(lambda: fold_bn_linear(np.ones(4), None, *_ok_bn(4)), ValueError,
                  "linear_weight must be [out, in], got shape (4,)", id="bn-linear-rank"),
     pytest.param(lambda: fold_bn_linear(np.ones((2, 3)), None, *_ok_bn(2)), ValueError,
-                 "BatchNorm has (2,) channels (bn_var shape) but the conv reads 3 input channels", id="bn-linear-in"),
+                 "BatchNorm has (2,) channels (bn_var shape) but the linear reads 3 input channels", id="bn-linear-in"),
 ]
 
 
