@@ -95,7 +95,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, required: bool) -> 
                         help="dtype the model and input are converted to (default: %(default)s)")
     parser.add_argument("--device", default="cpu",
                         help="device to run on: cpu, cuda, cuda:1, ... (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random input and statistics (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random input and statistics, and of the global RNG while the factory runs "
+                             "(so its random weights are reproducible) (default: 0)")
 
 
 def _main_parser() -> argparse.ArgumentParser:
@@ -222,7 +223,14 @@ def _main_job(argv: Sequence[str]) -> int:
     rows = []
     for index, (name, model, inputs) in enumerate(models, 1):
         _progress(not args.quiet, f"[{index}/{total}] {name}: fusing, verifying, timing")
-        row, fused = run_model(name, model, inputs, repeats=args.repeats)
+        try:
+            row, fused = run_model(name, model, inputs, repeats=args.repeats)
+        except (ValueError, TypeError, RuntimeError) as error:
+            if not args.model:
+                raise  # a built-in model must always fuse and run: that is a bug, show the traceback
+            print(f"error: {name} with input shape {tuple(inputs[0].shape)}: {type(error).__name__}: {error}",
+                  file=sys.stderr)
+            return 2
         rows.append(row)
         if not row.ok:
             _progress(not args.quiet, row.verdict_text)

@@ -70,7 +70,7 @@ class ModelRow:
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"1,3,224,224"`` -> ``(1, 3, 224, 224)``."""
     try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+        shape = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise ValueError(f"input shape must be comma-separated positive integers like 1,3,224,224, got {text!r}"
                          ) from None
@@ -158,7 +158,7 @@ def default_models(names: tuple[str, ...] = DEFAULT_CASES, *, dtype: torch.dtype
 def load_user_model(spec: str, *, input_shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu", checkpoint: str | None = None,
                     random_stats: bool = False, seed: int = 0) -> tuple[nn.Module, tuple]:
-    """Build ``package.module:factory``, load ``checkpoint`` (a state_dict), and make a seeded random input.
+    """Build ``package.module:factory`` (global RNG seeded with ``seed``), load ``checkpoint``, make a random input.
 
     A checkpoint may be a state_dict or a dict holding one under ``"state_dict"`` or ``"model"``
     (the common training-script layouts); it is loaded with ``weights_only=True`` and ``strict=True``.
@@ -166,7 +166,11 @@ def load_user_model(spec: str, *, input_shape: tuple[int, ...], dtype: torch.dty
     factory = load_object(spec, "--model")
     if not callable(factory):
         raise TypeError(f"--model {spec!r} is a {type(factory).__name__}, not a callable returning an nn.Module")
-    model = factory()
+    # Seeded, so that the same command builds the same random weights (when no checkpoint replaces
+    # them); the caller's global RNG state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = factory()
     if not isinstance(model, nn.Module):
         raise TypeError(f"--model {spec!r} returned {type(model).__name__}, not an nn.Module")
     if checkpoint is not None:
