@@ -252,3 +252,19 @@ class TestVerify:
             verify(chain, fused, _input(1, 3, 8, 8))
         assert info.value.which == "fused"
 
+
+
+@pytest.mark.parametrize("name", ["conv_bn_bn", "conv_transpose2d_groups_bn", "flatten_linear_bn1d",
+                                  "bn_conv2d_pad_reflect", "reid_bn_dropout_linear", "frozen_bn",
+                                  "trap_split_sequential", "trap_bn_shared_by_two_convs", "trap_modulelist_loop",
+                                  "trap_residual_bn_before_conv"])
+def test_passes_our_fused_models(name):
+    from adapters.torch import cases, fuse
+
+    case = cases.get_case(name)
+    model, x = case.build(), case.make_input()
+    fused, report = fuse(model, example_inputs=x)
+    assert report.folded, "the case folds something, so the comparison is not trivial"
+    verdict = verify(model, fused, x)
+    assert verdict.ok, str(verdict)
+    assert verdict.first_divergence is None
