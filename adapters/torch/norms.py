@@ -67,9 +67,9 @@ _BATCH_NORM_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 _TIMM_NORM_ACT = {"BatchNormAct2d": nn.BatchNorm2d, "SyncBatchNormAct": nn.SyncBatchNorm}
 
 
-def _class_in_mro(module: nn.Module, name: str, package: str) -> Optional[type]:
+def _class_in_mro(module: nn.Module, name: str, package: Optional[str] = None) -> Optional[type]:
     for cls in type(module).__mro__:
-        if cls.__name__ == name and cls.__module__.split(".")[0] == package:
+        if cls.__name__ == name and (package is None or cls.__module__.split(".")[0] == package):
             return cls
     return None
 
@@ -108,7 +108,9 @@ def classify_norm(module: nn.Module) -> NormInfo | NormRejection | None:
         forward = type(module).forward
         kind = None
         for name, base in _TIMM_NORM_ACT.items():
-            cls = _class_in_mro(module, name, "timm")
+            # By name, not by package: timm's class and re-implementations of it (same name, same
+            # base, `drop` and `act` children) share the forward batch_norm -> drop -> act.
+            cls = _class_in_mro(module, name)
             if cls is not None and issubclass(cls, base) and forward is cls.forward and _has_drop_and_act(module):
                 kind = NormKind.BATCH_NORM_ACT
                 break

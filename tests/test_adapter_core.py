@@ -1,0 +1,432 @@
+"""Unit tests of the torch adapter's core: error paths, transactionality, report, preservation of
+dtype / memory format / requires_grad, and the special inputs (parametrized, lazy, TorchScript,
+meta, quantized, training mode, fp16 overflow).
+
+Numerical judgement: whole models are compared with :func:`refimpl.compare_models` (the fused
+fp32 error against the float64 run of the original must stay within a small factor of the
+unfused fp32 error); a per-element bound through several layers would be vacuous.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import refimpl  # noqa: E402
+from adapters.torch import FoldedNormAct, FusionReport, fuse, fuse_conv_bn  # noqa: E402
+from adapters.torch.report import REASONS  # noqa: E402
+
+
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial running statistics and affine parameters (fresh BNs are the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "running_var", None) is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.3)
+                w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+                if w is not None:
+                    w.copy_(torch.randn(w.shape, generator=g))
+                if b is not None:
+                    b.copy_(torch.randn(b.shape, generator=g))
+    return model
+
+
+def assert_same_output(original: nn.Module, fused: nn.Module, x: torch.Tensor, dtype=torch.float32):
+    original, fused = original.eval(), fused.eval()
+    with torch.no_grad():
+        reference = copy.deepcopy(original).double()(x.double())
+        verdict = refimpl.compare_models(fused(x), original(x), reference, dtype)
+    assert verdict.ok, verdict.describe()
+
+
+def snapshot(model: nn.Module):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(n, type(m)) for n, m in model.named_modules()],
+            {n: p for n, p in model.named_parameters()})
+
+
+def assert_unchanged(model: nn.Module, snap) -> None:
+    state, classes, params = snap
+    now = model.state_dict()
+    assert set(now) == set(state)
+    for key, value in state.items():
+        same = (now[key] == value) | (now[key].isnan() & value.isnan()) if value.is_floating_point() \
+            else now[key] == value
+        assert now[key].shape == value.shape and bool(same.all()), key
+    assert [(n, type(m)) for n, m in model.named_modules()] == classes
+    assert all(p is params[n] for n, p in model.named_parameters())
+
+
+class ConvBN(nn.Module):
+    def __init__(self, cin=3, cout=4, **conv_kwargs):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, **conv_kwargs)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+# -- the basic fold, against independent oracles ----------------------------------------------------
+
+class TestBasicFold:
+    def test_conv_bn_single_layer_within_per_element_bound(self):
+        model = randomise(ConvBN(bias=True)).eval()
+        x = torch.randn(2, 3, 9, 9)
+        fused, report = fuse(model)
+        assert [(p.norm, p.layer, p.kind) for p in report.folded] == [("bn", "conv", "conv->bn")]
+        conv, bn = model.conv, model.bn
+        with torch.no_grad():
+            # Oracle: torch's own float64 conv followed by the float64 BN definition.
+            y = nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double())
+            ref = (y - bn.running_mean.double()[:, None, None]) / torch.sqrt(
+                bn.running_var.double()[:, None, None] + bn.eps) * bn.weight.double()[:, None, None] \
+                + bn.bias.double()[:, None, None]
+            scale = (bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)).abs()
+            magnitude = nn.functional.conv2d(x.double().abs(), conv.weight.double().abs(),
+                                             conv.bias.double().abs()) * scale[:, None, None] \
+                + (bn.running_mean.double() * scale).abs()[:, None, None] + bn.bias.double().abs()[:, None, None]
+            got = fused.conv(x)
+        refimpl.assert_within(got, ref, refimpl.error_bound(magnitude.numpy(), 3 * 9 + 2, torch.float32),
+                              "fused conv")
+        assert isinstance(fused.bn, nn.Identity)
+
+    def test_max_rel_change_matches_definition(self):
+        model = randomise(ConvBN()).eval()
+        fused, report = fuse(model)
+        w0, w1 = model.conv.weight.detach().double(), fused.conv.weight.detach().double()
+        expected = float((w1 - w0).abs().max() / w0.abs().max())
+        # The report measures the float64 fold before rounding; the stored weight is rounded once.
+        assert report.folded[0].max_rel_change == pytest.approx(expected, rel=1e-6)
+
+    def test_inplace_false_leaves_original_untouched(self):
+        model = randomise(ConvBN()).eval()
+        snap = snapshot(model)
+        fused, _ = fuse(model)
+        assert fused is not model
+        assert_unchanged(model, snap)
+
+    def test_fuse_conv_bn_returns_same_object_and_keeps_names(self):
+        model = randomise(ConvBN()).eval()
+        original = copy.deepcopy(model)
+        keys = set(model.state_dict())
+        assert fuse_conv_bn(model) is model
+        assert isinstance(model.bn, nn.Identity) and type(model) is ConvBN
+        # Only the folded BN's keys go away; the conv gains a bias key.
+        assert set(model.state_dict()) == {k for k in keys if not k.startswith("bn.")} | {"conv.bias"}
+        assert_same_output(original, model, torch.randn(2, 3, 8, 8))
+
+    @pytest.mark.parametrize("groups", [1, 2, 4])
+    @pytest.mark.parametrize("dims", [1, 2, 3])
+    def test_conv_transpose_groups(self, groups, dims):
+        conv_t = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[dims - 1]
+        norm = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
+        model = randomise(nn.Sequential(conv_t(4, 8, 3, stride=2, groups=groups), norm(8))).eval()
+        fused, report = fuse(model)
+        assert [p.kind for p in report.folded] == ["conv_transpose->bn"]
+        assert_same_output(model, fused, torch.randn(2, 4, *([5] * dims)))
+
+    def test_bn_before_conv_exact_padding_folds_zero_padding_does_not(self):
+        model = randomise(nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"),
+                                        nn.BatchNorm2d(6), nn.ReLU(), nn.BatchNorm2d(6), nn.Conv2d(6, 2, 3, padding=1),
+                                        nn.ReLU(), nn.BatchNorm2d(2), nn.ConvTranspose2d(2, 2, 3))).eval()
+        fused, report = fuse(model)
+        assert sorted((p.norm, p.layer, p.kind) for p in report.folded) == [
+            ("0", "1", "bn->conv"), ("2", "1", "conv->bn")]
+        assert {s.norm: s.reason for s in report.skipped} == {"4": "zero_padding", "7": "transposed_after_bn"}
+        assert_same_output(model, fused, torch.randn(2, 4, 8, 8))
+
+    def test_linear_bn_needs_rank_proof(self):
+        class Head(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(6, 5)
+                self.bn = nn.BatchNorm1d(5)
+
+            def forward(self, x):
+                return self.bn(self.fc(x))
+
+        model = randomise(Head()).eval()
+        _, report = fuse(model)
+        assert [(s.norm, s.reason) for s in report.skipped] == [("bn", "rank_unknown")]
+        x = torch.randn(4, 6)
+        fused, report = fuse(model, example_inputs=x)
+        assert [(p.norm, p.kind) for p in report.folded] == [("bn", "linear->bn")]
+        assert_same_output(model, fused, x)
+
+    def test_bn_dropout_linear_after_flatten(self):
+        model = randomise(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.BatchNorm1d(36),
+                                        nn.Dropout(0.3), nn.Linear(36, 5))).eval()
+        fused, report = fuse(model)
+        assert [(p.norm, p.layer, p.kind) for p in report.folded] == [("3", "5", "bn->linear")]
+        assert_same_output(model, fused, torch.randn(3, 3, 5, 5))
+
+
+# -- bad input, and the model left exactly as it was ------------------------------------------------
+
+class TestErrors:
+    def test_width_mismatch_names_layers_and_changes_nothing(self):
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(5))
+        snap = snapshot(model)
+        with pytest.raises(ValueError, match=r"0 -> 1.*Conv2d.*BatchNorm2d\(5\)"):
+            fuse(model, inplace=True)
+        assert_unchanged(model, snap)
+
+    @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+    def test_bad_running_variance(self, bad):
+        model = randomise(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
+                                        nn.BatchNorm2d(4))).eval()
+        model[3].running_var[2] = bad
+        snap = snapshot(model)
+        with pytest.raises(ValueError, match=r"2 -> 3.*variance"):
+            fuse(model, inplace=True)
+        assert_unchanged(model, snap)
+
+    def test_torchscript_rejected(self):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated; users still have them
+            scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval())
+        with pytest.raises(TypeError, match="TorchScript"):
+            fuse(scripted)
+        wrapper = nn.Sequential(scripted)
+        with pytest.raises(TypeError, match="submodule '0' is a TorchScript"):
+            fuse(wrapper)
+
+    def test_lazy_rejected(self):
+        model = nn.Sequential(nn.LazyConv2d(4, 3), nn.BatchNorm2d(4))
+        with pytest.raises(ValueError, match=r"0\.weight.*LazyConv2d"):
+            fuse(model)
+
+    def test_meta_rejected(self):
+        with torch.device("meta"):
+            model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        with pytest.raises(ValueError, match=r"meta.*0\.weight"):
+            fuse(model)
+
+    def test_not_a_module(self):
+        with pytest.raises(TypeError, match="nn.Module"):
+            fuse(lambda x: x)
+
+    def test_bad_example_inputs(self):
+        with pytest.raises(TypeError, match="example_inputs"):
+            fuse(ConvBN(), example_inputs={"x": 1})
+
+    def test_failure_while_mutating_is_undone(self, monkeypatch):
+        import adapters.torch.fusion as fusion
+
+        model = randomise(nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
+                                        nn.BatchNorm2d(4))).eval()
+        snap = snapshot(model)
+
+        class Boom(nn.Module):
+            def __init__(self):
+                raise RuntimeError("boom")
+
+        # Norm replacement comes after every weight has been swapped: the worst moment to fail.
+        monkeypatch.setattr(fusion.nn, "Identity", Boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            fuse(model, inplace=True)
+        monkeypatch.undo()
+        assert_unchanged(model, snap)
+        assert model[0].bias is None
+
+
+# -- dtype, memory format, requires_grad ------------------------------------------------------------
+
+class TestPreservation:
+    def test_channels_last_requires_grad_and_parameter_identity(self):
+        model = randomise(ConvBN(bias=False)).eval().to(memory_format=torch.channels_last)
+        model.conv.weight.requires_grad_(False)
+        weight = model.conv.weight
+        fuse(model, inplace=True)
+        assert model.conv.weight is weight
+        assert weight.is_contiguous(memory_format=torch.channels_last)
+        assert not weight.requires_grad and not model.conv.bias.requires_grad
+        assert model.conv.bias.dtype == weight.dtype
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+    def test_low_and_high_precision(self, dtype):
+        model = randomise(ConvBN()).eval()
+        fused, _ = fuse(copy.deepcopy(model).to(dtype))
+        assert all(p.dtype == dtype for p in fused.parameters())
+        x = torch.randn(2, 3, 8, 8)
+        with torch.no_grad():
+            reference = model.double()(x.double())
+            unfused = copy.deepcopy(model).to(dtype)(x.to(dtype))
+            verdict = refimpl.compare_models(fused(x.to(dtype)), unfused, reference, dtype)
+        assert verdict.ok, verdict.describe()
+
+    def test_fp16_overflow_is_skipped_not_inf(self):
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+        with torch.no_grad():
+            model[0].weight.fill_(1000.0)
+            model[1].running_var.fill_(1e-4)
+            model[1].weight.fill_(10.0)
+        model = model.half()
+        snap = snapshot(model)
+        _, report = fuse(model, inplace=True)
+        assert report.folded == []
+        assert [(s.norm, s.reason) for s in report.skipped] == [("1", "overflow")]
+        assert "float16" in report.skipped[0].detail
+        assert_unchanged(model, snap)
+
+
+# -- special layers and modes -----------------------------------------------------------------------
+
+class TestSpecialInputs:
+    def test_parametrized_and_weight_norm_skipped(self):
+        from torch.nn.utils import parametrize
+
+        class Double(nn.Module):
+            def forward(self, w):
+                return w * 2
+
+        def build():
+            torch.manual_seed(0)
+            model = randomise(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(),
+                                            nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))).eval()
+            parametrize.register_parametrization(model[0], "weight", Double())
+            with pytest.warns(FutureWarning):
+                torch.nn.utils.weight_norm(model[3])
+            return model
+
+        # Hook-based weight_norm models cannot be deep-copied (torch limitation): fold a twin in place.
+        model, twin = build(), build()
+        fused, report = fuse(twin, inplace=True)
+        assert {s.norm: s.reason for s in report.skipped} == {"1": "parametrized", "4": "parametrized"}
+        x = torch.randn(2, 3, 4, 4)
+        with torch.no_grad():
+            assert torch.equal(fused(x), model(x))
+
+    def test_quantized_neighbour_unsupported(self):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # quantized tensor creation is deprecated
+            qconv = torch.ao.nn.quantized.Conv2d(3, 4, 1)
+        model = nn.Sequential(qconv, nn.BatchNorm2d(4)).eval()
+        _, report = fuse(model)
+        assert [(s.norm, s.reason) for s in report.skipped] == [("1", "unsupported_layer")]
+
+    def test_training_mode_flag_and_warning(self, caplog):
+        model = randomise(ConvBN()).train()
+        with caplog.at_level(logging.WARNING, logger="adapters.torch"):
+            fused, report = fuse(model)
+        assert report.training_mode and "training mode" in caplog.text
+        assert fused.training and fused.conv.training  # flags untouched
+        assert_same_output(model, fused, torch.randn(2, 3, 6, 6))
+        assert model.bn.num_batches_tracked.item() == 0
+
+    def test_norm_families(self):
+        class FrozenBatchNorm2d(nn.Module):
+            """torchvision's buffers-only BN, re-declared here: torchvision must not be needed."""
+
+            def __init__(self, n):
+                super().__init__()
+                self.eps = 1e-5
+                for name, value in (("weight", torch.ones(n)), ("bias", torch.zeros(n)),
+                                    ("running_mean", torch.zeros(n)), ("running_var", torch.ones(n))):
+                    self.register_buffer(name, value)
+
+            def forward(self, x):
+                scale = self.weight * (self.running_var + self.eps).rsqrt()
+                return x * scale[None, :, None, None] + (self.bias - self.running_mean * scale)[None, :, None, None]
+
+        class ShiftedBN(nn.BatchNorm2d):
+            def forward(self, x):
+                return super().forward(x) + 1
+
+        model = randomise(nn.Sequential(nn.Conv2d(3, 4, 1), FrozenBatchNorm2d(4), nn.Conv2d(4, 4, 1),
+                                        nn.BatchNorm2d(4, affine=False), nn.Conv2d(4, 4, 1), ShiftedBN(4),
+                                        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))).eval()
+        fused, report = fuse(model)
+        assert sorted(p.norm for p in report.folded) == ["1", "3"]
+        assert {s.norm: s.reason for s in report.skipped} == {"5": "unknown_norm", "7": "no_running_stats"}
+        assert report.norms_found == 4
+        assert_same_output(model, fused, torch.randn(2, 3, 4, 4))
+
+    def test_timm_batchnorm_act_keeps_activation(self):
+        timm_norm_act = pytest.importorskip("timm.layers.norm_act")
+        norm = timm_norm_act.BatchNormAct2d(4, act_layer=nn.ReLU)
+        model = randomise(nn.Sequential(nn.Conv2d(3, 4, 3), norm)).eval()
+        fused, report = fuse(model)
+        assert isinstance(fused[1], FoldedNormAct) and fused[1].act is not None
+        assert isinstance(fused[1].act, nn.ReLU)
+        assert [p.kind for p in report.folded] == ["conv->bn"]
+        assert_same_output(model, fused, torch.randn(2, 3, 7, 7))
+
+    def test_untraceable_parent_traceable_children(self):
+        class Gate(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+                self.bn = nn.BatchNorm2d(4)
+
+            def forward(self, x):
+                y = self.body(x)
+                return self.bn(y) if y.mean() > 0 else y  # data-dependent: fx cannot trace this
+
+        model = randomise(Gate()).eval()
+        fused, report = fuse(model)
+        assert [(p.norm, p.layer) for p in report.folded] == [("body.1", "body.0")]
+        assert [(s.norm, s.reason) for s in report.skipped] == [("bn", "untraceable")]
+        assert_same_output(model, fused, torch.randn(2, 3, 4, 4))
+
+    def test_hidden_call_found_with_example_inputs(self):
+        class Hidden(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+            def forward(self, x):
+                y = self.body(x)
+                if y.sum() > -1e9:  # untraceable, and calls the conv a second time directly
+                    y = y + self.body[0](x)
+                return y
+
+        model = randomise(Hidden()).eval()
+        x = torch.randn(2, 3, 4, 4)
+        _, report = fuse(model, example_inputs=x)
+        assert report.folded == []
+        assert [(s.norm, s.reason) for s in report.skipped] == [("body.1", "untraceable")]
+
+    def test_tied_weights_not_folded(self):
+        model = randomise(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1))).eval()
+        model[2].weight = model[0].weight
+        fused, report = fuse(model)
+        assert [(s.norm, s.reason) for s in report.skipped] == [("1", "reused_incompatibly")]
+        assert_same_output(model, fused, torch.randn(2, 3, 4, 4))
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+class TestReport:
+    def test_table_and_dict(self):
+        model = randomise(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4))).train()
+        _, report = fuse(model)
+        assert isinstance(report, FusionReport)
+        text = report.table()
+        assert str(report) == text
+        lines = text.splitlines()
+        assert lines[0].split() == ["norm", "layer", "kind", "max", "rel", "change"]
+        assert any(line.split()[:3] == ["1", "0", "conv->bn"] for line in lines)
+        assert any(line.split()[:2] == ["3", "no_fusable_neighbour"] for line in lines)
+        assert "1 of 2 norm layer(s) folded" in lines[-1] and "training mode" in lines[-1]
+        data = json.loads(json.dumps(report.to_dict()))
+        assert data["folded"][0] == {"norm": "1", "layer": "0", "kind": "conv->bn",
+                                     "max_rel_change": report.folded[0].max_rel_change}
+        assert data["skipped"][0]["reason"] == "no_fusable_neighbour"
+        assert data["training_mode"] is True and data["norms_found"] == 2
+
+    def test_every_skip_reason_is_a_known_code(self):
+        model = randomise(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                                        nn.BatchNorm2d(4))).eval()
+        _, report = fuse(model)
+        assert all(s.reason in REASONS and s.detail for s in report.skipped)
