@@ -550,11 +550,10 @@ def _veto_hidden_calls(planner: _Planner, index: ModelIndex, analysis: SiteAnaly
     for module_id, count in obs.calls.items():
         traced = len(analysis.sites.get(module_id, ()))
         if count > traced:
-            module = next((m for m in index.modules if id(m) == module_id), None)
             name = index.name_of.get(module_id, "?")
             veto = ("untraceable", f"{name} ran {count} time(s) with example_inputs but the traced graphs show "
                     f"{traced} call site(s); calls in untraced code may see a different fold")
-            if module is not None and isinstance(index.norms.get(module_id), NormInfo):
+            if isinstance(index.norms.get(module_id), NormInfo):
                 planner.vetoed_norms[module_id] = veto
             else:
                 planner.vetoed_layers[module_id] = veto
