@@ -94,16 +94,7 @@ def _targets(*names: str) -> list[AuditTarget]:
 
 # --------------------------------------------------------------------------------------------------
 
-# Known disagreement, reported: the adapter recognises timm's BatchNormAct2d by its class and
-# forward, and treats the case suite's own miniature BatchNormAct2d as an unknown norm. Strict, so
-# the marker must go when the adapter and the case agree.
-_KNOWN_MISSES = {"batchnorm_act": "adapter reports cases.BatchNormAct2d as unknown_norm; the case expects a fold"}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(reason=_KNOWN_MISSES[name], strict=True))
-    if name in _KNOWN_MISSES else name
-    for name in case_suite.CASES])
+@pytest.mark.parametrize("name", list(case_suite.CASES))
 def test_our_fuser_is_ok_on_every_case(name):
     [target] = _targets(name)
     outcome = audit_one(fuse_conv_bn, target)
@@ -234,3 +225,25 @@ class TestArguments:
         out = capsys.readouterr().out
         for word in ("MODULE:FUNCTION", "--no-zoo", "missed", "WRONG", "CRASH", "--json"):
             assert word in out
+
+
+class _FunctionalBatchNorm(nn.Module):
+    """A norm fx traces through (not a torch.nn class): its evaluation becomes graph ops, not a module call."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.register_buffer("running_mean", torch.linspace(-1, 1, width))
+        self.register_buffer("running_var", torch.linspace(0.5, 2, width))
+
+    def forward(self, x):
+        return nn.functional.batch_norm(x, self.running_mean, self.running_var, training=False)
+
+
+def test_norms_inlined_by_fx_are_counted_as_left():
+    from torch.fx.experimental.optimization import fuse
+
+    target = AuditTarget("functional_bn", "trap", lambda: nn.Sequential(nn.Conv2d(3, 4, 3), _FunctionalBatchNorm(4)),
+                         lambda: torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0)), 0)
+    outcome = audit_one(fuse, target)
+    # No module call of the norm survives in the GraphModule, but the norm still runs, unfolded.
+    assert outcome.status == "missed" and outcome.left == 1, format_result(outcome)

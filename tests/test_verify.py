@@ -16,7 +16,13 @@ from torch import nn
 from adapters.torch.verify import ModelRunError, Verdict, verify
 from refimpl import MODEL_RATIO, fold_bn_conv, fold_conv_bn
 
-torch.manual_seed(0)
+@pytest.fixture(autouse=True)
+def seeded_weights():
+    # Layer constructors draw from the global RNG: seed it per test (and restore it after), so each
+    # test's models are the same whatever ran before.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
 
 
 def _randomize(bn: nn.BatchNorm2d, generator: torch.Generator) -> None:
