@@ -30,7 +30,7 @@ import logging
 import math
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -177,31 +177,53 @@ def exact_fold(layer: nn.Module, norms: list[tuple[str, nn.Module]]) -> tuple[np
     return weight, bias
 
 
-def traced_norm_reads(model: nn.Module) -> Counter[str]:
-    """Norm evaluations that torch.fx inlined into a GraphModule, by the norm's qualified name.
+def _inlined_by_fx(module: nn.Module, name: str) -> bool:
+    """Whether ``torch.fx.symbolic_trace`` traces through ``module`` instead of keeping it as a call.
 
-    ``symbolic_trace`` keeps only ``torch.nn`` classes as modules; it traces *through* other norm
-    layers (timm's ``BatchNormAct2d``, torchvision's ``FrozenBatchNorm2d``), so what is left of
-    them is functional code that no module hook sees. Each such evaluation reads its
-    ``running_var`` buffer through one ``get_attr`` node, which is what is counted here.
+    fx keeps only ``torch.nn`` classes as modules and inlines the forward of every other one (timm's
+    ``BatchNormAct2d``, torchvision's ``FrozenBatchNorm2d``): what is left of such a norm in a
+    GraphModule is arithmetic on constants, which no module hook sees and which fx's fuser never
+    folds (its patterns match module calls only).
     """
-    if not isinstance(model, torch.fx.GraphModule):
-        return Counter()
-    return Counter(node.target.rsplit(".", 1)[0] for node in model.graph.nodes
-                   if node.op == "get_attr" and str(node.target).endswith("running_var"))
+    return not torch.fx.Tracer().is_leaf_module(module, name)
 
 
-def norm_evaluations(model: nn.Module, x: torch.Tensor, count_norm_calls) -> int:
-    """Norm evaluations in one forward pass: module calls plus norms an fx GraphModule inlined."""
-    return count_norm_calls(model, x) + sum(traced_norm_reads(model).values())
+def norm_evaluations(model: nn.Module, x: torch.Tensor, count_norm_calls, original: nn.Module) -> int:
+    """Norm evaluations in one forward pass of ``model``, a fused version of ``original``.
+
+    Module calls, counted with hooks; for an fx GraphModule, plus the calls of ``original``'s norms
+    that fx inlined (never folded by it, see :func:`_inlined_by_fx`).
+    """
+    calls = count_norm_calls(model, x)
+    if isinstance(model, torch.fx.GraphModule):
+        from adapters.torch.cases import is_norm_module
+
+        inlined = 0
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            nonlocal inlined
+            inlined += 1
+
+        handles = [m.register_forward_hook(hook) for n, m in original.named_modules()
+                   if is_norm_module(m) and _inlined_by_fx(m, n)]
+        try:
+            original(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        calls += inlined
+    return calls
 
 
-def _is_gone(fused_modules: dict[str, nn.Module], inlined: Counter[str], norm_name: str) -> bool:
+def _is_gone(fused: nn.Module, fused_modules: dict[str, nn.Module], base_modules: dict[str, nn.Module],
+             norm_name: str) -> bool:
     """Whether a fused model no longer evaluates the norm registered under ``norm_name``."""
     from adapters.torch.norms import classify_norm
 
+    if isinstance(fused, torch.fx.GraphModule) and _inlined_by_fx(base_modules[norm_name], norm_name):
+        return False
     module = fused_modules.get(norm_name)
-    return (module is None or classify_norm(module) is None) and not inlined[norm_name]
+    return module is None or classify_norm(module) is None
 
 
 def rounding_stats(base: nn.Module, fused: nn.Module, folded: list[Any], dtype: torch.dtype,
@@ -214,14 +236,13 @@ def rounding_stats(base: nn.Module, fused: nn.Module, folded: list[Any], dtype: 
     """
     base_modules = dict(base.named_modules())
     fused_modules = dict(fused.named_modules())
-    inlined = traced_norm_reads(fused)
     by_layer: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for pair in folded:
         by_layer[pair.layer].append((pair.kind, pair.norm))
     layers = weights_ok = weights_all = biases_ok = biases_all = 0
     for layer_name, pairs in by_layer.items():
         layer = fused_modules.get(layer_name)
-        if layer is None or not all(_is_gone(fused_modules, inlined, norm) for _, norm in pairs):
+        if layer is None or not all(_is_gone(fused, fused_modules, base_modules, norm) for _, norm in pairs):
             continue
         if layer_name not in cache:
             exact_w, exact_b = exact_fold(base_modules[layer_name], [(k, base_modules[n]) for k, n in pairs])
@@ -278,7 +299,7 @@ def measure_model(name: str, *, device: torch.device, dtypes: list[str], batch: 
     result: dict[str, Any] = {"model": name, "norm_layers": entry.norm_layers, "unfoldable": entry.unfoldable,
                               "input": list(x.shape), "dtypes": {}, "coverage": {}}
     small = x[:2]
-    result["coverage"]["unfused"] = norm_evaluations(model, small, count_norm_calls)
+    result["coverage"]["unfused"] = count_norm_calls(model, small)
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
         base = copy.deepcopy(model).to(dtype)
@@ -316,7 +337,8 @@ def measure_model(name: str, *, device: torch.device, dtypes: list[str], batch: 
             if folded_pairs is not None:
                 record["rounding"] = rounding_stats(base, fused, folded_pairs, dtype, rounded_folds)
             if dtype_name == dtypes[0]:
-                result["coverage"][fuser.name] = norm_evaluations(fused.to(torch.float32), small, count_norm_calls)
+                result["coverage"][fuser.name] = norm_evaluations(fused.to(torch.float32), small, count_norm_calls,
+                                                                  model)
             del fused
         if folded_pairs is None:
             per_dtype["rounding_note"] = "ours did not run: no pairs to compare"
