@@ -29,18 +29,8 @@ SKIP_REASONS = {"no_fusable_neighbour", "output_used_elsewhere", "reused_incompa
                 "overflow", "unsupported_layer"}
 MODES = ["fuse", "fuse_example_inputs", "fuse_conv_bn"]
 
-# The adapter recognises BatchNormAct2d only when the class comes from the timm package, so the
-# suite's own timm-style BatchNormAct2d is reported "unknown_norm" and never folded. Strict, so
-# that the marker fails (and must go) as soon as the adapter folds it.
-_LOCAL_NORM_ACT = pytest.mark.xfail(strict=True, reason="adapter folds only timm's own BatchNormAct2d class, not the "
-                                    "case suite's timm-style BatchNormAct2d (reported as unknown_norm)")
-_XFAIL = {("batchnorm_act", mode) for mode in MODES + ["fp16", "bf16", "channels_last"]}
-_XFAIL |= {("trap_bnact_before_conv", mode) for mode in ("fuse", "fuse_example_inputs")}
-
-
-def _params(name: str, mode: str) -> object:
-    marks = [_LOCAL_NORM_ACT] if (name, mode) in _XFAIL else []
-    return pytest.param(name, mode, id=f"{name}-{mode}", marks=marks)
+def _params(name: str, variant: str) -> object:
+    return pytest.param(name, variant, id=f"{name}-{variant}")
 
 
 def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
