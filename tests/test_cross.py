@@ -100,6 +100,17 @@ CROSS_CASES = [
     CrossCase("bn_linear_nobias", "bn->linear", lambda: [nn.BatchNorm1d(7), nn.Linear(7, 3, bias=False)], (5, 7)),
 ]
 
+# Wide enough that cuDNN picks tensor-core kernels, which use TF32 when allowed; the tiny cases
+# above run on kernels that never do, so only these exercise the TF32 side of the bound.
+WIDE_CASES = [
+    CrossCase("conv2d_wide", "conv->bn", _conv_bn(lambda: nn.Conv2d(64, 64, 3, padding=1),
+                                                  lambda: nn.BatchNorm2d(64)), (2, 64, 16, 16)),
+    CrossCase("bn_conv2d_wide_reflect", "bn->conv", lambda: [
+        nn.BatchNorm2d(64), nn.Conv2d(64, 32, 3, padding=1, padding_mode="reflect", bias=False)], (2, 64, 16, 16)),
+    CrossCase("conv_transpose2d_wide_groups", "conv_transpose->bn", _conv_bn(
+        lambda: nn.ConvTranspose2d(64, 64, 2, stride=2, groups=2), lambda: nn.BatchNorm2d(64)), (2, 64, 8, 8)),
+]
+
 
 def _build(case: CrossCase, seed: int) -> tuple[nn.Sequential, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
@@ -196,7 +207,7 @@ def check_cross(case: CrossCase, device: str, seed: int = 0) -> None:
     refimpl.assert_within(unfused, expected, bound, f"{case.name} unfused on {device} ({dtype})")
 
 
-@pytest.mark.parametrize("case", CROSS_CASES, ids=lambda case: case.name)
+@pytest.mark.parametrize("case", CROSS_CASES + WIDE_CASES, ids=lambda case: case.name)
 def test_cross_cpu(case: CrossCase) -> None:
     check_cross(case, "cpu")
 
@@ -223,7 +234,7 @@ def cudnn_tf32(request):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("case", CROSS_CASES, ids=lambda case: case.name)
+@pytest.mark.parametrize("case", CROSS_CASES + WIDE_CASES, ids=lambda case: case.name)
 def test_cross_cuda(case: CrossCase, cudnn_tf32: bool) -> None:
     assert torch.cuda.is_available()
     assert torch.backends.cudnn.allow_tf32 is cudnn_tf32

@@ -245,13 +245,22 @@ def programs(draw) -> tuple[Program, list[str], int]:
     return p, order, seed
 
 
-def build(p: Program, order: list[str], seed: int) -> FuzzModel:
+def build(p: Program, order: list[str], seed: int) -> tuple[FuzzModel, Program]:
+    """The model, with modules registered in ``order`` and renamed by registration position (so
+    names carry no trace of creation order), and the program rewritten to the new names."""
+    rename = {old: f"m{position}" for position, old in enumerate(order)}
+    code = [(op, out, rename[args[0]], *args[1:]) if op == "call" else (op, out, *args)
+            for op, out, *args in p.code]
+    renamed = Program(modules={rename[name]: module for name, module in p.modules.items()}, code=code,
+                      foldable={rename[name] for name in p.foldable},
+                      calls={rename[name]: count for name, count in p.calls.items()}, values=p.values,
+                      blocks=list(p.blocks))
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
-        model = FuzzModel([(name, p.modules[name]) for name in order], p.code)
+        model = FuzzModel([(rename[name], p.modules[name]) for name in order], code)
     randomize_parameters(model, generator)
     randomize_norm_stats(model, generator)
-    return model.eval()
+    return model.eval(), renamed
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -260,7 +269,7 @@ def test_fuzz_fuse(drawn: tuple[Program, list[str], int]) -> None:
     p, order, seed = drawn
     for block in p.blocks:
         event(block)
-    model = build(copy.deepcopy(p), order, seed)
+    model, p = build(copy.deepcopy(p), order, seed)
     x = torch.randn(INPUT_SHAPE, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
     with torch.no_grad():
         reference = copy.deepcopy(model).double()(x.double())
