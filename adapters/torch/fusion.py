@@ -28,6 +28,7 @@ import refimpl
 
 from .graph import CallSite, LayerKind, ModelIndex, SiteAnalysis, analyse_sites, trace_regions
 from .norms import NormInfo, NormRejection, norm_stats
+from .precision import round_once, scaled_copy
 from .report import FoldedPair, FusionReport, SkippedNorm
 
 __all__ = ["fuse", "fuse_conv_bn", "FoldedNormAct"]
@@ -334,32 +335,6 @@ def _slot_max_abs(weight: torch.Tensor, unit_shape: tuple[int, ...], dtype: torc
     return torch.maximum(flat.amax(dim=1), flat.amin(dim=1).neg()).to(dtype).reshape(unit_shape)
 
 
-_CHUNK_ELEMENTS = 1 << 18
-
-
-def _scaled_copy(weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``weight * factor`` computed in ``factor``'s dtype and rounded once to ``weight``'s dtype.
-
-    ``factor`` broadcasts along every axis but the leading one(s). The product goes through a
-    small reused float64 buffer, a block of rows at a time: a mixed float32 x float64 multiply
-    is not vectorised on CPU (~10x slower), and a full-size float64 temporary per layer costs
-    more in fresh-page faults than the arithmetic.
-    """
-    out = torch.empty_like(weight, memory_format=torch.preserve_format)
-    rows = weight.shape[0]
-    per_row = weight[0].numel() if rows else 0
-    if rows == 0 or per_row == 0:
-        return out
-    step = max(1, _CHUNK_ELEMENTS // per_row)
-    buffer = torch.empty(min(rows, step) * per_row, dtype=factor.dtype, device=weight.device)
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        block = buffer[:(stop - start) * per_row].view((stop - start,) + tuple(weight.shape[1:]))
-        block.copy_(weight[start:stop]).mul_(factor[start:stop])
-        out[start:stop].copy_(block)
-    return out
-
-
 def _compute(plan: _LayerPlan, index: ModelIndex) -> Optional[str]:
     """Compute the layer's new weight and bias. Returns an overflow detail instead when they do not fit.
 
@@ -389,7 +364,7 @@ def _compute(plan: _LayerPlan, index: ModelIndex) -> Optional[str]:
             changes.append(change / scale if scale > 0 else (0.0 if change == 0 else float("inf")))
             w, bias = new_w, new_bias
         peak = float(w.abs().max()) if w.numel() else 0.0
-        new_weight = torch.empty_like(weight, memory_format=torch.preserve_format).copy_(w)
+        new_weight = torch.empty_like(weight, memory_format=torch.preserve_format).copy_(round_once(w, weight.dtype))
     else:
         unit_shape = _unit_shape(plan)
         factor = torch.ones(unit_shape, dtype=dtype, device=weight.device)
@@ -405,8 +380,8 @@ def _compute(plan: _LayerPlan, index: ModelIndex) -> Optional[str]:
         peak = float((slot_max * factor.abs()).max()) if slot_max.numel() else 0.0
         new_weight = None
         if math.isfinite(peak) and torch.tensor(peak, dtype=torch.float64).to(weight.dtype).isfinite():
-            new_weight = _scaled_copy(weight.detach(), factor)
-    new_bias = bias.to(bias_dtype)
+            new_weight = scaled_copy(weight.detach(), factor)
+    new_bias = round_once(bias, bias_dtype)
     weight_fits = math.isfinite(peak) and bool(torch.tensor(peak, dtype=torch.float64).to(weight.dtype).isfinite())
     if new_weight is None or not weight_fits or not bool(torch.isfinite(new_bias).all()):
         largest = max(peak, float(bias.abs().max()) if bias.numel() else 0.0)
