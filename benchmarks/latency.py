@@ -32,6 +32,8 @@ log = logging.getLogger("bnfold.benchmarks.latency")
 
 DEFAULT_MODELS = ("torchvision/resnet50", "torchvision/mobilenet_v3_large", "torchvision/efficientnet_b0",
                   "torchvision/regnet_y_800mf", "torchvision/densenet121", "timm/resnet50d")
+#: On a CPU fp16 convolutions are slow (no native kernels on most CPUs): fewer models by default.
+CPU_MODELS = ("torchvision/resnet50", "torchvision/mobilenet_v3_large", "torchvision/efficientnet_b0")
 QUICK_MODELS = ("torchvision/resnet50", "torchvision/mobilenet_v3_large")
 FUSERS = ("ours", "torch.fx")
 
@@ -115,10 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     from adapters.torch.zoo import ZOO
 
     parser = base_parser(__doc__.splitlines()[0], default_models=DEFAULT_MODELS, quick_models=QUICK_MODELS)
+    parser.epilog = f"Default models on cpu: {','.join(CPU_MODELS)}."
     parser.add_argument("--dtypes", default="fp32,fp16", help="comma-separated dtypes (fp32,fp16,bf16)")
     parser.add_argument("--batches", default="1,64", help="comma-separated batch sizes (default 1,64)")
     parser.add_argument("--size", type=int, default=None,
-                        help="input height and width (default: 64 on cpu, 32 with --quick; 224 on cuda)")
+                        help="input height and width (default: 32 on cpu, 224 on cuda)")
     parser.add_argument("--reps", type=int, default=None, help="timed runs per configuration (default: 5 cpu, 30 cuda)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 1 cpu, 5 cuda)")
     parser.add_argument("--budget", type=float, default=None,
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_threads(args.threads)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
-    models = parse_models(args.models, args.quick, DEFAULT_MODELS, QUICK_MODELS, sorted(ZOO))
+    models = parse_models(args.models, args.quick, DEFAULT_MODELS if cuda else CPU_MODELS, QUICK_MODELS, sorted(ZOO))
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not dtypes or any(d not in DTYPES for d in dtypes):
         raise SystemExit(f"--dtypes: got {args.dtypes!r}; known: {', '.join(DTYPES)}")
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--batches must be comma-separated integers, got {args.batches!r}") from None
     if not batches or min(batches) < 1:
         raise SystemExit(f"--batches must be positive integers, got {args.batches!r}")
-    size = args.size or (224 if cuda else (32 if args.quick else 64))
+    size = args.size or (224 if cuda else 32)
     reps = args.reps or (30 if cuda else (3 if args.quick else 5))
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     budget = args.budget if args.budget is not None else (2.0 if cuda else 3.0)
