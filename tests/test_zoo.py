@@ -133,7 +133,7 @@ def test_statistics_are_randomised_and_sane(built: Built):
             continue
         var, weight = module.running_var, module.weight
         assert torch.isfinite(var).all() and (var > 0).all(), f"{built.entry.name}: {name}.running_var = {var}"
-        # Calibrated then perturbed: never the constructor's defaults, and not one shared value.
+        # Calibrated on a random batch: never the constructor's defaults, and not one shared value.
         assert not torch.equal(var, torch.ones_like(var)) and var.unique().numel() > 1, f"{name}: {var}"
         assert not torch.equal(weight, torch.ones_like(weight)), f"{name}: weight {weight}"
 

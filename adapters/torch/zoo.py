@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 #: feature map (all entries downsample by 32), small enough to keep a float64 reference run cheap.
 SMALL_INPUT = (3, 64, 64)
 
-#: Batch used for calibration: with a 2x2 deepest feature map it gives 64 samples per channel.
-_CALIBRATION_BATCH = 16
+#: Batch used for calibration: with a 2x2 deepest feature map it gives 32 samples per channel.
+_CALIBRATION_BATCH = 8
 
 
 def _require(library: str) -> ModuleType:
