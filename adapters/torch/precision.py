@@ -60,5 +60,6 @@ def scaled_copy(weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         stop = min(rows, start + step)
         block = buffer[:(stop - start) * per_row].view((stop - start,) + tuple(weight.shape[1:]))
         block.copy_(weight[start:stop]).mul_(factor[start:stop])
-        out[start:stop].copy_(round_once(block, weight.dtype))
+        # copy_ from float64 rounds once for float32 targets; fp16/bf16 need round_once's detour.
+        out[start:stop].copy_(round_once(block, weight.dtype) if weight.dtype in _VIA_FLOAT32 else block)
     return out
