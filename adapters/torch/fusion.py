@@ -335,7 +335,55 @@ def _slot_max_abs(weight: torch.Tensor, unit_shape: tuple[int, ...], dtype: torc
     return torch.maximum(flat.amax(dim=1), flat.amin(dim=1).neg()).to(dtype).reshape(unit_shape)
 
 
-def _compute(plan: _LayerPlan, index: ModelIndex) -> Optional[str]:
+def _batched_folds(plans: list[_LayerPlan]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """refimpl's fold for many layers in one call: ``{id(plan): (factor per output channel, bias)}``.
+
+    The common case -- one norm after a conv or linear layer -- needs only the fold of a unit
+    kernel per layer (see :func:`_compute`). Those unit kernels, biases and statistics are
+    concatenated per (device, eps) and folded by a single ``refimpl.fold_conv_bn`` call:
+    per-call overhead (validation, namespace lookup, dtype casts) dominates for small layers.
+    Absent affine parameters and biases become ones and zeros, which gives the same values.
+    A group that refimpl rejects is left to the per-layer path, whose error names the layer.
+    """
+    groups: dict[tuple, list[tuple[_LayerPlan, Any]]] = {}
+    for plan in plans:
+        if len(plan.steps) != 1 or plan.steps[0].direction != "forward" or plan.kind == LayerKind.CONV_TRANSPOSE:
+            continue
+        step = plan.steps[0]
+        stats = norm_stats(step.norm, step.info)
+        device = plan.layer.weight.device
+        if stats.var.device != device or stats.var.numel() != plan.layer.weight.shape[0]:
+            continue
+        groups.setdefault((device, stats.eps), []).append((plan, stats))
+    folded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for (device, eps), members in groups.items():
+        if len(members) < 2:
+            continue
+        dtype = _fold_dtype(device)
+
+        def cat(parts: list[torch.Tensor]) -> torch.Tensor:
+            # cat promotes mixed float dtypes to the widest; widening to float64 is exact.
+            return torch.cat(parts).to(dtype)
+
+        sizes = [stats.var.numel() for _, stats in members]
+        ones = [torch.ones(n, dtype=stats.var.dtype, device=device) for n, (_, stats) in zip(sizes, members)]
+        zeros = [torch.zeros(n, dtype=stats.var.dtype, device=device) for n, (_, stats) in zip(sizes, members)]
+        try:
+            factor, bias = refimpl.fold_conv_bn(
+                torch.ones((sum(sizes), 1), dtype=dtype, device=device),
+                cat([z if p.layer.bias is None else p.layer.bias.detach() for z, (p, _) in zip(zeros, members)]),
+                cat([s.mean for _, s in members]), cat([s.var for _, s in members]), eps,
+                cat([o if s.weight is None else s.weight for o, (_, s) in zip(ones, members)]),
+                cat([z if s.bias is None else s.bias for z, (_, s) in zip(zeros, members)]))
+        except (ValueError, TypeError):
+            continue
+        for (plan, _), f, b in zip(members, factor.split(sizes), bias.split(sizes)):
+            folded[id(plan)] = (f, b)
+    return folded
+
+
+def _compute(plan: _LayerPlan, index: ModelIndex,
+             folded: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Optional[str]:
     """Compute the layer's new weight and bias. Returns an overflow detail instead when they do not fit.
 
     Every fold step is refimpl's, in float64 (float32 on devices without it), rounded once to
@@ -371,7 +419,10 @@ def _compute(plan: _LayerPlan, index: ModelIndex) -> Optional[str]:
         slot_max = _slot_max_abs(weight, unit_shape, dtype)
         weight_max = float(slot_max.max()) if slot_max.numel() else 0.0
         for step in plan.steps:
-            new_factor, new_bias = _fold_step(plan, step, factor, bias, dtype, index)
+            if folded is not None:  # computed by refimpl together with other layers' folds
+                new_factor, new_bias = folded[0].reshape(unit_shape), folded[1]
+            else:
+                new_factor, new_bias = _fold_step(plan, step, factor, bias, dtype, index)
             # max |W'_k - W_k| over the weight is max over slots of max|W_slot| * |S'_k - S_k|.
             change = float((slot_max * (new_factor - factor).abs()).max()) if slot_max.numel() else 0.0
             changes.append(change / weight_max if weight_max > 0 else (0.0 if change == 0 else float("inf")))
@@ -491,8 +542,9 @@ def fuse(model: nn.Module, *, inplace: bool = False,
         choice = planner.choose()
         plans = planner.layer_plans(choice)
         overflowed = False
+        batched = _batched_folds(plans)
         for plan in plans:
-            detail = _compute(plan, index)
+            detail = _compute(plan, index, batched.get(id(plan)))
             if detail is not None:
                 planner.vetoed_layers[id(plan.layer)] = ("overflow", detail)
                 overflowed = True
