@@ -31,7 +31,7 @@ import torch  # noqa: E402
 log = logging.getLogger("bnfold.benchmarks")
 
 __all__ = ["REPO_ROOT", "Table", "Report", "base_parser", "parse_models", "resolve_device", "machine_info",
-           "markdown_table", "median_time", "disable_tf32", "format_float", "format_ratio", "set_seed"]
+           "markdown_table", "median_time", "timed_runs", "disable_tf32", "format_float", "format_ratio", "set_seed"]
 
 
 def base_parser(description: str, *, default_models: Sequence[str], quick_models: Sequence[str]
@@ -217,12 +217,18 @@ def synchronize(device: torch.device) -> None:
 
 def median_time(fn: Callable[[], Any], *, reps: int, warmup: int = 1, device: torch.device | None = None,
                 budget_s: float | None = None) -> tuple[float, int]:
-    """Median wall time of ``fn()`` in seconds over up to ``reps`` runs, after ``warmup`` untimed runs.
+    """Median wall time of ``fn()`` in seconds (see :func:`timed_runs`) and the number of runs timed."""
+    times = timed_runs(fn, reps=reps, warmup=warmup, device=device, budget_s=budget_s)
+    return statistics.median(times), len(times)
+
+
+def timed_runs(fn: Callable[[], Any], *, reps: int, warmup: int = 1, device: torch.device | None = None,
+               budget_s: float | None = None) -> list[float]:
+    """Wall times of ``fn()`` in seconds over up to ``reps`` runs, after ``warmup`` untimed runs.
 
     The device is synchronised around every run so GPU work is inside the timed interval. When
     ``budget_s`` is given, stops early (after at least one timed run) once the timed runs have
-    used it up, so a slow configuration cannot blow the whole script's time; returns the number of
-    runs actually timed alongside the median.
+    used it up, so a slow configuration cannot blow the whole script's time.
     """
     dev = device or torch.device("cpu")
     for _ in range(warmup):
@@ -240,7 +246,7 @@ def median_time(fn: Callable[[], Any], *, reps: int, warmup: int = 1, device: to
         spent += elapsed
         if budget_s is not None and spent >= budget_s:
             break
-    return statistics.median(times), len(times)
+    return times
 
 
 def configure_threads(threads: int | None) -> None:
