@@ -430,3 +430,46 @@ class TestReport:
                                         nn.BatchNorm2d(4))).eval()
         _, report = fuse(model)
         assert all(s.reason in REASONS and s.detail for s in report.skipped)
+
+
+# -- weights rewritten in their own storage ---------------------------------------------------------
+
+class TestInPlaceWeights:
+    def test_weight_sharing_storage_with_another_layer_is_not_rewritten_in_place(self):
+        # Two convs whose distinct Parameters share one storage: folding conv_a's BN must not
+        # change conv_b (a fuser that scales conv_a's storage in place would).
+        model = randomise(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1)))
+        shared = nn.Conv2d(3, 4, 1)
+        with torch.no_grad():
+            shared.weight = nn.Parameter(model[0].weight.data)   # same storage, another Parameter
+            shared.bias = nn.Parameter(torch.zeros(4))
+        holder = nn.ModuleDict({"net": model, "other": shared}).eval()  # no forward: each child is traced
+        other_before = shared.weight.detach().clone()
+        x = torch.randn(2, 3, 5, 5)
+        expected = holder["net"](x)
+        _, report = fuse(holder, inplace=True)
+        assert [(p.norm, p.layer) for p in report.folded] == [("net.1", "net.0")]
+        assert torch.equal(shared.weight.detach(), other_before)
+        reference = expected.double()
+        verdict = refimpl.compare_models(holder["net"](x), expected, reference, torch.float32)
+        assert verdict.ok, verdict.describe()
+
+    def test_weight_that_views_a_larger_storage_is_copied(self):
+        model = randomise(ConvBN(bias=False)).eval()
+        flat = torch.randn(model.conv.weight.numel() + 7)
+        with torch.no_grad():
+            model.conv.weight = nn.Parameter(flat[7:].view_as(model.conv.weight))
+        before = flat.clone()
+        original = copy.deepcopy(model)
+        fuse(model, inplace=True)
+        assert torch.equal(flat, before), "the surrounding storage was written"
+        assert_same_output(original, model, torch.randn(2, 3, 6, 6))
+
+    def test_in_place_rewrite_keeps_parameter_and_storage(self):
+        model = randomise(ConvBN(bias=False)).eval()
+        weight = model.conv.weight
+        pointer = weight.data_ptr()
+        original = copy.deepcopy(model)
+        fuse(model, inplace=True)
+        assert model.conv.weight is weight and weight.data_ptr() == pointer
+        assert_same_output(original, model, torch.randn(2, 3, 6, 6))

@@ -14,9 +14,13 @@ The pass runs in three stages:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import logging
 import math
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -28,7 +32,7 @@ import refimpl
 
 from .graph import CallSite, LayerKind, ModelIndex, SiteAnalysis, analyse_sites, trace_regions
 from .norms import NormInfo, NormRejection, norm_stats
-from .precision import round_once, scaled_copy
+from .precision import round_once, scaled_copy, scaled_copy_buffer_size
 from .report import FoldedPair, FusionReport, SkippedNorm
 
 __all__ = ["fuse", "fuse_conv_bn", "FoldedNormAct"]
@@ -149,7 +153,8 @@ class _LayerPlan:
     layer: nn.Module
     kind: str
     steps: list[_Step]
-    weight: Optional[torch.Tensor] = None
+    weight: Optional[torch.Tensor] = None   # the new weight, or None when ``factor`` scales it in place
+    factor: Optional[torch.Tensor] = None   # W' = W * factor, applied to the weight's own storage
     bias: Optional[torch.Tensor] = None
     changes: Optional[list[float]] = None
 
@@ -430,11 +435,12 @@ def _compute(plan: _LayerPlan, index: ModelIndex,
         # Rounding is monotone, so the slot maxima times |S| decide whether any element overflows.
         peak = float((slot_max * factor.abs()).max()) if slot_max.numel() else 0.0
         new_weight = None
-        if math.isfinite(peak) and torch.tensor(peak, dtype=torch.float64).to(weight.dtype).isfinite():
-            new_weight = scaled_copy(weight.detach(), factor)
+        plan.factor = factor
     new_bias = round_once(bias, bias_dtype)
-    weight_fits = math.isfinite(peak) and bool(torch.tensor(peak, dtype=torch.float64).to(weight.dtype).isfinite())
-    if new_weight is None or not weight_fits or not bool(torch.isfinite(new_bias).all()):
+    weight_fits = math.isfinite(peak) and bool(round_once(torch.tensor(peak, dtype=torch.float64),
+                                                          weight.dtype).isfinite())
+    if not weight_fits or not bool(torch.isfinite(new_bias).all()):
+        plan.factor = None
         largest = max(peak, float(bias.abs().max()) if bias.numel() else 0.0)
         return (f"folding into {layer_name} gives weight/bias magnitudes up to {largest:.3g}, beyond the largest "
                 f"finite {weight.dtype} ({finfo.max:.3g})")
@@ -444,30 +450,76 @@ def _compute(plan: _LayerPlan, index: ModelIndex,
     return None
 
 
+def _owns_storage(tensor: torch.Tensor, storage_users: dict[int, int]) -> bool:
+    """Whether ``tensor`` alone uses its storage within the model (so rewriting it in place is invisible elsewhere)."""
+    storage = tensor.untyped_storage()
+    return (storage_users.get(storage.data_ptr(), 0) == 1
+            and storage.nbytes() == tensor.numel() * tensor.element_size())
+
+
 def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelIndex) -> None:
-    """Swap new tensors in and replace folded norms; on any exception, undo everything."""
+    """Swap new tensors in and replace folded norms.
+
+    Everything that can fail for an ordinary reason happens first, without touching the model:
+    replacement modules and bias parameters are built, and a weight whose storage is shared
+    with another tensor of the model gets a new tensor (``scaled_copy``). Then the weights are
+    scaled in place, ``W <- W * S`` through a small float64 buffer: rewriting the weight's own
+    storage avoids faulting in fresh pages for a second copy of every weight, which costs more
+    than the arithmetic. That loop only does arithmetic on validated tensors, with keyboard
+    interrupts held back; the pointer swaps after it are undone if anything raises.
+    """
+    storage_users: dict[int, int] = {}
+    tensors = [t for m in index.modules for t in list(m._parameters.values()) + list(m._buffers.values())
+               if t is not None]
+    for tensor in tensors:  # per registration: a tied parameter counts once per module holding it
+        key = tensor.untyped_storage().data_ptr()
+        storage_users[key] = storage_users.get(key, 0) + 1
+    in_place: list[_LayerPlan] = []
+    for plan in plans:
+        if plan.factor is None:
+            continue
+        weight = plan.layer.weight.detach()
+        if _owns_storage(weight, storage_users):
+            in_place.append(plan)
+        else:
+            plan.weight = scaled_copy(weight, plan.factor)
+    replacements = []
+    for norm in folded_norms:
+        verdict = index.norms[id(norm)]
+        replacement: nn.Module = FoldedNormAct(norm.drop, norm.act) if verdict.has_act else nn.Identity()
+        replacement.training = norm.training
+        replacements.append((norm, replacement))
+    new_biases = {id(plan): nn.Parameter(plan.bias, requires_grad=plan.layer.weight.requires_grad)
+                  for plan in plans if plan.layer.bias is None}
+    buffers = {}
+    for plan in in_place:
+        device = plan.layer.weight.device
+        if device not in buffers:
+            buffers[device] = torch.empty(scaled_copy_buffer_size(), dtype=plan.factor.dtype, device=device)
+
+    with _interrupts_held():
+        with torch.no_grad():
+            for plan in in_place:
+                weight = plan.layer.weight.detach()
+                scaled_copy(weight, plan.factor, out=weight, buffer=buffers[weight.device])
+
     undo: list = []
     try:
         for plan in plans:
             layer = plan.layer
             old_weight = layer.weight
-            # Assigning .data keeps the Parameter object (optimisers and hooks that hold it stay valid)
-            # and its requires_grad.
-            undo.append(("data", old_weight, old_weight.data))
-            old_weight.data = plan.weight
+            if plan.weight is not None:
+                # Assigning .data keeps the Parameter object (optimisers and hooks that hold it stay
+                # valid) and its requires_grad.
+                undo.append(("data", old_weight, old_weight.data))
+                old_weight.data = plan.weight
             if layer.bias is not None:
                 undo.append(("data", layer.bias, layer.bias.data))
                 layer.bias.data = plan.bias
             else:
                 undo.append(("bias", layer, None))
-                layer.bias = nn.Parameter(plan.bias, requires_grad=old_weight.requires_grad)
-        for norm in folded_norms:
-            verdict = index.norms[id(norm)]
-            if verdict.has_act:
-                replacement: nn.Module = FoldedNormAct(norm.drop, norm.act)
-            else:
-                replacement = nn.Identity()
-            replacement.training = norm.training
+                layer.bias = new_biases[id(plan)]
+        for norm, replacement in replacements:
             for parent, attr in index.registrations.get(id(norm), []):
                 undo.append(("module", parent, (attr, parent._modules[attr])))
                 parent._modules[attr] = replacement
@@ -483,6 +535,25 @@ def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelI
         raise
 
 
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold back SIGINT (Ctrl-C) until the block ends, so in-place rewriting is never cut short.
+
+    Only the main thread can install signal handlers; elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
+
+
 # -- the public entry points ----------------------------------------------------------------
 
 def fuse(model: nn.Module, *, inplace: bool = False,
@@ -496,6 +567,8 @@ def fuse(model: nn.Module, *, inplace: bool = False,
         (norm+activation layers keep their ``drop`` and ``act``).
     inplace : bool
         Fold into ``model`` itself; otherwise a deep copy is folded and ``model`` is untouched.
+        In place, a folded weight is rewritten in its own storage when no other tensor of the
+        model shares that storage (tensors outside the model that view it see the new values).
     example_inputs : tensor or tuple of tensors, optional
         Inputs for one eval-mode forward pass of the original: proves the rank of Linear /
         BatchNorm1d inputs and confirms that every fold-relevant module is called only where
@@ -517,6 +590,28 @@ def fuse(model: nn.Module, *, inplace: bool = False,
     _check_model(model)
     if not inplace:
         model = copy.deepcopy(model)
+    with _gc_paused():
+        return _fuse(model, example_inputs)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Pause Python's cyclic garbage collector while fusing.
+
+    Tracing allocates many small objects, which triggers full collections that walk every live
+    object of the process -- with a few model copies alive, most of the fusion time. Nothing
+    here creates garbage cycles worth collecting early; the previous state is restored.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _fuse(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FusionReport]:
     index = ModelIndex(model)
     observation = _observe(model, index, example_inputs) if example_inputs is not None else None
 

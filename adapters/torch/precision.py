@@ -40,22 +40,33 @@ def round_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 _CHUNK_ELEMENTS = 1 << 18
 
 
-def scaled_copy(weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def scaled_copy_buffer_size() -> int:
+    """Elements of the float64 work buffer :func:`scaled_copy` needs (one block of rows)."""
+    return _CHUNK_ELEMENTS
+
+
+def scaled_copy(weight: torch.Tensor, factor: torch.Tensor, *, out: torch.Tensor | None = None,
+                buffer: torch.Tensor | None = None) -> torch.Tensor:
     """``weight * factor`` computed in ``factor``'s dtype (float64) and rounded once to ``weight``'s dtype.
 
     ``factor`` (from ``refimpl``) broadcasts against ``weight`` and varies only along its leading
-    axes. The product runs a block of rows at a time through a small reused float64 buffer that
-    stays in cache: a mixed float32 x float64 multiply is not vectorised on CPU (~10x slower),
-    and a full-size float64 temporary per layer costs more in memory traffic than the
-    arithmetic. Memory format (e.g. channels_last) is kept.
+    axes. The product runs a block of rows at a time through a small float64 buffer that stays
+    in cache: a mixed float32 x float64 multiply is not vectorised on CPU (~10x slower), and a
+    full-size float64 temporary per layer costs more in memory traffic than the arithmetic.
+    ``out`` may be ``weight`` itself (each block is read before it is written); by default a new
+    tensor with the weight's memory format (e.g. channels_last). ``buffer``: a reusable float64
+    tensor of at least :func:`scaled_copy_buffer_size` elements.
     """
-    out = torch.empty_like(weight, memory_format=torch.preserve_format)
+    if out is None:
+        out = torch.empty_like(weight, memory_format=torch.preserve_format)
     rows = weight.shape[0]
     per_row = weight[0].numel() if rows else 0
     if rows == 0 or per_row == 0:
         return out
     step = max(1, _CHUNK_ELEMENTS // per_row)
-    buffer = torch.empty(min(rows, step) * per_row, dtype=factor.dtype, device=weight.device)
+    needed = min(rows, step) * per_row
+    if buffer is None or buffer.numel() < needed:
+        buffer = torch.empty(needed, dtype=factor.dtype, device=weight.device)
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         block = buffer[:(stop - start) * per_row].view((stop - start,) + tuple(weight.shape[1:]))
