@@ -473,3 +473,54 @@ class TestInPlaceWeights:
         fuse(model, inplace=True)
         assert model.conv.weight is weight and weight.data_ptr() == pointer
         assert_same_output(original, model, torch.randn(2, 3, 6, 6))
+
+
+# -- timm's TensorFlow-'SAME' conv (recognised by name, timm not required) --------------------------
+
+class Conv2dSame(nn.Conv2d):
+    """Same structure as timm's Conv2dSame: zero-pad to the 'SAME' size at run time, then F.conv2d."""
+
+    def __init__(self, cin, cout, kernel_size, stride=1, bias=True):
+        super().__init__(cin, cout, kernel_size, stride, 0, 1, 1, bias)
+
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        sh, sw = self.stride
+        ph = max((-(-ih // sh) - 1) * sh + kh - ih, 0)
+        pw = max((-(-iw // sw) - 1) * sw + kw - iw, 0)
+        x = nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class TestSamePaddedConv:
+    def test_bn_after_same_padded_conv_folds(self):
+        model = randomise(nn.Sequential(Conv2dSame(3, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU())).eval()
+        fused, report = fuse(model)
+        assert [(p.norm, p.layer, p.kind) for p in report.folded] == [("1", "0", "conv->bn")]
+        assert isinstance(fused[0], Conv2dSame)
+        assert_same_output(model, fused, torch.randn(2, 3, 7, 9))
+
+    def test_bn_before_same_padded_conv_meets_zero_padding(self):
+        model = randomise(nn.Sequential(nn.BatchNorm2d(3), Conv2dSame(3, 4, 3))).eval()
+        _, report = fuse(model)
+        assert not report.folded
+        assert [(s.norm, s.reason) for s in report.skipped] == [("0", "zero_padding")]
+        assert "'SAME' padding" in report.skipped[0].detail
+
+    def test_bn_before_same_padded_1x1_conv_folds(self):
+        model = randomise(nn.Sequential(nn.BatchNorm2d(3), Conv2dSame(3, 4, 1, stride=2))).eval()
+        fused, report = fuse(model)
+        assert [(p.norm, p.kind) for p in report.folded] == [("0", "bn->conv")]
+        assert_same_output(model, fused, torch.randn(2, 3, 7, 9))
+
+    def test_other_conv_subclasses_with_own_forward_stay_unsupported(self):
+        class Standardised(nn.Conv2d):  # weight standardisation: not linear in the weight
+            def forward(self, x):
+                w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / self.weight.std((1, 2, 3),
+                                                                                             keepdim=True)
+                return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+        model = randomise(nn.Sequential(Standardised(3, 4, 3), nn.BatchNorm2d(4))).eval()
+        _, report = fuse(model)
+        assert [(s.norm, s.reason) for s in report.skipped] == [("1", "unsupported_layer")]

@@ -91,6 +91,8 @@ def classify_layer(module: nn.Module) -> tuple[Optional[str], str]:
         return None, "unsupported_layer"
     for base, kind in _LAYER_BASES:
         if isinstance(module, base):
+            if is_same_padded_conv(module):
+                return kind, ""
             if type(module).forward is not base.forward and not parametrize.is_parametrized(module):
                 # A subclass with its own forward (weight standardisation, dynamic padding, ...)
                 # may not apply its weight linearly; folding into it is not known to be exact.
@@ -99,6 +101,18 @@ def classify_layer(module: nn.Module) -> tuple[Optional[str], str]:
                 return None, "parametrized"
             return kind, ""
     return None, ""
+
+
+# Conv2d subclasses whose forward zero-pads the input to TensorFlow's "SAME" size and then applies
+# F.conv2d(x, self.weight, self.bias, ...) unchanged (timm's Conv2dSame and Conv2dSameExport,
+# recognised by name so that timm is not required). Their output is a plain conv of a padded
+# input, so a BN after them folds exactly; a BN before them meets the zero padding.
+_SAME_PADDED_CONVS = ("Conv2dSame", "Conv2dSameExport")
+
+
+def is_same_padded_conv(module: nn.Module) -> bool:
+    return (type(module).__name__ in _SAME_PADDED_CONVS and isinstance(module, nn.Conv2d)
+            and all(p == 0 for p in module.padding) and module.padding_mode == "zeros")
 
 
 def _has_weight_hook(module: nn.Module) -> bool:
@@ -544,8 +558,9 @@ class SiteAnalysis:
                       "not a per-channel constant")
             return
         if kind == LayerKind.CONV and not conv_pads_exactly(layer_module):
-            self.note(norm, "zero_padding", f"{name} feeds {layer_name}, which zero-pads (padding="
-                      f"{layer_module.padding!r}, padding_mode={layer_module.padding_mode!r}): not exact at borders")
+            how = ("'SAME' padding computed at run time" if is_same_padded_conv(layer_module) else
+                   f"padding={layer_module.padding!r}, padding_mode={layer_module.padding_mode!r}")
+            self.note(norm, "zero_padding", f"{name} feeds {layer_name}, which zero-pads ({how}): not exact at borders")
             return
         if kind == LayerKind.LINEAR and not self._input_is_2d(site):
             self.note(norm, "rank_unknown", f"{name} -> {layer_name}: the norm input is not proven 2-D "
@@ -574,6 +589,9 @@ def norm_fits_layer(info: NormInfo, layer: nn.Module, kind: str) -> bool:
 
 def conv_pads_exactly(conv: nn.Module) -> bool:
     """Whether every input position a conv reads is a real input value (no zeros inserted)."""
+    if is_same_padded_conv(conv):
+        # pad_same adds max((ceil(n / s) - 1) * s + d * (k - 1) + 1 - n, 0) zeros: none for 1x1 kernels.
+        return all(k == 1 for k in conv.kernel_size)
     if conv.padding_mode != "zeros":
         return True  # reflect / replicate / circular padding copies input values
     padding = conv.padding

@@ -296,6 +296,10 @@ _ENTRIES = [
     # blocks); stem conv_stem -> bn1; head conv_head -> bn2. 1 + 2 + 45 + 1 = 49, all foldable (each
     # BatchNormAct2d folds its BN part into the conv and keeps its act).
     _entry("timm/efficientnet_b0", 49, 0, _timm("efficientnet_b0")),
+    # timm TF-EfficientNet-B0: the same blocks as efficientnet_b0 (49 norms), built with TensorFlow
+    # 'SAME' padding: the strided convs are Conv2dSame (zero-pad at run time, then a plain conv),
+    # which a BN after them folds into exactly. 49, all foldable.
+    _entry("timm/tf_efficientnet_b0", 49, 0, _timm("tf_efficientnet_b0")),
     # timm ResNet-50-D (models/resnet.py): deep stem conv1 = Sequential(conv, bn, act, conv, bn, act,
     # conv) followed by the top-level bn1 (a pair split across the Sequential boundary); Bottleneck
     # conv1 -> bn1 -> act1 -> conv2 -> bn2 -> drop_block -> act2 -> aa -> conv3 -> bn3, 16 blocks;
