@@ -43,3 +43,14 @@ def backend(request):
         pytest.skip("torch is not installed")
     device = "cuda" if name == "torch-cuda" else "cpu"
     return lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64), device=device)
+
+
+@pytest.fixture
+def one_thread():
+    """Run torch on one thread: the case models are tiny, so one thread is faster and immune to other load."""
+    if torch is None:
+        pytest.skip("torch is not installed")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,13 +20,7 @@ from adapters.torch.audit import AuditTarget, audit_one, audit_targets, format_r
 from refimpl import fold_conv_bn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The case models are tiny: one thread is faster and immune to other processes' load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -52,12 +52,7 @@ def _run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
                           env=env, timeout=timeout, check=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_main_job_prints_a_row_per_model():
