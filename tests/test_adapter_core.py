@@ -524,3 +524,63 @@ class TestSamePaddedConv:
         model = randomise(nn.Sequential(Standardised(3, 4, 3), nn.BatchNorm2d(4))).eval()
         _, report = fuse(model)
         assert [(s.norm, s.reason) for s in report.skipped] == [("1", "unsupported_layer")]
+
+
+# -- linear -> x.flatten(0, k) -> BatchNorm1d (LeViT's LinearNorm) ----------------------------------
+
+class LinearNorm(nn.Module):
+    """As timm's LeViT: a linear layer over tokens whose features are normalised per (token, sample)."""
+
+    def __init__(self, cin=6, cout=5):
+        super().__init__()
+        self.linear = nn.Linear(cin, cout, bias=False)
+        self.bn = nn.BatchNorm1d(cout)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class TestLinearFlattenNorm:
+    def test_folds_when_example_inputs_prove_the_norm_input_2d(self):
+        model = randomise(LinearNorm()).eval()
+        x = torch.randn(2, 7, 6)
+        fused, report = fuse(model, example_inputs=x)
+        assert [(p.norm, p.layer, p.kind) for p in report.folded] == [("bn", "linear", "linear->bn")]
+        assert isinstance(fused.bn, nn.Identity)
+        assert_same_output(model, fused, x)
+
+    def test_without_example_inputs_the_rank_is_unknown(self):
+        model = randomise(LinearNorm()).eval()
+        _, report = fuse(model)
+        assert not report.folded
+        assert [(s.norm, s.reason) for s in report.skipped] == [("bn", "rank_unknown")]
+
+    def test_flatten_that_keeps_a_middle_axis_is_not_folded(self):
+        # 4-D tokens flattened to 3-D: BatchNorm1d then normalises axis 1 (not the features), even
+        # when the sizes happen to match.
+        class Flatten3d(LinearNorm):
+            def __init__(self):
+                super().__init__(6, 3)
+
+        model = randomise(Flatten3d()).eval()
+        x = torch.randn(2, 4, 3, 6)      # linear -> (2, 4, 3, 3); flatten(0, 1) -> (8, 3, 3): 3-D
+        _, report = fuse(model, example_inputs=x)
+        assert not report.folded
+        assert [(s.norm, s.reason) for s in report.skipped] == [("bn", "rank_unknown")]
+
+    def test_conv_output_flattened_is_not_folded(self):
+        class ConvFlatNorm(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv1d(3, 4, 1)
+                self.bn = nn.BatchNorm1d(4)
+
+            def forward(self, x):
+                y = self.conv(x)               # (N, 4, L) with L == 4: flatten(0, 1) -> (4N, 4)
+                return self.bn(y.flatten(0, 1))
+
+        model = randomise(ConvFlatNorm()).eval()
+        _, report = fuse(model, example_inputs=torch.randn(2, 3, 4))
+        assert not report.folded
+        assert [(s.norm, s.reason) for s in report.skipped] == [("bn", "no_fusable_neighbour")]

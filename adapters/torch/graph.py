@@ -61,6 +61,17 @@ _SHAPE_PRESERVING_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "
 # Users that read only metadata of a tensor: folding changes values, never shape/dtype/device.
 _METADATA_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "get_device"}
 _METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout"}
+# Methods whose (second) tensor argument only lends its shape or dtype.
+_SHAPE_REFERENCE_METHODS = {"reshape_as", "view_as", "expand_as", "type_as"}
+
+
+def _leading_flatten(node: fx.Node) -> bool:
+    """``x.flatten(0, k)`` / ``torch.flatten(x, 0, k)``: merges leading dims (k given explicitly)."""
+    is_flatten = ((node.op == "call_method" and node.target == "flatten")
+                  or (node.op == "call_function" and node.target is torch.flatten))
+    if not is_flatten or node.kwargs or len(node.args) != 3 or not isinstance(node.args[0], fx.Node):
+        return False
+    return node.args[1] == 0 and isinstance(node.args[2], int)
 
 
 def _known_forward(module: nn.Module, bases: tuple) -> Optional[type]:
@@ -287,6 +298,9 @@ def _value_users(node: fx.Node) -> list[fx.Node]:
     for user in node.users:
         if user.op == "call_method" and user.target in _METADATA_METHODS:
             continue
+        if (user.op == "call_method" and user.target in _SHAPE_REFERENCE_METHODS and len(user.args) == 2
+                and user.args[0] is not node and user.args[1] is node):
+            continue  # y.reshape_as(node): reads node's shape only
         if (user.op == "call_function" and user.target is getattr and len(user.args) == 2
                 and user.args[1] in _METADATA_ATTRS):
             continue
@@ -449,9 +463,12 @@ class SiteAnalysis:
         between: list[fx.Node] = []
         current = norm_node
         shared_by: Optional[tuple[fx.Node, list[fx.Node]]] = None
+        flattened: Optional[fx.Node] = None  # a leading-dims flatten between a linear layer and the norm
         while True:
             source = current.args[0] if current.args and isinstance(current.args[0], fx.Node) else None
-            if source is None or not _sole_input(current, source):
+            if flattened is None and current is not norm_node and _leading_flatten(current):
+                flattened = current
+            elif source is None or not _sole_input(current, source):
                 self.note(norm, "no_fusable_neighbour", f"{name} is not called on a single tensor")
                 return
             users = _value_users(source)
@@ -460,7 +477,7 @@ class SiteAnalysis:
             if source.op == "placeholder":
                 self.note(norm, *self._boundary_reason(region, "input"))
                 return
-            if self._passes_through(region, source):
+            if self._passes_through(region, source) or (flattened is None and _leading_flatten(source)):
                 if self._is_norm_node(region, source):
                     between.append(source)
                 current = source
@@ -490,7 +507,18 @@ class SiteAnalysis:
             self.note(norm, "no_fusable_neighbour", f"{name} ({type(norm).__qualname__}) does not normalise the "
                       f"channel axis of {layer_name} ({type(layer_module).__qualname__})")
             return
-        if kind == LayerKind.LINEAR:
+        if flattened is not None:
+            # linear -> x.flatten(0, k) -> BatchNorm1d: exact when the norm sees (rows, features), i.e. the
+            # flatten merged every dim but the linear's feature dim; a conv's channels are not last.
+            if kind != LayerKind.LINEAR or info.kind != NormKind.BATCH_NORM:
+                self.note(norm, "no_fusable_neighbour", f"{name} reads {_describe(flattened)} of {layer_name}, "
+                          "whose channel axis is not the last")
+                return
+            if self.input_ranks.get(id(norm)) != {2}:
+                self.note(norm, "rank_unknown", f"{layer_name} -> {_describe(flattened)} -> {name}: the norm "
+                          "input is not proven 2-D (pass example_inputs)")
+                return
+        elif kind == LayerKind.LINEAR:
             if not self._input_is_2d(CallSite(region, source)):
                 self.note(norm, "rank_unknown", f"{layer_name} -> {name}: the linear input is not proven 2-D "
                           "(pass example_inputs)")
