@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from adapters.torch import fuse
+from adapters.torch.verify import rounded_copy
 from adapters.torch.cases import (count_norm_calls, is_norm_module, norm_module_names, randomize_norm_stats,
                                   randomize_parameters)
 from refimpl import compare_models
@@ -278,7 +279,11 @@ def test_fuzz_fuse(drawn: tuple[Program, list[str], int]) -> None:
     fused, report = fuse(model, example_inputs=x)
 
     with torch.no_grad():
-        result = compare_models(fused(x), unfused, reference, torch.float32)
+        # The baseline includes the original with its parameters rounded once more: some drawn
+        # graphs (a BN shift folded into a conv bias it nearly cancels) are far more sensitive
+        # to the rounding of parameters, which folding cannot avoid, than to that of activations.
+        rounded = [rounded_copy(model, trial)(x) for trial in range(3)]
+        result = compare_models(fused(x), unfused, reference, torch.float32, perturbed=rounded)
     assert result.ok, f"blocks {p.blocks}: {result.describe()}"
     modules = dict(fused.named_modules())
     folded = {name for name in norm_module_names(model) if not is_norm_module(modules[name])}

@@ -242,7 +242,10 @@ class TestVerify:
         x = _input(2, 3, 8, 8).to(torch.bfloat16)
         assert verify(model, fused, x).ok
         with torch.no_grad():
-            fused.conv.weight[2] *= 1.25  # channel 2 is live on this input (0 is cut by the ReLU)
+            # Channel 2 is live on this input (0 is cut by the ReLU). Doubling it puts the output ~10 bf16
+            # units off; a 25% error (~2.5 units) sits at the edge of the error model, which admits 4x
+            # the error of the original with every parameter rounded once more (2-5e-3 here).
+            fused.conv.weight[2] *= 2.0
         assert not verify(model, fused, x).ok
 
     def test_bad_arguments(self, chain):

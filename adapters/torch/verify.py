@@ -25,14 +25,14 @@ import copy
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from refimpl import MODEL_RATIO, compare_models
+from refimpl import MODEL_RATIO, compare_models, unit_roundoff
 
-__all__ = ["verify", "Verdict", "OutputCheck", "LayerDivergence", "ModelRunError"]
+__all__ = ["verify", "rounded_copy", "Verdict", "OutputCheck", "LayerDivergence", "ModelRunError"]
 
 logger = logging.getLogger(__name__)
 
@@ -277,11 +277,13 @@ def _run(model: nn.Module, inputs: tuple, kinds: dict[str, str], per_layer: bool
 # Comparisons
 
 
-def _judge(fused: torch.Tensor, unfused: torch.Tensor, reference: torch.Tensor) -> tuple[Any, float, str]:
+def _judge(fused: torch.Tensor, unfused: torch.Tensor, reference: torch.Tensor,
+           perturbed: Sequence[torch.Tensor] = ()) -> tuple[Any, float, str]:
     if fused.shape != reference.shape or unfused.shape != reference.shape:
         return None, math.inf, (f"shape {tuple(fused.shape)} in the fused model vs {tuple(reference.shape)} "
                                 f"in the original")
-    result = compare_models(fused, unfused, reference, fused.dtype)
+    perturbed = [t for t in perturbed if t.shape == reference.shape]
+    result = compare_models(fused, unfused, reference, fused.dtype, perturbed=perturbed)
     max_abs = float((fused.detach().double() - reference.detach().double().to(fused.device)).abs().max()) \
         if fused.numel() else 0.0
     if math.isnan(max_abs):
@@ -289,11 +291,13 @@ def _judge(fused: torch.Tensor, unfused: torch.Tensor, reference: torch.Tensor) 
     return result, max_abs, ""
 
 
-def _check_outputs(fused: Any, unfused: Any, reference: Any) -> tuple[list[OutputCheck], list[str]]:
+def _check_outputs(fused: Any, unfused: Any, reference: Any, perturbed: Sequence[Any] = ()
+                   ) -> tuple[list[OutputCheck], list[str]]:
     notes = []
     f_items = dict(_flatten(fused))
     u_items = dict(_flatten(unfused))
     r_items = dict(_flatten(reference))
+    p_items = [dict(_flatten(p)) for p in perturbed]
     checks = []
     if set(f_items) != set(r_items):
         checks.append(OutputCheck("output", False, math.inf, 0.0, 0.0, math.inf, math.inf,
@@ -307,7 +311,7 @@ def _check_outputs(fused: Any, unfused: Any, reference: Any) -> tuple[list[Outpu
             # Integer outputs (argmax, indices) may legitimately flip on near-ties; they are not judged.
             notes.append(f"{path} is {unf.dtype}, not compared")
             continue
-        result, max_abs, detail = _judge(fus, unf, ref)
+        result, max_abs, detail = _judge(fus, unf, ref, [p[path] for p in p_items if path in p])
         if result is None:
             checks.append(OutputCheck(path, False, math.inf, 0.0, 0.0, math.inf, math.inf, detail))
         else:
@@ -316,8 +320,8 @@ def _check_outputs(fused: Any, unfused: Any, reference: Any) -> tuple[list[Outpu
     return checks, notes
 
 
-def _first_divergence(fused: _Run, unfused: _Run, reference: _Run, kinds: dict[str, str]
-                      ) -> tuple[LayerDivergence | None, int, list[str]]:
+def _first_divergence(fused: _Run, unfused: _Run, reference: _Run, kinds: dict[str, str],
+                      perturbed: Sequence[_Run] = ()) -> tuple[LayerDivergence | None, int, list[str]]:
     compared = 0
     not_compared = sorted(name for name, count in fused.calls.items()
                           if kinds.get(name) != "changed"
@@ -337,8 +341,10 @@ def _first_divergence(fused: _Run, unfused: _Run, reference: _Run, kinds: dict[s
         if not paths:
             continue
         compared += 1
+        p_outs = [p.outputs.get((name, call), {}) for p in perturbed]
         for path in paths:
-            result, max_abs, detail = _judge(f_out[path], u_out[path], r_out[path])
+            result, max_abs, detail = _judge(f_out[path], u_out[path], r_out[path],
+                                             [p[path] for p in p_outs if path in p])
             if result is None:
                 return LayerDivergence(name, call, path, math.inf, 0.0, 0.0, math.inf, math.inf,
                                        tuple(suspects[-4:]), detail), compared, not_compared
@@ -352,7 +358,27 @@ def _first_divergence(fused: _Run, unfused: _Run, reference: _Run, kinds: dict[s
 # --------------------------------------------------------------------------------------------------
 
 
-def verify(original: nn.Module, fused: nn.Module, *example_inputs: Any, per_layer: bool = True) -> Verdict:
+def rounded_copy(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A copy of ``model`` whose floating parameters and buffers are each rounded once more.
+
+    Every element is multiplied by ``1 + delta``, ``delta`` uniform in ``[-u, u]`` for the tensor's
+    own dtype, and stored back in that dtype: the perturbation a fused model's folded parameters
+    carry by being rounded to the dtype. Its output is the ``perturbed`` baseline of
+    :func:`refimpl.compare_models`.
+    """
+    copied = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in list(copied.parameters()) + list(copied.buffers()):
+            if tensor.is_floating_point() and tensor.numel():
+                u = unit_roundoff(tensor.dtype)
+                delta = (torch.rand(tensor.shape, generator=generator, dtype=torch.float64) * 2 - 1) * u
+                tensor.copy_(tensor.double() * (1 + delta.to(tensor.device)))
+    return copied
+
+
+def verify(original: nn.Module, fused: nn.Module, *example_inputs: Any, per_layer: bool = True,
+           rounding_trials: int = 3) -> Verdict:
     """Check a fused model against the float64 reference run of the original model.
 
     Parameters
@@ -367,6 +393,11 @@ def verify(original: nn.Module, fused: nn.Module, *example_inputs: Any, per_laye
     per_layer : bool
         Also compare corresponding intermediate modules and name the first that diverges. Costs
         memory for every compared module's output; turn off for very large inputs.
+    rounding_trials : int
+        How many copies of the original with every parameter rounded once more (:func:`rounded_copy`)
+        are run as the error baseline besides the original itself: the fused model's parameters
+        are necessarily rounded once, and some networks are far more sensitive to that than to
+        the rounding of their activations.
 
     Returns
     -------
@@ -411,11 +442,13 @@ def verify(original: nn.Module, fused: nn.Module, *example_inputs: Any, per_laye
     del reference_model
     unfused = _run(original, example_inputs, kinds_original, per_layer, "original")
     fused_run = _run(fused, example_inputs, kinds, per_layer, "fused")
+    perturbed = [_run(rounded_copy(original, seed), example_inputs, kinds_original, per_layer, "original")
+                 for seed in range(rounding_trials)]
 
-    outputs, notes = _check_outputs(fused_run.output, unfused.output, reference.output)
+    outputs, notes = _check_outputs(fused_run.output, unfused.output, reference.output, [p.output for p in perturbed])
     divergence, compared, not_compared = None, 0, []
     if per_layer:
-        divergence, compared, not_compared = _first_divergence(fused_run, unfused, reference, kinds)
+        divergence, compared, not_compared = _first_divergence(fused_run, unfused, reference, kinds, perturbed)
     ok = all(o.ok for o in outputs) and divergence is None
     dtype = next((str(t.dtype).removeprefix("torch.") for _, t in _flatten(unfused.output)
                   if t.is_floating_point()), "unknown")
