@@ -212,6 +212,17 @@ class TestModelComparison:
         bad = compare_models(beyond, unfused, reference, "float32")
         assert not bad.ok and "EXCEEDS" in bad.describe()
 
+    def test_parameter_rounded_runs_raise_the_baseline(self):
+        reference = np.full(4, 8.0)
+        unfused = reference + np.array([0.5, 0.0, 0.0, 0.0])           # relative error 1/32
+        beyond = reference + np.array([0.0, 4.0, 0.0, 0.0]) * 1.25     # 10x the unfused error
+        rounded = [reference + np.array([0.0, 0.0, 2.0, 0.0]),          # 4x, the largest: 1/8
+                   reference + np.array([0.0, 0.0, 0.0, 1.0])]
+        result = compare_models(beyond, unfused, reference, "float32", perturbed=rounded)
+        assert result.ok and result.perturbed_error == 1 / 8 and result.limit == MODEL_RATIO / 8
+        assert "rounded once more 1.250e-01" in result.describe()
+        assert not compare_models(beyond * 2, unfused, reference, "float32", perturbed=rounded).ok
+
     def test_exact_unfused_uses_unit_roundoff_floor(self):
         reference = np.ones(4)
         result = compare_models(reference, reference, reference, "float16")

@@ -277,3 +277,24 @@ def test_passes_our_fused_models(name):
     verdict = verify(model, fused, x)
     assert verdict.ok, str(verdict)
     assert verdict.first_divergence is None
+
+
+def test_rounded_copy_perturbs_every_parameter_by_at_most_one_rounding():
+    from adapters.torch.verify import rounded_copy
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).half()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2.0)
+    copied = rounded_copy(model, seed=0)
+    u = 2.0**-11
+    changed = 0
+    for (name, before), after in zip(model.state_dict().items(), copied.state_dict().values()):
+        if not before.is_floating_point():
+            assert torch.equal(before, after), name
+            continue
+        before64, after64 = before.double(), after.double()
+        # |x(1 + d)| rounded to fp16: at most u from the product, which is at most u from x.
+        assert bool(((after64 - before64).abs() <= 2 * u * before64.abs() + 2.0**-24).all()), name
+        changed += int((after64 != before64).sum())
+    assert changed > 0
+    assert copied is not model and model[0].weight.dtype == torch.float16
