@@ -93,6 +93,14 @@ class FuzzModel(nn.Module):
                 env[out] = torch.relu(env[args[0]])
             elif op == "flatten":
                 env[out] = torch.flatten(env[args[0]], 1)
+            elif op == "tokens":      # (N, C, H, W) -> (N, H*W, C)
+                env[out] = env[args[0]].flatten(2).transpose(1, 2)
+            elif op == "untokens":    # (N, H*W, C) -> (N, C, H, W), shaped like args[1]
+                env[out] = env[args[0]].transpose(1, 2).reshape_as(env[args[1]])
+            elif op == "rows":        # (N, L, C) -> (N*L, C)
+                env[out] = env[args[0]].flatten(0, 1)
+            elif op == "reshape_as":
+                env[out] = env[args[0]].reshape_as(env[args[1]])
             else:
                 raise ValueError(f"unknown op {op!r} in program")
         return env[out]
@@ -205,7 +213,41 @@ def block_shared_bn(draw, p: Program, x: str) -> str:
     return out
 
 
-BLOCKS = [block_conv_bn, block_conv_bn_bn, block_conv_act_bn, block_bn_conv, block_bn_conv_transpose,
+class Conv2dSame(nn.Conv2d):
+    """timm's TensorFlow-'SAME' conv, by structure: zero-pad at run time, then a plain conv."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        ph = max((-(-ih // sh) - 1) * sh + kh - ih, 0)
+        pw = max((-(-iw // sw) - 1) * sw + kw - iw, 0)
+        x = nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def block_same_conv(draw, p: Program, x: str) -> str:
+    kernel = draw(st.sampled_from([1, 3]))
+    conv = p.module(Conv2dSame(CHANNELS, CHANNELS, kernel, bias=draw(st.booleans())))
+    bn = p.module(nn.BatchNorm2d(CHANNELS))
+    if draw(st.booleans()):
+        p.foldable.add(bn)                       # conv -> BN: the padding is before the conv
+        return p.call(bn, p.call(conv, x))
+    if kernel == 1:
+        p.foldable.add(bn)                       # BN -> 1x1 'SAME' conv pads nothing
+    return p.call(conv, p.call(bn, x))
+
+
+def block_token_linear_bn(draw, p: Program, x: str) -> str:
+    # LeViT's LinearNorm over the H*W tokens: linear -> flatten(0, 1) -> BatchNorm1d -> reshape_as.
+    linear = p.module(nn.Linear(CHANNELS, CHANNELS, bias=draw(st.booleans())))
+    bn = p.module(nn.BatchNorm1d(CHANNELS))
+    p.foldable.add(bn)                           # the fuzzer passes example inputs: the rank is known
+    tokens = p.call(linear, p.apply("tokens", x))
+    normed = p.apply("reshape_as", p.call(bn, p.apply("rows", tokens)), tokens)
+    return p.apply("untokens", normed, x)
+
+
+BLOCKS = [block_same_conv, block_token_linear_bn, block_conv_bn, block_conv_bn_bn, block_conv_act_bn, block_bn_conv, block_bn_conv_transpose,
           block_conv_transpose_bn, block_branches, block_bn_after_add, block_conv_output_used_twice,
           block_conv_reused, block_shared_bn]
 
