@@ -46,7 +46,7 @@ def run_script(name: str, out_dir: Path, *, device: str, quick: bool, timeout: f
     if "--device" in options:
         argv += ["--device", device]
     elif device != "cpu":
-        return {"script": name, "status": f"skipped (no --device option; it measures the CPU only)"}
+        return {"script": name, "status": "skipped (no --device option; it measures the CPU only)"}
     if quick and "--quick" in options:
         argv.append("--quick")
     json_path = out_dir / f"{name}.json"

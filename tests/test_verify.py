@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapters.torch.verify import ModelRunError, Verdict, verify
+from adapters.torch.verify import ModelRunError, verify
 from refimpl import MODEL_RATIO, fold_bn_conv, fold_conv_bn
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@
 
 from .fusion import FoldedNormAct, fuse, fuse_conv_bn
 from .report import FOLD_KINDS, REASONS, FoldedPair, FusionReport, SkippedNorm
-from .verify import Verdict, verify  # noqa: F401  (adapters.torch.verify is the function)
+from .verify import Verdict, rounded_copy, verify  # adapters.torch.verify is the function
 
-__all__ = ["fuse", "fuse_conv_bn", "FusionReport", "FoldedPair", "SkippedNorm", "FoldedNormAct", "REASONS",
-           "FOLD_KINDS"]
+__all__ = ["fuse", "fuse_conv_bn", "verify", "Verdict", "rounded_copy", "FusionReport", "FoldedPair", "SkippedNorm",
+           "FoldedNormAct", "REASONS", "FOLD_KINDS"]

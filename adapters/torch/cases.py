@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
