@@ -584,3 +584,174 @@ class TestLinearFlattenNorm:
         _, report = fuse(model, example_inputs=torch.randn(2, 3, 4))
         assert not report.folded
         assert [(s.norm, s.reason) for s in report.skipped] == [("bn", "no_fusable_neighbour")]
+
+
+# -- a norm after a channel concat of conv outputs (MixNet's MixedConv2d) --------------------------
+
+class MixedConv(nn.Module):
+    """split -> a 3x3 conv (no bias) and a grouped 5x5 conv of other widths -> cat(dim=1) -> norm -> ReLU."""
+
+    def __init__(self, norm: nn.Module | None = None):
+        super().__init__()
+        self.c3 = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+        self.c5 = nn.Conv2d(4, 10, 5, padding=2, groups=2)
+        self.bn = norm if norm is not None else nn.BatchNorm2d(16)
+
+    def branches(self, x):
+        a, b = torch.split(x, 4, dim=1)
+        return [self.c3(a), self.c5(b)]
+
+    def forward(self, x):
+        return torch.relu(self.bn(torch.cat(self.branches(x), dim=1)))
+
+
+class TestConcatFold:
+    def test_mixed_conv_folds_each_slice(self):
+        model = randomise(MixedConv()).eval()
+        original = copy.deepcopy(model)
+        fused, report = fuse(model)
+        assert isinstance(fused.bn, nn.Identity)
+        assert sorted((p.norm, p.layer, p.kind) for p in report.folded) == [("bn", "c3", "conv->bn"),
+                                                                              ("bn", "c5", "conv->bn")]
+        assert not report.skipped
+        # Independent check of the slice placement: conv_i's output channels are BN channels [o_i, o_i + n_i).
+        bn = original.bn
+        scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().double()
+        shift = bn.bias.detach().double() - bn.running_mean.double() * scale
+        expected_bias_c3 = shift[:6]
+        expected_bias_c5 = original.c5.bias.detach().double() * scale[6:] + shift[6:]
+        torch.testing.assert_close(fused.c3.bias.double(), expected_bias_c3, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fused.c5.bias.double(), expected_bias_c5, rtol=1e-6, atol=1e-6)
+        assert_same_output(original, fused, torch.randn(2, 8, 9, 9))
+
+    def test_concat_keyword_dim_and_transposed_conv(self):
+        class Up(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.up = nn.ConvTranspose2d(3, 4, 2, stride=2, groups=1)
+                self.conv = nn.Conv2d(3, 5, 3, stride=2, padding=1)
+                self.bn = nn.BatchNorm2d(9)
+
+            def forward(self, x, y):
+                return self.bn(torch.concat([self.up(x), self.conv(y)], dim=1))
+
+        model = randomise(Up()).eval()
+        fused, report = fuse(model)
+        assert sorted((p.layer, p.kind) for p in report.folded) == [("conv", "conv->bn"),
+                                                                     ("up", "conv_transpose->bn")]
+        x, y = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 16, 16)
+        with torch.no_grad():
+            reference = copy.deepcopy(model).double()(x.double(), y.double())
+            verdict = refimpl.compare_models(fused(x, y), model(x, y), reference, torch.float32)
+        assert verdict.ok, verdict.describe()
+
+    def test_batchnorm_act_after_concat_keeps_activation(self):
+        from adapters.torch.cases import BatchNormAct2d
+        model = randomise(MixedConv(BatchNormAct2d(16, act_layer=nn.SiLU))).eval()
+        fused, report = fuse(model)
+        assert isinstance(fused.bn, FoldedNormAct) and isinstance(fused.bn.act, nn.SiLU)
+        assert sorted(p.layer for p in report.folded) == ["c3", "c5"]
+        assert_same_output(model, fused, torch.randn(2, 8, 6, 6))
+
+    def test_conv_with_norm_before_and_concat_after(self):
+        # bn0 -> 1x1 conv (backward fold) and conv -> cat -> bn (a channel slice of bn): both in one layer.
+        class Both(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.bn0 = nn.BatchNorm2d(3)
+                self.c1 = nn.Conv2d(3, 5, 1)
+                self.c2 = nn.Conv2d(3, 2, 3, padding=1)
+                self.bn = nn.BatchNorm2d(7)
+
+            def forward(self, x):
+                return self.bn(torch.cat([self.c2(x), self.c1(self.bn0(x))], 1))
+
+        model = randomise(Both()).eval()
+        fused, report = fuse(model)
+        assert sorted((p.norm, p.layer, p.kind) for p in report.folded) == [
+            ("bn", "c1", "conv->bn"), ("bn", "c2", "conv->bn"), ("bn0", "c1", "bn->conv")]
+        assert_same_output(model, fused, torch.randn(2, 3, 5, 5))
+
+    @pytest.mark.parametrize("other", ["input", "relu"])
+    def test_input_that_is_not_a_conv_output(self, other):
+        class Partial(MixedConv):
+            def forward(self, x):
+                a, b = torch.split(x, 4, dim=1)
+                first = torch.relu(a) if other == "relu" else a
+                first = torch.cat([first, first[:, :2]], 1)
+                return self.bn(torch.cat([first, self.c5(b)], 1))
+
+        model = randomise(Partial()).eval()
+        fused, report = fuse(model)
+        assert not report.folded
+        assert [(s.norm, s.reason) for s in report.skipped] == [("bn", "no_fusable_neighbour")]
+        assert isinstance(fused.bn, nn.BatchNorm2d)
+        assert_same_output(model, fused, torch.randn(2, 8, 6, 6))
+
+    def test_conv_output_used_elsewhere(self):
+        class Leaky(MixedConv):
+            def forward(self, x):
+                a3, a5 = self.branches(x)
+                return self.bn(torch.cat([a3, a5], 1)), a3.mean()
+
+        model = randomise(Leaky()).eval()
+        fused, report = fuse(model)
+        assert not report.folded
+        assert [(s.norm, s.reason) for s in report.skipped] == [("bn", "output_used_elsewhere")]
+
+    def test_concat_output_used_elsewhere(self):
+        class Leaky(MixedConv):
+            def forward(self, x):
+                y = torch.cat(self.branches(x), 1)
+                return self.bn(y) + y
+
+        model = randomise(Leaky()).eval()
+        _, report = fuse(model)
+        assert not report.folded
+        assert [(s.norm, s.reason) for s in report.skipped] == [("bn", "output_used_elsewhere")]
+
+    def test_concat_along_another_dim(self):
+        class Rows(MixedConv):
+            def __init__(self):
+                super().__init__(nn.BatchNorm2d(6))
+                self.c5 = nn.Conv2d(4, 6, 5, padding=2)
+
+            def forward(self, x):
+                return self.bn(torch.cat(self.branches(x), dim=2))
+
+        model = randomise(Rows()).eval()
+        fused, report = fuse(model)
+        assert not report.folded
+        assert [(s.norm, s.reason) for s in report.skipped] == [("bn", "no_fusable_neighbour")]
+        assert_same_output(model, fused, torch.randn(2, 8, 6, 6))
+
+    def test_conv_reused_with_another_norm(self):
+        class Reused(MixedConv):
+            def __init__(self):
+                super().__init__()
+                self.bn_other = nn.BatchNorm2d(6)
+
+            def forward(self, x):
+                a, b = torch.split(x, 4, dim=1)
+                return self.bn(torch.cat([self.c3(a), self.c5(b)], 1)), self.bn_other(self.c3(b))
+
+        model = randomise(Reused()).eval()
+        fused, report = fuse(model)
+        assert not report.folded
+        assert {s.norm: s.reason for s in report.skipped} == {"bn": "reused_incompatibly",
+                                                              "bn_other": "reused_incompatibly"}
+        x = torch.randn(2, 8, 6, 6)
+        with torch.no_grad():
+            for got, want in zip(fused(x), model(x)):
+                torch.testing.assert_close(got, want)
+
+    def test_norm_called_after_concat_and_elsewhere(self):
+        class Twice(MixedConv):
+            def forward(self, x):
+                return self.bn(torch.cat(self.branches(x), 1)), self.bn(torch.cat([x, x], 1))
+
+        model = randomise(Twice()).eval()
+        fused, report = fuse(model)
+        assert not report.folded
+        assert [(s.norm, s.reason) for s in report.skipped] == [("bn", "reused_incompatibly")]
+        assert isinstance(fused.bn, nn.BatchNorm2d)

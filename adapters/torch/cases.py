@@ -319,6 +319,15 @@ def _conv2d_depthwise_bn() -> nn.Module:
     return _seq(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4), nn.ReLU())
 
 
+@_register("conv_concat_bn", (2, 3, 8, 8), foldable=1, left=0, family="conv->bn",
+           pairs=(("bn", "conv1", "conv->bn"), ("bn", "conv2", "conv->bn")))
+def _conv_concat_bn() -> nn.Module:
+    """bn(cat([conv1(x), conv2(x)], dim=1)) -> ReLU, as in MixNet's mixed convs: BN channels 0-3
+    are conv1's output and 4-7 conv2's, and BN is per-channel, so each conv takes its slice of the
+    fold; the BN is removed and nothing is left."""
+    return _NormAfterMerge("cat")
+
+
 @_register("conv3d_bn", (2, 2, 5, 6, 6), foldable=1, left=0, family="conv->bn",
            pairs=(("1", "0", "conv->bn"),))
 def _conv3d_bn() -> nn.Module:
@@ -814,11 +823,16 @@ class _NormAfterMerge(nn.Module):
         self.merge = merge
         self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
         self.conv2 = nn.Conv2d(3, 4, 1)
-        self.bn = nn.BatchNorm2d(8 if merge == "cat" else 4)
+        self.bn = nn.BatchNorm2d({"cat": 8, "cat_input": 7, "add": 4}[merge])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.conv1(x), self.conv2(x)
-        merged = torch.cat([a, b], dim=1) if self.merge == "cat" else a + b
+        a = self.conv1(x)
+        if self.merge == "cat":
+            merged = torch.cat([a, self.conv2(x)], dim=1)
+        elif self.merge == "cat_input":
+            merged = torch.cat([a, x], dim=1)
+        else:
+            merged = a + self.conv2(x)
         return torch.relu(self.bn(merged))
 
 
@@ -832,8 +846,9 @@ def _trap_bn_after_add() -> nn.Module:
 @_register("trap_bn_after_concat", (2, 3, 8, 8), foldable=0, left=1, family="trap",
            skips={"bn": ("no_fusable_neighbour",)})
 def _trap_bn_after_concat() -> nn.Module:
-    """bn(cat([conv1(x), conv2(x)])) -> ReLU: the BN's producer is a concat: not folded."""
-    return _NormAfterMerge("cat")
+    """bn(cat([conv1(x), x])) -> ReLU: BN channels 4-6 are the model input itself, which no
+    layer produces, and the BN (one module) is either removed or kept whole: not folded."""
+    return _NormAfterMerge("cat_input")
 
 
 @_register("trap_bn_before_conv_transpose", (2, 3, 8, 8), foldable=0, left=1, family="trap",

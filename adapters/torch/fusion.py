@@ -3,7 +3,8 @@
 The pass runs in three stages:
 
 1. **Analyse** (``graph``): trace, list every call site, and find for each norm call site the
-   layer call it could fold into (conv/linear before it, or conv/linear after it).
+   layer call it could fold into (conv/linear before it, or conv/linear after it), or the convs
+   whose outputs a channel concat joins before it (each takes its slice of the norm's channels).
 2. **Plan**: choose one fold per norm call site so that every module is treated the same at
    all its call sites (a conv folds only if each of its calls is followed by the same norms; a
    norm is removed only if every one of its calls is folded), then compute every new weight and
@@ -21,7 +22,7 @@ import logging
 import math
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -31,7 +32,7 @@ from torch.nn.parameter import is_lazy
 import refimpl
 
 from .graph import CallSite, LayerKind, ModelIndex, SiteAnalysis, analyse_sites, trace_regions
-from .norms import NormInfo, NormRejection, norm_stats
+from .norms import NormInfo, NormRejection, NormStats, norm_stats
 from .precision import round_once, scaled_copy, scaled_copy_buffer_size
 from .report import FoldedPair, FusionReport, SkippedNorm
 
@@ -146,6 +147,7 @@ class _Step:
     info: NormInfo
     direction: str  # "forward": the norm runs after the layer; "backward": before it
     order: int      # norms between this one and the layer
+    channels: Optional[tuple[int, int]] = None  # the norm's channel slice the layer produces (concat); None: all
 
 
 @dataclass
@@ -170,15 +172,16 @@ class _Planner:
     def note(self, norm: nn.Module, code: str, detail: str) -> None:
         self.reasons.setdefault(id(norm), []).append((code, detail))
 
-    def choose(self) -> dict[tuple, tuple[str, Any]]:
+    def choose(self) -> dict[tuple, tuple[str, tuple]]:
         """One fold per norm call site, consistent across every module's call sites.
 
-        Each site starts with its forward candidate (conv -> BN is preferred), falls back to its
+        Each site starts with its forward candidates (conv -> BN is preferred), falls back to its
         backward candidate, then to nothing; choices only ever move down that list, so the
-        loop ends after at most two downgrades per site.
+        loop ends after at most two downgrades per site. A choice is ``(direction, candidates)``:
+        one candidate, or one per conv of a channel concat, which are kept or dropped together.
         """
         a = self.analysis
-        choice: dict[tuple, tuple[str, Any]] = {}
+        choice: dict[tuple, tuple[str, tuple]] = {}
         norm_sites: dict[int, list[CallSite]] = {}
         for module_id, verdict in self.index.norms.items():
             if isinstance(verdict, NormInfo) and module_id in a.sites:
@@ -205,11 +208,13 @@ class _Planner:
                     changed = True
             # Chains: every norm between a norm and its layer must fold into that layer the same way.
             for key in list(choice):
-                direction, cand = choice[key]
+                direction, cands = choice[key]
+                cand = cands[0]
                 region = cand.norm.region
                 for node in cand.between:
                     other = choice.get((id(region), node))
-                    if other is None or other[0] != direction or other[1].layer.node is not cand.layer.node:
+                    if (other is None or other[0] != direction
+                            or [c.layer.node for c in other[1]] != [c.layer.node for c in cands]):
                         norm = cand.norm.module
                         between = self.index.name(region.module(node))
                         self.note(norm, "no_fusable_neighbour", f"{between}, between "
@@ -218,43 +223,48 @@ class _Planner:
                         changed = True
                         break
             # A layer folds only if each of its calls gets the same folds.
-            per_site: dict[tuple, list[tuple[str, int, int]]] = {}
-            for key, (direction, cand) in choice.items():
-                per_site.setdefault(a.site_key(cand.layer), []).append(
-                    (direction, len(cand.between), id(cand.norm.module)))
+            per_site: dict[tuple, list[tuple]] = {}
+            for key, (direction, cands) in choice.items():
+                for cand in cands:
+                    per_site.setdefault(a.site_key(cand.layer), []).append(
+                        (direction, len(cand.between), id(cand.norm.module), cand.channels or ()))
             layers_seen: set[int] = set()
-            for key, (direction, cand) in list(choice.items()):
-                layer = cand.layer.module
+            for layer in [c.layer.module for _, cands in list(choice.values()) for c in cands]:
                 if id(layer) in layers_seen:
                     continue
                 layers_seen.add(id(layer))
                 signatures = {tuple(sorted(per_site.get(a.site_key(s), []))) for s in a.sites[id(layer)]}
                 if len(signatures) > 1:
-                    for k, (d, c) in list(choice.items()):
-                        if c.layer.module is layer:
-                            self.note(c.norm.module, "reused_incompatibly", f"{self.index.name(layer)} is called at "
-                                      f"{len(a.sites[id(layer)])} sites that are not all followed/preceded by the "
-                                      "same norm layers")
+                    for k, (d, cs) in list(choice.items()):
+                        if any(c.layer.module is layer for c in cs):
+                            self.note(cs[0].norm.module, "reused_incompatibly", f"{self.index.name(layer)} is "
+                                      f"called at {len(a.sites[id(layer)])} sites that are not all followed/preceded "
+                                      "by the same norm layers")
                             self._downgrade(choice, k)
                     changed = True
         return choice
 
-    def _first_allowed(self, key: tuple, start: str) -> Optional[tuple[str, Any]]:
+    def _first_allowed(self, key: tuple, start: str) -> Optional[tuple[str, tuple]]:
         a = self.analysis
         order = ("forward", "backward") if start == "forward" else ("backward",)
         for direction in order:
-            cand = (a.forward if direction == "forward" else a.backward).get(key)
-            if cand is None:
+            if direction == "forward":
+                cands = a.forward.get(key)
+            else:
+                cands = (a.backward[key],) if key in a.backward else None
+            if not cands:
                 continue
-            norm_veto = self.vetoed_norms.get(id(cand.norm.module))
+            norm = cands[0].norm.module
+            norm_veto = self.vetoed_norms.get(id(norm))
             if norm_veto is not None:
-                self.note(cand.norm.module, *norm_veto)
+                self.note(norm, *norm_veto)
                 return None
-            layer_veto = self.vetoed_layers.get(id(cand.layer.module))
-            if layer_veto is not None:
-                self.note(cand.norm.module, *layer_veto)
+            layer_vetoes = [self.vetoed_layers[id(c.layer.module)] for c in cands
+                            if id(c.layer.module) in self.vetoed_layers]
+            if layer_vetoes:
+                self.note(norm, *layer_vetoes[0])
                 continue
-            return (direction, cand)
+            return (direction, cands)
         return None
 
     def _downgrade(self, choice: dict, key: tuple) -> None:
@@ -267,7 +277,7 @@ class _Planner:
     def layer_plans(self, choice: dict) -> list[_LayerPlan]:
         plans: dict[int, _LayerPlan] = {}
         seen_sites: set[tuple] = set()
-        for _key, (direction, cand) in choice.items():
+        for cand, direction in [(c, d) for d, cands in choice.values() for c in cands]:
             layer = cand.layer.module
             site_key = self.analysis.site_key(cand.layer)
             plan = plans.get(id(layer))
@@ -277,7 +287,7 @@ class _Planner:
             elif site_key not in seen_sites:
                 continue  # another call of the same layer: identical folds (checked), counted once
             info = self.index.norms[id(cand.norm.module)]
-            plan.steps.append(_Step(cand.norm.module, info, direction, len(cand.between)))
+            plan.steps.append(_Step(cand.norm.module, info, direction, len(cand.between), cand.channels))
         for plan in plans.values():
             # Dataflow order: norms before the layer (nearest first), then norms after it (nearest first).
             plan.steps.sort(key=lambda s: (s.direction != "backward", s.order))
@@ -294,7 +304,7 @@ def _fold_step(plan: _LayerPlan, step: _Step, w: torch.Tensor, b: Optional[torch
                index: ModelIndex) -> tuple[torch.Tensor, torch.Tensor]:
     """One refimpl fold of ``step.norm`` into weight ``w`` / bias ``b`` (tensors in the fold dtype)."""
     layer = plan.layer
-    stats = norm_stats(step.norm, step.info)
+    stats = _step_stats(step)
     device = w.device
 
     def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -313,8 +323,23 @@ def _fold_step(plan: _LayerPlan, step: _Step, w: torch.Tensor, b: Optional[torch
     except (ValueError, TypeError) as exc:
         layer_name, norm_name = index.name(layer), index.name(step.norm)
         order = f"{layer_name} -> {norm_name}" if step.direction == "forward" else f"{norm_name} -> {layer_name}"
+        part = "" if step.channels is None else f" channels [{step.channels[0]}, {step.channels[1]})"
         raise type(exc)(f"cannot fold {order} ({type(layer).__name__} weight {tuple(layer.weight.shape)}, "
-                        f"{type(step.norm).__name__}({step.info.num_features})): {exc}") from exc
+                        f"{type(step.norm).__name__}({step.info.num_features}){part}): {exc}") from exc
+
+
+def _step_stats(step: _Step) -> NormStats:
+    """The norm's statistics for the channels this step folds: all, or the slice a concat gives the layer."""
+    stats = norm_stats(step.norm, step.info)
+    if step.channels is None:
+        return stats
+    start, stop = step.channels
+
+    def part(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t[start:stop]
+
+    return replace(stats, mean=part(stats.mean), var=part(stats.var), weight=part(stats.weight),
+                               bias=part(stats.bias), num_features=stop - start)
 
 
 def _unit_shape(plan: _LayerPlan) -> tuple[int, ...]:
@@ -355,7 +380,7 @@ def _batched_folds(plans: list[_LayerPlan]) -> dict[int, tuple[torch.Tensor, tor
         if len(plan.steps) != 1 or plan.steps[0].direction != "forward" or plan.kind == LayerKind.CONV_TRANSPOSE:
             continue
         step = plan.steps[0]
-        stats = norm_stats(step.norm, step.info)
+        stats = _step_stats(step)
         device = plan.layer.weight.device
         if stats.var.device != device or stats.var.numel() != plan.layer.weight.shape[0]:
             continue
@@ -646,7 +671,7 @@ def _fuse(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FusionRepor
         if not overflowed:
             break
 
-    folded_norm_ids = {id(c.norm.module) for _, c in choice.values()}
+    folded_norm_ids = {id(cands[0].norm.module) for _, cands in choice.values()}
     folded_norms = [m for m in index.modules if id(m) in folded_norm_ids]
     _apply(plans, folded_norms, index)
 
@@ -661,7 +686,7 @@ def _veto_unshareable_layers(planner: _Planner, index: ModelIndex, analysis: Sit
     for layer_id, where in analysis.weight_reads.items():
         planner.vetoed_layers[layer_id] = ("reused_incompatibly", f"a parameter of the layer is read directly at "
                                            f"{where}; folding would change that use")
-    for cand in list(analysis.forward.values()) + list(analysis.backward.values()):
+    for cand in [c for cands in analysis.forward.values() for c in cands] + list(analysis.backward.values()):
         layer = cand.layer.module
         if id(layer) not in planner.vetoed_layers and index.shares_parameters(layer):
             planner.vetoed_layers[id(layer)] = ("reused_incompatibly", f"{index.name(layer)} shares a parameter "

@@ -276,21 +276,29 @@ class ForwardCandidate:
     """Norm call site ``norm`` may fold into the layer call site ``layer`` that produces its input.
 
     ``between`` are the norm call sites that sit between the two (conv -> BN -> BN): they must
-    fold into the same layer call for this one to.
+    fold into the same layer call for this one to. ``channels`` is ``(start, stop)`` when the
+    layer produces only that slice of the norm's channels (one conv of a channel concat), and
+    None when it produces all of them.
     """
 
     layer: CallSite
     norm: CallSite
     between: tuple[fx.Node, ...]
+    channels: Optional[tuple[int, int]] = None
 
 
 @dataclass
 class BackwardCandidate:
-    """Norm call site ``norm`` may fold into the layer call site ``layer`` that consumes its output."""
+    """Norm call site ``norm`` may fold into the layer call site ``layer`` that consumes its output.
+
+    ``channels`` is always None (the layer reads all of the norm's channels); it is there so that
+    both kinds of candidate are handled alike.
+    """
 
     layer: CallSite
     norm: CallSite
     between: tuple[fx.Node, ...]
+    channels: None = None
 
 
 def _value_users(node: fx.Node) -> list[fx.Node]:
@@ -325,7 +333,9 @@ class SiteAnalysis:
         self.input_ranks = input_ranks or {}
         self.sites: dict[int, list[CallSite]] = {}
         self.weight_reads: dict[int, str] = {}
-        self.forward: dict[tuple[int, fx.Node], ForwardCandidate] = {}
+        # Per norm call site, the layer calls that produce its input: one, or one per conv of a
+        # channel concat (``torch.cat([conv_1(a), ..., conv_k(b)], dim=1)``), which fold all or none.
+        self.forward: dict[tuple[int, fx.Node], tuple[ForwardCandidate, ...]] = {}
         self.backward: dict[tuple[int, fx.Node], BackwardCandidate] = {}
         self.reasons: dict[int, list[tuple[str, str]]] = {}
         self._rank_memo: dict[fx.Node, bool] = {}
@@ -483,6 +493,9 @@ class SiteAnalysis:
                 current = source
                 continue
             break
+        if flattened is None and _channel_cat_inputs(source) is not None:
+            self._look_into_concat(site, info, source, between, shared_by, current)
+            return
         if source.op != "call_module":
             self.note(norm, "no_fusable_neighbour", f"{name} reads the output of {_describe(source)}")
             return
@@ -523,7 +536,66 @@ class SiteAnalysis:
                 self.note(norm, "rank_unknown", f"{layer_name} -> {name}: the linear input is not proven 2-D "
                           "(pass example_inputs)")
                 return
-        self.forward[self.site_key(site)] = ForwardCandidate(CallSite(region, source), site, tuple(between))
+        self.forward[self.site_key(site)] = (ForwardCandidate(CallSite(region, source), site, tuple(between)),)
+
+    def _look_into_concat(self, site: CallSite, info: NormInfo, cat: fx.Node, between: list[fx.Node],
+                          shared_by: Optional[tuple[fx.Node, list[fx.Node]]], current: fx.Node) -> None:
+        """conv_1, ..., conv_k -> torch.cat(dim=1) -> norm: channel slice i of the norm folds into conv_i.
+
+        Exact because the norm is a per-channel affine map and the concat only places each
+        conv's output channels at offset ``o_i`` (the earlier convs' widths summed).
+        """
+        region, norm = site.region, site.module
+        name = self.index.name(norm)
+        if shared_by is not None:
+            node, users = shared_by
+            others = ", ".join(_describe(u) for u in users if u is not current)
+            self.note(norm, "output_used_elsewhere", f"the output of {_describe_in(region, node, self.index)} that "
+                      f"feeds {name} is also used by {others or 'another consumer'}")
+            return
+        inputs = _channel_cat_inputs(cat)
+        candidates: list[ForwardCandidate] = []
+        seen: set[int] = set()
+        start = 0
+        for position, node in enumerate(inputs):
+            if not isinstance(node, fx.Node) or node.op != "call_module":
+                what = _describe(node) if isinstance(node, fx.Node) else repr(node)
+                self.note(norm, "no_fusable_neighbour", f"{name} reads torch.cat() whose input {position} is "
+                          f"{what}, not the output of a conv layer")
+                return
+            layer_module = region.module(node)
+            layer_name = self.index.name(layer_module)
+            kind, refusal = self.index.layer(layer_module)
+            if kind not in (LayerKind.CONV, LayerKind.CONV_TRANSPOSE):
+                code = refusal or "no_fusable_neighbour"
+                why = _REFUSAL_TEXT[refusal] if refusal else "not a conv or transposed conv layer"
+                self.note(norm, code, f"{name} reads torch.cat() whose input {position} comes from {layer_name} "
+                          f"({type(layer_module).__qualname__}): {why}")
+                return
+            if id(layer_module) in seen:
+                self.note(norm, "no_fusable_neighbour", f"{name} reads torch.cat() in which {layer_name} appears "
+                          "more than once")
+                return
+            seen.add(id(layer_module))
+            users = _value_users(node)
+            if users != [cat]:
+                others = ", ".join(_describe(u) for u in users if u is not cat)
+                self.note(norm, "output_used_elsewhere", f"the output of {layer_name} that feeds {name} through "
+                          f"torch.cat() is also used by {others or 'another consumer'}")
+                return
+            if not norm_fits_layer(info, layer_module, kind):
+                self.note(norm, "no_fusable_neighbour", f"{name} ({type(norm).__qualname__}) does not normalise the "
+                          f"channel axis of {layer_name} ({type(layer_module).__qualname__})")
+                return
+            width = layer_module.out_channels
+            candidates.append(ForwardCandidate(CallSite(region, node), site, tuple(between), (start, start + width)))
+            start += width
+        if start != info.num_features:
+            widths = " + ".join(str(c.layer.module.out_channels) for c in candidates)
+            self.note(norm, "no_fusable_neighbour", f"{name} has {info.num_features} channels but the convs "
+                      f"concatenated before it have {widths} = {start}")
+            return
+        self.forward[self.site_key(site)] = tuple(candidates)
 
     # -- norm -> conv/linear ---------------------------------------------------------------
     def _look_downstream(self, site: CallSite, info: NormInfo) -> None:
@@ -629,6 +701,25 @@ def conv_pads_exactly(conv: nn.Module) -> bool:
         # 'same': total padding per dim is dilation * (kernel - 1)
         return all(d * (k - 1) == 0 for d, k in zip(conv.dilation, conv.kernel_size))
     return all(p == 0 for p in padding)
+
+
+_CAT_FUNCTIONS = (torch.cat, torch.concat)
+
+
+def _channel_cat_inputs(node: fx.Node) -> Optional[list]:
+    """The tensor list of ``torch.cat(tensors, dim=1)`` / ``torch.concat``, else None.
+
+    Only ``dim=1`` (the channel axis of conv outputs) is accepted: a negative dim names the
+    channel axis only for a known rank, and any other dim mixes channels within a slice.
+    """
+    if node.op != "call_function" or node.target not in _CAT_FUNCTIONS:
+        return None
+    args, kwargs = list(node.args), dict(node.kwargs)
+    tensors = args.pop(0) if args else kwargs.pop("tensors", None)
+    dim = args.pop(0) if args else kwargs.pop("dim", 0)
+    if args or kwargs or dim != 1 or not isinstance(tensors, (list, tuple)) or not tensors:
+        return None
+    return list(tensors)
 
 
 def _describe(node: fx.Node) -> str:
