@@ -298,3 +298,59 @@ def test_rounded_copy_perturbs_every_parameter_by_at_most_one_rounding():
         changed += int((after64 != before64).sum())
     assert changed > 0
     assert copied is not model and model[0].weight.dtype == torch.float16
+
+
+class _Mixed(nn.Module):
+    """timm's MixedConv2d in miniature: a container returning torch.cat of its convs' outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 3, padding=1)
+        self.b = nn.Conv2d(2, 5, 1, bias=False)
+
+    def forward(self, x):
+        left, right = torch.split(x, 2, dim=1)
+        return torch.cat([self.a(left), self.b(right)], 1)
+
+
+class _MixedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mixed = _Mixed()
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.mixed(x)))
+
+
+def _fold_mixed(block: _MixedBlock, damage: bool = False) -> _MixedBlock:
+    fused = copy.deepcopy(block)
+    stats = _stats(block.bn)
+    for conv, start, stop in ((fused.mixed.a, 0, 3), (fused.mixed.b, 3, 8)):
+        part = [t[start:stop] if isinstance(t, torch.Tensor) else t for t in stats]
+        bias = None if conv.bias is None else conv.bias.double()
+        w, b = fold_conv_bn(conv.weight.double(), bias, *part)
+        if damage and conv is fused.mixed.b:
+            w = w * 1.01
+        conv.weight.data = w.float()
+        conv.bias = nn.Parameter(b.float())
+    fused.bn = nn.Identity()
+    return fused
+
+
+class TestVerifyConcat:
+    def test_container_returning_cat_of_folded_convs_is_not_blamed(self):
+        block = _MixedBlock().eval()
+        _randomize(block.bn, torch.Generator().manual_seed(1))
+        verdict = verify(block, _fold_mixed(block), _input(2, 4, 6, 6))
+        assert verdict.ok, str(verdict)
+        assert verdict.first_divergence is None
+        assert "mixed" not in verdict.layers_not_compared
+
+    def test_wrong_slice_is_caught_after_the_cat(self):
+        block = _MixedBlock().eval()
+        _randomize(block.bn, torch.Generator().manual_seed(1))
+        verdict = verify(block, _fold_mixed(block, damage=True), _input(2, 4, 6, 6))
+        assert not verdict.ok
+        assert verdict.first_divergence is not None and verdict.first_divergence.module == "act"

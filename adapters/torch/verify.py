@@ -12,8 +12,10 @@ and blocks, activations, pooling and other leaves. Conv, linear and norm layers 
 (folding legitimately changes a conv's output, and a norm replaced by ``nn.Identity`` passes on
 something else when it was folded into the *following* conv), and neither is any output that is
 just such a layer's result handed on unchanged (a ``nn.Sequential`` ending in a conv whose norm
-sits in the next ``Sequential``). The first module in execution order whose output breaks the
-error model is named, with the conv/linear/norm layers that ran just before it as suspects.
+sits in the next ``Sequential``) or concatenated with others (timm's ``MixedConv2d`` returns
+``torch.cat`` of its convs' outputs, and the norm after it may be folded into those convs).
+The first module in execution order whose output breaks the error model is named, with the
+conv/linear/norm layers that ran just before it as suspects.
 
 Neither model is modified: the reference is a deep copy, and the two models are run in eval
 mode under ``torch.no_grad()`` with every module's ``training`` flag restored afterwards.
@@ -21,6 +23,7 @@ mode under ``torch.no_grad()`` with every module's ``training`` flag restored af
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -39,6 +42,7 @@ logger = logging.getLogger(__name__)
 _CONV_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
 #: Leaves that return their input unchanged in eval mode; a folded layer's output passes through them.
 _TRANSPARENT = (nn.Identity, nn.modules.dropout._DropoutNd)
+_CONCATS = (torch.cat, torch.concat)
 
 
 class ModelRunError(RuntimeError):
@@ -228,6 +232,19 @@ def _run(model: nn.Module, inputs: tuple, kinds: dict[str, str], per_layer: bool
     def is_derived(tensor: torch.Tensor) -> bool:
         return (id(tensor), tensor._version) in derived
 
+    class ConcatMarks(torch.overrides.TorchFunctionMode):
+        """Marks ``torch.cat`` of any such layer output: those channels change with folding too."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if func in _CONCATS and derived:
+                parts = args[0] if args else kwargs.get("tensors", ())
+                if isinstance(out, torch.Tensor) and any(isinstance(t, torch.Tensor) and is_derived(t)
+                                                         for t in parts):
+                    mark(out)
+            return out
+
     def make_hook(name: str, kind: str):
         def hook(module, args, output):
             call = run.calls.get(name, 0)
@@ -260,7 +277,7 @@ def _run(model: nn.Module, inputs: tuple, kinds: dict[str, str], per_layer: bool
             if name in kinds:
                 handles.append(module.register_forward_hook(make_hook(name, kinds[name])))
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), (ConcatMarks() if per_layer else contextlib.nullcontext()):
             try:
                 run.output = model(*inputs)
             except Exception as error:  # any failure of a user's model is reported, naming the model
