@@ -192,9 +192,11 @@ def test_report_accounts_for_every_norm(folded: Folded):
     entry, report = folded.entry, folded.report
     assert report.norms_found == entry.norm_layers
     assert not report.training_mode
-    assert len(report.folded) == entry.foldable, report.table()
+    # One pair per (norm, layer): a norm on a channel concat of several convs folds into each of them.
+    assert len({(pair.norm, pair.layer) for pair in report.folded}) == len(report.folded), report.table()
+    folded_norms = sorted({pair.norm for pair in report.folded})
+    assert len(folded_norms) == entry.foldable, report.table()
     assert Counter(skip.reason for skip in report.skipped) == Counter(entry.skip_reasons), report.table()
-    folded_norms = [pair.norm for pair in report.folded]
     skipped_norms = [skip.norm for skip in report.skipped]
     # Every norm appears exactly once, either folded or skipped.
     assert sorted(folded_norms + skipped_norms) == sorted(_norm_names(folded.model))
@@ -206,12 +208,23 @@ def test_report_accounts_for_every_norm(folded: Folded):
 
 
 def test_folded_pairs_are_dataflow_edges_of_the_original(folded: Folded):
-    """Independently of the adapter's tracer: each folded norm consumed exactly its layer's output."""
+    """Independently of the adapter's tracer: each folded norm consumed exactly its layer's output, or
+    (a norm folded into several layers) the concatenation of their outputs along channels, in the
+    order the layers ran."""
+    run_order = list(folded.built.outputs)  # layers in order of their first call
+    layers_of: dict[str, list[str]] = {}
     for pair in folded.report.folded:
-        produced = folded.built.outputs.get(pair.layer, [])
-        consumed = folded.built.norm_inputs.get(pair.norm, [])
-        assert len(produced) == len(consumed) == 1, f"{pair}: layer called {len(produced)}x, norm {len(consumed)}x"
-        assert consumed[0] is produced[0], f"{pair}: the norm's input is not the layer's output"
+        layers_of.setdefault(pair.norm, []).append(pair.layer)
+    for norm, layers in layers_of.items():
+        consumed = folded.built.norm_inputs.get(norm, [])
+        produced = [folded.built.outputs.get(layer, []) for layer in sorted(layers, key=run_order.index)]
+        assert len(consumed) == 1 and all(len(p) == 1 for p in produced), (
+            f"{norm} <- {layers}: norm called {len(consumed)}x, layers {[len(p) for p in produced]}x")
+        if len(layers) == 1:
+            assert consumed[0] is produced[0][0], f"{norm} <- {layers[0]}: the norm's input is not the layer's output"
+        else:
+            joined = torch.cat([p[0] for p in produced], dim=1)
+            assert torch.equal(consumed[0], joined), f"{norm}: its input is not the channel concat of {layers}"
 
 
 def test_keeps_class_names_and_state_dict_keys(folded: Folded):

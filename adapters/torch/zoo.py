@@ -20,7 +20,7 @@ input its statistics describe, as in a trained network. The result is determinis
 seed.
 
 >>> sorted(ZOO)[:2]
-['timm/efficientnet_b0', 'timm/mobilenetv3_large_100']
+['timm/efficientnet_b0', 'timm/mixnet_s']
 """
 
 from __future__ import annotations
@@ -319,6 +319,16 @@ _ENTRIES = [
     # and one ConvBnAct (conv -> bn1); stem conv_stem -> bn1. The head (pool -> conv_head -> act2)
     # has no norm (head_norm=False). 1 + 2 + 42 + 1 = 46, all foldable.
     _entry("timm/mobilenetv3_large_100", 46, 0, _timm("mobilenetv3_large_100")),
+    # timm MixNet-S (models/efficientnet.py _gen_mixnet_s, _efficientnet_blocks.py). Arch: ds_r1 |
+    # ir_r1 ir_r1 | ir_r1 ir_r3 | ir_r1 ir_r2 | ir_r1 ir_r2 | ir_r1 ir_r2, so 1 DepthwiseSeparableConv
+    # (conv_dw -> bn1, conv_pw -> bn2) and 15 InvertedResidual (conv_pw -> bn1 -> conv_dw -> bn2 ->
+    # se -> conv_pwl -> bn3); stem conv_stem -> bn1, head conv_head -> bn2: 1 + 2 + 45 + 1 = 49.
+    # A kernel list (k3.5.7, a1.1, p1.1) makes the conv a MixedConv2d: split -> one conv per kernel
+    # -> torch.cat(dim=1), whose norm folds slice by slice into those convs. MixedConv2d norms:
+    # stage 1: 2 x (a, p) = 4; stage 2: k + 3 x (k, a, p) = 10; stage 3: (k, p) + 2 x (k, p) = 6;
+    # stage 4: 3 x (k, a, p) = 9; stage 5: k + 2 x (k, p) = 5, i.e. 34; the other 15 follow a plain
+    # conv. 49, all foldable.
+    _entry("timm/mixnet_s", 49, 0, _timm("mixnet_s")),
 ]
 
 #: Every zoo entry by name.
