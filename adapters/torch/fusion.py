@@ -339,7 +339,7 @@ def _step_stats(step: _Step) -> NormStats:
         return None if t is None else t[start:stop]
 
     return replace(stats, mean=part(stats.mean), var=part(stats.var), weight=part(stats.weight),
-                               bias=part(stats.bias), num_features=stop - start)
+                   bias=part(stats.bias), num_features=stop - start)
 
 
 def _unit_shape(plan: _LayerPlan) -> tuple[int, ...]:
