@@ -465,6 +465,25 @@ class SiteAnalysis:
         return "untraceable", (f"its {where} crosses the boundary of '{region.prefix}', whose caller could not be "
                                "traced")
 
+    def _fold_partner(self, region: Region, node: fx.Node, norm: nn.Module, reads: str, meets: str
+                      ) -> Optional[tuple[nn.Module, str, str]]:
+        """The conv/linear layer called at ``node``, next to ``norm``: ``(module, name, kind)``, or None
+        after noting why nothing there can take the fold (``reads``/``meets`` start the message)."""
+        if node.op != "call_module":
+            self.note(norm, "no_fusable_neighbour", f"{reads} {_describe(node)}")
+            return None
+        layer_module = region.module(node)
+        layer_name = self.index.name(layer_module)
+        kind, refusal = self.index.layer(layer_module)
+        if kind is None:
+            what = f"{meets} {layer_name} ({type(layer_module).__qualname__}), which"
+            if refusal:
+                self.note(norm, refusal, f"{what} cannot be folded into: {_REFUSAL_TEXT[refusal]}")
+            else:
+                self.note(norm, "no_fusable_neighbour", f"{what} is not a conv or linear layer")
+            return None
+        return layer_module, layer_name, kind
+
     # -- conv/linear -> norm ---------------------------------------------------------------
     def _look_upstream(self, site: CallSite, info: NormInfo) -> None:
         region, norm_node = site.region, site.node
@@ -496,20 +515,10 @@ class SiteAnalysis:
         if flattened is None and _channel_cat_inputs(source) is not None:
             self._look_into_concat(site, info, source, between, shared_by, current)
             return
-        if source.op != "call_module":
-            self.note(norm, "no_fusable_neighbour", f"{name} reads the output of {_describe(source)}")
+        partner = self._fold_partner(region, source, norm, f"{name} reads the output of", f"{name} follows")
+        if partner is None:
             return
-        layer_module = region.module(source)
-        layer_name = self.index.name(layer_module)
-        kind, refusal = self.index.layer(layer_module)
-        if kind is None:
-            if refusal:
-                self.note(norm, refusal, f"{name} follows {layer_name} ({type(layer_module).__qualname__}), which "
-                          f"cannot be folded into: {_REFUSAL_TEXT[refusal]}")
-            else:
-                self.note(norm, "no_fusable_neighbour", f"{name} follows {layer_name} "
-                          f"({type(layer_module).__qualname__}), which is not a conv or linear layer")
-            return
+        layer_module, layer_name, kind = partner
         if shared_by is not None:
             node, users = shared_by
             others = ", ".join(_describe(u) for u in users if u is not current)
@@ -630,20 +639,10 @@ class SiteAnalysis:
                 current = user
                 continue
             break
-        if user.op != "call_module":
-            self.note(norm, "no_fusable_neighbour", f"{name} feeds {_describe(user)}")
+        partner = self._fold_partner(region, user, norm, f"{name} feeds", f"{name} feeds")
+        if partner is None:
             return
-        layer_module = region.module(user)
-        layer_name = self.index.name(layer_module)
-        kind, refusal = self.index.layer(layer_module)
-        if kind is None:
-            if refusal:
-                self.note(norm, refusal, f"{name} feeds {layer_name} ({type(layer_module).__qualname__}), which "
-                          f"cannot be folded into: {_REFUSAL_TEXT[refusal]}")
-            else:
-                self.note(norm, "no_fusable_neighbour", f"{name} feeds {layer_name} "
-                          f"({type(layer_module).__qualname__}), which is not a conv or linear layer")
-            return
+        layer_module, layer_name, kind = partner
         if shared is not None:
             node, users = shared
             self.note(norm, "output_used_elsewhere", f"the output of {_describe_in(region, node, self.index)} "
