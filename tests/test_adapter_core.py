@@ -21,6 +21,7 @@ from torch import nn  # noqa: E402
 
 import refimpl  # noqa: E402
 from adapters.torch import FoldedNormAct, FusionReport, fuse, fuse_conv_bn  # noqa: E402
+from adapters.torch.cases import Conv2dSame  # noqa: E402
 from adapters.torch.report import REASONS  # noqa: E402
 
 
@@ -476,22 +477,6 @@ class TestInPlaceWeights:
 
 
 # -- timm's TensorFlow-'SAME' conv (recognised by name, timm not required) --------------------------
-
-class Conv2dSame(nn.Conv2d):
-    """Same structure as timm's Conv2dSame: zero-pad to the 'SAME' size at run time, then F.conv2d."""
-
-    def __init__(self, cin, cout, kernel_size, stride=1, bias=True):
-        super().__init__(cin, cout, kernel_size, stride, 0, 1, 1, bias)
-
-    def forward(self, x):
-        ih, iw = x.shape[-2:]
-        kh, kw = self.weight.shape[-2:]
-        sh, sw = self.stride
-        ph = max((-(-ih // sh) - 1) * sh + kh - ih, 0)
-        pw = max((-(-iw // sw) - 1) * sw + kw - iw, 0)
-        x = nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
-        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-
 
 class TestSamePaddedConv:
     def test_bn_after_same_padded_conv_folds(self):

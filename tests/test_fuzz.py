@@ -26,8 +26,8 @@ from torch import nn
 
 from adapters.torch import fuse
 from adapters.torch.verify import rounded_copy
-from adapters.torch.cases import (count_norm_calls, is_norm_module, norm_module_names, randomize_norm_stats,
-                                  randomize_parameters)
+from adapters.torch.cases import (Conv2dSame, count_norm_calls, is_norm_module, norm_module_names,
+                                  randomize_norm_stats, randomize_parameters)
 from refimpl import compare_models
 
 CHANNELS = 4
@@ -211,18 +211,6 @@ def block_shared_bn(draw, p: Program, x: str) -> str:
         return p.apply("add", out, y2)  # conv2 also feeds the add: the shared BN cannot fold
     p.foldable.add(bn)
     return out
-
-
-class Conv2dSame(nn.Conv2d):
-    """timm's TensorFlow-'SAME' conv, by structure: zero-pad at run time, then a plain conv."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ih, iw = x.shape[-2:]
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        ph = max((-(-ih // sh) - 1) * sh + kh - ih, 0)
-        pw = max((-(-iw // sw) - 1) * sw + kw - iw, 0)
-        x = nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
-        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 def block_same_conv(draw, p: Program, x: str) -> str:

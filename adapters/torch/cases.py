@@ -44,7 +44,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 __all__ = [
     "Case", "CASES", "FAMILIES", "get_case", "iter_cases", "is_norm_module", "norm_module_names",
     "randomize_parameters", "randomize_norm_stats", "count_norm_calls",
-    "FrozenBatchNorm2d", "BatchNormAct2d", "ShiftedBatchNorm2d",
+    "FrozenBatchNorm2d", "BatchNormAct2d", "ShiftedBatchNorm2d", "Conv2dSame",
 ]
 
 #: Families a case belongs to: the five fold kinds of the report, norm-layer variants, and traps.
@@ -226,6 +226,19 @@ class BatchNormAct2d(nn.BatchNorm2d):
         x = nn.BatchNorm2d.forward(self, x)
         x = self.drop(x)
         return self.act(x)
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm's ``Conv2dSame`` in miniature: zero-pad to TensorFlow's 'SAME' size at run time, then a
+    plain conv (a BN after it folds; a BN before it meets the zero padding unless the kernel is 1x1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        ph = max((-(-ih // sh) - 1) * sh + kh - ih, 0)
+        pw = max((-(-iw // sw) - 1) * sw + kw - iw, 0)
+        x = nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 class ShiftedBatchNorm2d(nn.BatchNorm2d):

@@ -412,9 +412,14 @@ def _batched_folds(plans: list[_LayerPlan]) -> dict[int, tuple[torch.Tensor, tor
     return folded
 
 
+def _relative(change: float, scale: float) -> float:
+    return change / scale if scale > 0 else (0.0 if change == 0 else float("inf"))
+
+
 def _compute(plan: _LayerPlan, index: ModelIndex,
              folded: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Optional[str]:
-    """Compute the layer's new weight and bias. Returns an overflow detail instead when they do not fit.
+    """Compute the layer's new bias and its new weight, or the factor that :func:`_apply` scales the
+    weight by. Returns an overflow detail instead when they do not fit.
 
     Every fold step is refimpl's, in float64 (float32 on devices without it), rounded once to
     the parameter dtype. Folds of norms *after* the layer scale the weight per (axis-0, axis-1)
@@ -439,7 +444,7 @@ def _compute(plan: _LayerPlan, index: ModelIndex,
             new_w, new_bias = _fold_step(plan, step, w, bias, dtype, index)
             scale = float(w.abs().max()) if w.numel() else 0.0
             change = float((new_w - w).abs().max()) if w.numel() else 0.0
-            changes.append(change / scale if scale > 0 else (0.0 if change == 0 else float("inf")))
+            changes.append(_relative(change, scale))
             w, bias = new_w, new_bias
         peak = float(w.abs().max()) if w.numel() else 0.0
         new_weight = torch.empty_like(weight, memory_format=torch.preserve_format).copy_(round_once(w, weight.dtype))
@@ -455,7 +460,7 @@ def _compute(plan: _LayerPlan, index: ModelIndex,
                 new_factor, new_bias = _fold_step(plan, step, factor, bias, dtype, index)
             # max |W'_k - W_k| over the weight is max over slots of max|W_slot| * |S'_k - S_k|.
             change = float((slot_max * (new_factor - factor).abs()).max()) if slot_max.numel() else 0.0
-            changes.append(change / weight_max if weight_max > 0 else (0.0 if change == 0 else float("inf")))
+            changes.append(_relative(change, weight_max))
             factor, bias = new_factor, new_bias
         # Rounding is monotone, so the slot maxima times |S| decide whether any element overflows.
         peak = float((slot_max * factor.abs()).max()) if slot_max.numel() else 0.0
