@@ -18,8 +18,8 @@ folding in the parameter dtype -- and the same converted model is handed to ever
    :func:`round_to_dtype`). Reported: the fraction of fused weight (and bias) elements equal to
    it, for every fuser that folded the same pair. Target >= 99.9%.
 3. Coverage. Norm evaluations in one forward pass of each fused model
-   (``adapters.torch.cases.count_norm_calls``), against the number that cannot be folded
-   (worked out by hand per architecture in ``adapters.torch.zoo``). Fewer left than that number
+   (``adapters.torch.suite.cases.count_norm_calls``), against the number that cannot be folded
+   (worked out by hand per architecture in ``adapters.torch.suite.zoo``). Fewer left than that number
    means a fuser folded something it could not fold exactly; the accuracy table shows the cost.
 
 Run time: fp16 convolutions have no fast CPU kernels, so the default CPU run (8 models, 3 dtypes,
@@ -49,7 +49,7 @@ from benchmarks.common import (DTYPES, Report, Table, base_parser, configure_thr
                                short_error)
 from refimpl import MODEL_RATIO, fold_bn_conv, fold_bn_linear, fold_conv_bn, fold_linear_bn  # noqa: E402
 from refimpl import relative_rms_error  # noqa: E402
-from adapters.torch.verify import rounded_copy  # noqa: E402
+from adapters.torch.checking import rounded_copy  # noqa: E402
 
 log = logging.getLogger("bnfold.benchmarks.accuracy")
 
@@ -201,7 +201,7 @@ def norm_evaluations(model: nn.Module, x: torch.Tensor, count_norm_calls, origin
     """
     calls = count_norm_calls(model, x)
     if isinstance(model, torch.fx.GraphModule):
-        from adapters.torch.cases import is_norm_module
+        from adapters.torch.suite.cases import is_norm_module
 
         inlined = 0
 
@@ -291,7 +291,7 @@ def _ratio(fused: float, unfused: float) -> float:
 def measure_model(name: str, *, device: torch.device, dtypes: list[str], batch: int, size: int | None, seed: int,
                   fusers: list, count_norm_calls) -> dict[str, Any]:
     """All three measurements for one zoo model; failures of a fuser are recorded, never raised."""
-    from adapters.torch.zoo import ZOO
+    from adapters.torch.suite.zoo import ZOO
 
     entry = ZOO[name]
     model = entry.build(seed).to(device)
@@ -452,19 +452,19 @@ def build_tables(results: list[dict[str, Any]], fuser_names: list[str], dtypes: 
     rounding.notes.append("A layer is compared for a fuser when the fuser removed every norm ours folded into it; "
                           "'— (0 layers)': the fuser folded none of ours' pairs (mmcv folds only Conv2d, torch.fx "
                           "only exact torch classes).")
-    coverage.notes.append("'cannot fold': worked out by hand per architecture (adapters/torch/zoo.py). A fuser that "
+    coverage.notes.append("'cannot fold': worked out by hand per architecture (adapters/torch/suite/zoo.py). A fuser that "
                           "leaves fewer has folded something that is not exact; 'wrong output' lists fusers whose "
                           f"fused model's RMS error exceeds {MODEL_RATIO:g}× the larger of the unfused model's own and "
                           "the parameter-rounded copies' (table 1b; refimpl.compare_models).")
     baseline.notes.append("A fused model must store its folded parameters rounded to the dtype; where a network is "
                           "more sensitive to its parameters than to the rounding of its activations, the unfused "
                           "error alone understates what any correct fold can reach (rounded RMS err: worst of 2 "
-                          "copies, adapters.torch.verify.rounded_copy).")
+                          "copies, adapters.torch.rounded_copy).")
     return [accuracy, baseline, rounding, coverage]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from adapters.torch.zoo import ZOO
+    from adapters.torch.suite.zoo import ZOO
 
     parser = base_parser(__doc__.splitlines()[0], default_models=DEFAULT_MODELS, quick_models=QUICK_MODELS)
     parser.add_argument("--dtypes", default="fp32,fp16,bf16", help="comma-separated compute dtypes (fp32,fp16,bf16)")
@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = [check_rounding_helper()]
     if device.type == "cuda":
         notes.insert(0, disable_tf32() + ": fp32 means fp32.")
-    from adapters.torch.cases import count_norm_calls
+    from adapters.torch.suite.cases import count_norm_calls
 
     fusers = make_fusers([f.strip() for f in args.fusers.split(",") if f.strip()])
     started = time.perf_counter()

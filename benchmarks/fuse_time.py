@@ -117,7 +117,7 @@ def conv_bn_chain(pairs: int, channels: int = 8, seed: int = 0) -> nn.Sequential
 
 def norms_left(fused: nn.Module, inputs: torch.Tensor, original: nn.Module) -> int | None:
     """Norm evaluations in one forward pass of ``fused`` (norms torch.fx inlined count as left)."""
-    from adapters.torch.cases import count_norm_calls
+    from adapters.torch.suite.cases import count_norm_calls
     from benchmarks.accuracy import norm_evaluations
     try:
         return norm_evaluations(fused, inputs, count_norm_calls, original)
@@ -181,7 +181,7 @@ def model_table(results: dict[str, dict[str, dict[str, Any]]], fuser_names: list
         for model, error in errors.items():
             table.notes.append(f"{f} on {model}: {error}")
     table.notes.append("'cannot fold': norm evaluations no dataflow-correct fuser can remove, worked out by hand "
-                       "(adapters/torch/zoo.py); 'norms left': norm module calls in one forward pass of each fused "
+                       "(adapters/torch/suite/zoo.py); 'norms left': norm module calls in one forward pass of each fused "
                        "model, so a fuser that did less work shows. Fewer left than 'cannot fold' is a wrong model: mmcv "
                        "replaces timm's BatchNormAct2d, activation included, by nn.Identity (benchmarks/accuracy.py "
                        "measures the damage).")
@@ -220,7 +220,7 @@ def profile_ours(prepared: nn.Module, top: int = 25) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from adapters.torch.zoo import ZOO
+    from adapters.torch.suite.zoo import ZOO
 
     parser = base_parser(__doc__.splitlines()[0], default_models=DEFAULT_MODELS, quick_models=QUICK_MODELS)
     parser.set_defaults(threads=1)

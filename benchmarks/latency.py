@@ -49,7 +49,7 @@ def _tf32_line(device: torch.device) -> str:
 def measure(name: str, *, device: torch.device, dtypes: list[str], batches: list[int], size: int, seed: int,
             reps: int, warmup: int, budget: float, fusers: list, stat: str) -> list[dict[str, Any]]:
     """Latency records of one model, one per (dtype, batch, variant); failures are recorded, not raised."""
-    from adapters.torch.zoo import ZOO
+    from adapters.torch.suite.zoo import ZOO
 
     entry = ZOO[name]
     model = entry.build(seed).to(device)
@@ -118,7 +118,7 @@ def build_table(records: list[dict[str, Any]], fuser_names: list[str], stat: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from adapters.torch.zoo import ZOO
+    from adapters.torch.suite.zoo import ZOO
 
     parser = base_parser(__doc__.splitlines()[0], default_models=DEFAULT_MODELS, quick_models=QUICK_MODELS)
     parser.epilog = f"Default models on cpu: {','.join(CPU_MODELS)}."

@@ -1,4 +1,4 @@
-"""The torch adapter against the hand-worked case suite (``adapters.torch.cases``).
+"""The torch adapter against the hand-worked case suite (``adapters.torch.suite.cases``).
 
 For every case, fused three ways (``fuse`` without and with example inputs, and the mmcv
 drop-in ``fuse_conv_bn``), the fused model must compute what the original computes (judged
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from adapters.torch import FoldedPair, FusionReport, SkippedNorm, fuse, fuse_conv_bn
-from adapters.torch.cases import (CASES, FAMILIES, BatchNormAct2d, Case, FrozenBatchNorm2d, ShiftedBatchNorm2d,
+from adapters.torch.suite.cases import (CASES, FAMILIES, BatchNormAct2d, Case, FrozenBatchNorm2d, ShiftedBatchNorm2d,
                                   count_norm_calls, get_case, is_norm_module, iter_cases, norm_module_names,
                                   randomize_norm_stats)
 from refimpl import compare_models

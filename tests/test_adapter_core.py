@@ -21,8 +21,8 @@ from torch import nn  # noqa: E402
 
 import refimpl  # noqa: E402
 from adapters.torch import FoldedNormAct, FusionReport, fuse, fuse_conv_bn  # noqa: E402
-from adapters.torch.cases import Conv2dSame  # noqa: E402
-from adapters.torch.report import REASONS  # noqa: E402
+from adapters.torch.suite.cases import Conv2dSame  # noqa: E402
+from adapters.report import REASONS  # noqa: E402
 
 
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -631,7 +631,7 @@ class TestConcatFold:
         assert verdict.ok, verdict.describe()
 
     def test_batchnorm_act_after_concat_keeps_activation(self):
-        from adapters.torch.cases import BatchNormAct2d
+        from adapters.torch.suite.cases import BatchNormAct2d
         model = randomise(MixedConv(BatchNormAct2d(16, act_layer=nn.SiLU))).eval()
         fused, report = fuse(model)
         assert isinstance(fused.bn, FoldedNormAct) and isinstance(fused.bn.act, nn.SiLU)

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from adapters.torch import fuse_conv_bn
-from adapters.torch import cases as case_suite
+from adapters.torch.suite import cases as case_suite
 from adapters.torch.__main__ import main
-from adapters.torch.audit import AuditTarget, audit_one, audit_targets, format_result, load_object, run_audit
+from adapters.torch.suite.audit import AuditTarget, audit_one, audit_targets, format_result, load_object, run_audit
 from refimpl import fold_conv_bn
 
 
@@ -201,7 +201,7 @@ class TestArguments:
             load_object("no_such_module_xyz:fuse")
         with pytest.raises(ValueError, match="has no attribute 'nope'"):
             load_object("adapters.torch:nope")
-        assert load_object("adapters.torch.audit:AuditTarget.__name__") == "AuditTarget"
+        assert load_object("adapters.torch.suite.audit:AuditTarget.__name__") == "AuditTarget"
 
     def test_cli_usage_errors_exit_2(self, capsys):
         with pytest.raises(SystemExit) as info:

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from adapters.torch.__main__ import main
-from adapters.torch.demo import DEFAULT_CASES
-from adapters.torch.verify import verify
+from adapters.torch.suite.demo import DEFAULT_CASES
+from adapters.torch.checking import verify
 
 TESTS = Path(__file__).resolve().parent
 
@@ -98,7 +98,7 @@ def test_output_file_is_a_loadable_fused_model(tmp_path, capsys):
     assert isinstance(fused, nn.Sequential)
     assert [type(m).__name__ for m in fused][:5] == ["Conv2d", "Identity", "ReLU", "Conv2d", "Identity"]
     # Rebuild the original the way the CLI did (same seed) and check the saved model against it.
-    from adapters.torch.demo import load_user_model
+    from adapters.torch.suite.demo import load_user_model
     original, inputs = load_user_model("test_cli:small_net", input_shape=(2, 3, 8, 8), random_stats=True, seed=3)
     assert verify(original, fused, *inputs).ok
 

@@ -30,7 +30,7 @@ from torch import nn
 
 import refimpl
 from adapters.torch import fuse
-from adapters.torch.cases import randomize_norm_stats, randomize_parameters
+from adapters.torch.suite.cases import randomize_norm_stats, randomize_parameters
 
 Layer = nn.Module
 

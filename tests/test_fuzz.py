@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from adapters.torch import fuse
-from adapters.torch.verify import rounded_copy
-from adapters.torch.cases import (Conv2dSame, count_norm_calls, is_norm_module, norm_module_names,
+from adapters.torch.checking import rounded_copy
+from adapters.torch.suite.cases import (Conv2dSame, count_norm_calls, is_norm_module, norm_module_names,
                                   randomize_norm_stats, randomize_parameters)
 from refimpl import compare_models
 

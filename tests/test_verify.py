@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapters.torch.verify import ModelRunError, verify
+from adapters.torch.checking import ModelRunError, verify
 from refimpl import MODEL_RATIO, fold_bn_conv, fold_conv_bn
 
 @pytest.fixture(autouse=True)
@@ -268,7 +268,8 @@ class TestVerify:
                                   "trap_split_sequential", "trap_bn_shared_by_two_convs", "trap_modulelist_loop",
                                   "trap_residual_bn_before_conv"])
 def test_passes_our_fused_models(name):
-    from adapters.torch import cases, fuse
+    from adapters.torch import fuse
+    from adapters.torch.suite import cases
 
     case = cases.get_case(name)
     model, x = case.build(), case.make_input()
@@ -280,7 +281,7 @@ def test_passes_our_fused_models(name):
 
 
 def test_rounded_copy_perturbs_every_parameter_by_at_most_one_rounding():
-    from adapters.torch.verify import rounded_copy
+    from adapters.torch.checking import rounded_copy
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).half()
     with torch.no_grad():

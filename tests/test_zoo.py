@@ -1,4 +1,4 @@
-"""Real networks folded end to end: every torchvision and timm entry of :mod:`adapters.torch.zoo`.
+"""Real networks folded end to end: every torchvision and timm entry of :mod:`adapters.torch.suite.zoo`.
 
 For each entry the fused network must
 
@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from adapters.torch import FusionReport, fuse, fuse_conv_bn
-from adapters.torch.cases import count_norm_calls, is_norm_module
-from adapters.torch.zoo import ZOO, ZooEntry, build
+from adapters.torch.suite.cases import count_norm_calls, is_norm_module
+from adapters.torch.suite.zoo import ZOO, ZooEntry, build
 from refimpl import compare_models
 
 pytestmark = pytest.mark.zoo
@@ -167,7 +167,7 @@ def test_missing_library_names_the_extra(monkeypatch):
 
 def test_zoo_imports_without_torchvision_or_timm():
     code = ("import sys; sys.modules['torchvision'] = None; sys.modules['timm'] = None\n"
-            "from adapters.torch import zoo\n"
+            "from adapters.torch.suite import zoo\n"
             "assert len(zoo.ZOO) >= 12\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

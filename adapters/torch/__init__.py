@@ -11,8 +11,8 @@
 """
 
 from .fusion import FoldedNormAct, fuse, fuse_conv_bn
-from .report import FOLD_KINDS, REASONS, FoldedPair, FusionReport, SkippedNorm
-from .verify import Verdict, rounded_copy, verify  # adapters.torch.verify is the function
+from ..report import FOLD_KINDS, REASONS, FoldedPair, FusionReport, SkippedNorm
+from .checking import Verdict, rounded_copy, verify
 
 __all__ = ["fuse", "fuse_conv_bn", "verify", "Verdict", "rounded_copy", "FusionReport", "FoldedPair", "SkippedNorm",
            "FoldedNormAct", "REASONS", "FOLD_KINDS"]

@@ -16,7 +16,7 @@ _MAIN_DESCRIPTION = """\
 Fold BatchNorm layers into neighbouring conv/linear layers, verify the result against a float64
 reference run of the original model, and time the forward pass.
 
-With no arguments, runs a built-in selection of small models from adapters/torch/cases.py (every
+With no arguments, runs a built-in selection of small models from adapters/torch/suite/cases.py (every
 fold family -- conv->bn, conv_transpose->bn, linear->bn, bn->conv, bn->linear -- the norm-layer
 variants and traps that registration-order fusers get wrong; random weights, random BatchNorm
 statistics, no downloads) and prints one row per model:
@@ -63,7 +63,7 @@ use only files you trust) or from a fuser applied to a copy of the original
 _AUDIT_DESCRIPTION = """\
 Audit a BatchNorm fuser called as FUNCTION(model) -> model, e.g. mmcv.cnn:fuse_conv_bn,
 torch.fx.experimental.optimization:fuse or adapters.torch:fuse_conv_bn. Each model of the case
-suite (adapters/torch/cases.py) and, unless --no-zoo, of the model zoo (torchvision/timm
+suite (adapters/torch/suite/cases.py) and, unless --no-zoo, of the model zoo (torchvision/timm
 architectures, when installed) is put in eval mode, deep-copied and handed to the fuser; the
 result is verified against the float64 reference of the original and its norm evaluations are
 counted. One line per model:
@@ -108,7 +108,7 @@ def _main_parser() -> argparse.ArgumentParser:
                              "(not a state_dict: folded norms are gone, so the original class cannot load it). "
                              "Load with torch.load(PATH, weights_only=False); the model's classes must be importable")
     parser.add_argument("--case", action="append", default=[], metavar="NAME",
-                        help="without --model: run this case of adapters/torch/cases.py (repeatable) instead of "
+                        help="without --model: run this case of adapters/torch/suite/cases.py (repeatable) instead of "
                              "the default selection")
     parser.add_argument("--all-cases", action="store_true", help="without --model: run every case of the suite")
     parser.add_argument("--repeats", type=int, default=7,
@@ -186,8 +186,8 @@ def _main_job(argv: Sequence[str]) -> int:
 
     import torch
 
-    from . import cases as case_suite
-    from .demo import DEFAULT_CASES, DTYPES, default_models, format_table, load_user_model, parse_shape, run_model
+    from .suite import cases as case_suite
+    from .suite.demo import DEFAULT_CASES, DTYPES, default_models, format_table, load_user_model, parse_shape, run_model
 
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -263,9 +263,9 @@ def _verify_job(argv: Sequence[str]) -> int:
     import torch
     from torch import nn
 
-    from .audit import load_object
-    from .demo import DTYPES, load_user_model, parse_shape
-    from .verify import ModelRunError, verify
+    from .suite.audit import load_object
+    from .suite.demo import DTYPES, load_user_model, parse_shape
+    from .checking import ModelRunError, verify
 
     try:
         device = torch.device(args.device)
@@ -300,7 +300,7 @@ def _audit_job(argv: Sequence[str]) -> int:
     if args.no_zoo and args.no_cases:
         parser.error("--no-zoo and --no-cases leave nothing to audit")
 
-    from .audit import (audit_targets, format_header, format_result, format_summary, load_object,
+    from .suite.audit import (audit_targets, format_header, format_result, format_summary, load_object,
                         run_audit, summarize)
 
     try:

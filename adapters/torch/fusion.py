@@ -34,7 +34,7 @@ import refimpl
 from .graph import CallSite, LayerKind, ModelIndex, SiteAnalysis, analyse_sites, trace_regions
 from .norms import NormInfo, NormRejection, NormStats, norm_stats
 from .precision import round_once, scaled_copy, scaled_copy_buffer_size
-from .report import FoldedPair, FusionReport, SkippedNorm
+from ..report import FoldedPair, FusionReport, SkippedNorm
 
 __all__ = ["fuse", "fuse_conv_bn", "FoldedNormAct"]
 

@@ -1,7 +1,7 @@
 """The main job: fuse models, verify each against the float64 reference, and time the forward pass.
 
 :func:`run_model` fuses one model with :func:`adapters.torch.fuse`, checks the fused model with
-:func:`adapters.torch.verify.verify` and measures the forward pass of both; :func:`format_table`
+:func:`adapters.torch.verify` and measures the forward pass of both; :func:`format_table`
 prints one row per model. ``python -m adapters.torch`` runs it on a default selection of the case
 suite (every fold family and a few traps) or on a user's model.
 """
@@ -19,7 +19,7 @@ from torch import nn
 
 from . import cases as case_suite
 from .audit import load_object
-from .verify import verify
+from ..checking import verify
 
 __all__ = ["DEFAULT_CASES", "ModelRow", "DTYPES", "default_models", "load_user_model", "parse_shape",
            "run_model", "time_forward", "format_table"]
@@ -133,7 +133,7 @@ def run_model(name: str, model: nn.Module, inputs: tuple, *, repeats: int = 7,
               fuse: Callable[..., tuple[nn.Module, Any]] | None = None) -> tuple[ModelRow, nn.Module]:
     """Fuse ``model`` (a copy: it is left as it was), verify the result and time both; returns the row and the fused model."""
     if fuse is None:
-        from . import fuse
+        from .. import fuse
     fused, report = fuse(model, inplace=False, example_inputs=inputs)
     verdict = verify(model, fused, *inputs)
     reasons = Counter(skip.reason for skip in report.skipped)
@@ -148,7 +148,7 @@ def run_model(name: str, model: nn.Module, inputs: tuple, *, repeats: int = 7,
 
 def default_models(names: tuple[str, ...] = DEFAULT_CASES, *, dtype: torch.dtype = torch.float32,
                    device: torch.device | str = "cpu") -> Iterator[tuple[str, nn.Module, tuple]]:
-    """``(name, model, inputs)`` for each named case of :mod:`adapters.torch.cases`."""
+    """``(name, model, inputs)`` for each named case of :mod:`adapters.torch.suite.cases`."""
     for name in names:
         case = case_suite.get_case(name)
         model = case.build().to(device=device, dtype=dtype)

@@ -2,8 +2,8 @@
 
 A fuser is any callable ``fuser(model) -> model`` named as ``"module:function"`` (for example
 ``mmcv.cnn:fuse_conv_bn``, ``torch.fx.experimental.optimization:fuse`` or
-``adapters.torch:fuse_conv_bn``). For each model of :mod:`adapters.torch.cases` (and of
-:mod:`adapters.torch.zoo` when torchvision/timm are installed) the fuser gets a deep copy of the
+``adapters.torch:fuse_conv_bn``). For each model of :mod:`adapters.torch.suite.cases` (and of
+:mod:`adapters.torch.suite.zoo` when torchvision/timm are installed) the fuser gets a deep copy of the
 model in eval mode; its result is checked with :func:`adapters.torch.verify` against the float64
 reference run of the original, and the norm evaluations left in one forward pass are counted and
 compared with the hand-worked number a correct fuser leaves. Each model gets one status:
@@ -32,7 +32,7 @@ import torch.fx
 from torch import nn
 
 from . import cases as case_suite
-from .verify import ModelRunError, verify
+from ..checking import ModelRunError, verify
 
 __all__ = ["AuditResult", "AuditTarget", "STATUSES", "load_object", "audit_targets", "audit_one", "run_audit",
            "format_header", "format_result", "format_summary", "summarize"]
