@@ -44,12 +44,30 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import (DTYPES, Report, Table, base_parser, configure_threads, disable_tf32,  # noqa: E402
-                               format_float, format_ratio, machine_info, make_fusers, parse_models, resolve_device,
-                               short_error)
-from refimpl import MODEL_RATIO, fold_bn_conv, fold_bn_linear, fold_conv_bn, fold_linear_bn  # noqa: E402
-from refimpl import relative_rms_error  # noqa: E402
 from adapters.torch.checking import rounded_copy  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    DTYPES,
+    Report,
+    Table,
+    base_parser,
+    configure_threads,
+    disable_tf32,
+    format_float,
+    format_ratio,
+    machine_info,
+    make_fusers,
+    parse_models,
+    resolve_device,
+    short_error,
+)
+from refimpl import (  # noqa: E402
+    MODEL_RATIO,
+    fold_bn_conv,
+    fold_bn_linear,
+    fold_conv_bn,
+    fold_linear_bn,
+    relative_rms_error,  # noqa: E402
+)
 
 log = logging.getLogger("bnfold.benchmarks.accuracy")
 

@@ -39,8 +39,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import (Report, Table, base_parser, configure_threads, format_ratio,  # noqa: E402
-                               machine_info, parse_models, resolve_device, short_error, synchronize)
+from benchmarks.common import (  # noqa: E402
+    Report,
+    Table,
+    base_parser,
+    configure_threads,
+    format_ratio,
+    machine_info,
+    parse_models,
+    resolve_device,
+    short_error,
+    synchronize,
+)
 
 log = logging.getLogger("bnfold.benchmarks.fuse_time")
 

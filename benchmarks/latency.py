@@ -26,8 +26,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (DTYPES, Report, Table, base_parser, configure_threads, machine_info,  # noqa: E402
-                               make_fusers, parse_models, resolve_device, short_error, timed_runs)
+from benchmarks.common import (  # noqa: E402
+    DTYPES,
+    Report,
+    Table,
+    base_parser,
+    configure_threads,
+    machine_info,
+    make_fusers,
+    parse_models,
+    resolve_device,
+    short_error,
+    timed_runs,
+)
 
 log = logging.getLogger("bnfold.benchmarks.latency")
 

@@ -7,8 +7,19 @@ float64 numpy transcriptions of their definitions, mirroring ``torch.nn.function
 
 from .fold import bn_scale_shift, fold_bn_conv, fold_bn_linear, fold_conv_bn, fold_linear_bn
 from .ops import batch_norm, conv, conv_transpose, linear
-from .tolerance import (MODEL_RATIO, SAFETY, UNIT_ROUNDOFF, Comparison, ModelComparison, assert_within, compare,
-                        compare_models, error_bound, relative_rms_error, unit_roundoff)
+from .tolerance import (
+                        MODEL_RATIO,
+                        SAFETY,
+                        UNIT_ROUNDOFF,
+                        Comparison,
+                        ModelComparison,
+                        assert_within,
+                        compare,
+                        compare_models,
+                        error_bound,
+                        relative_rms_error,
+                        unit_roundoff,
+)
 
 __all__ = [
     "bn_scale_shift", "fold_conv_bn", "fold_linear_bn", "fold_bn_conv", "fold_bn_linear",

@@ -26,8 +26,9 @@ judged by this bound but bit for bit (``spec/conformance.md``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -18,9 +18,20 @@ import torch
 from torch import nn
 
 from adapters.torch import FoldedPair, FusionReport, SkippedNorm, fuse, fuse_conv_bn
-from adapters.torch.suite.cases import (CASES, FAMILIES, BatchNormAct2d, Case, FrozenBatchNorm2d, ShiftedBatchNorm2d,
-                                  count_norm_calls, get_case, is_norm_module, iter_cases, norm_module_names,
-                                  randomize_norm_stats)
+from adapters.torch.suite.cases import (
+    CASES,
+    FAMILIES,
+    BatchNormAct2d,
+    Case,
+    FrozenBatchNorm2d,
+    ShiftedBatchNorm2d,
+    count_norm_calls,
+    get_case,
+    is_norm_module,
+    iter_cases,
+    norm_module_names,
+    randomize_norm_stats,
+)
 from refimpl import compare_models
 
 FOLD_KINDS = {"conv->bn", "conv_transpose->bn", "linear->bn", "bn->conv", "bn->linear"}

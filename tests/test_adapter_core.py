@@ -20,9 +20,9 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import refimpl  # noqa: E402
+from adapters.report import REASONS  # noqa: E402
 from adapters.torch import FoldedNormAct, FusionReport, fuse, fuse_conv_bn  # noqa: E402
 from adapters.torch.suite.cases import Conv2dSame  # noqa: E402
-from adapters.report import REASONS  # noqa: E402
 
 
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:

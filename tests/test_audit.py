@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 from adapters.torch import fuse_conv_bn
-from adapters.torch.suite import cases as case_suite
 from adapters.torch.__main__ import main
+from adapters.torch.suite import cases as case_suite
 from adapters.torch.suite.audit import AuditTarget, audit_one, audit_targets, format_result, load_object, run_audit
 from refimpl import fold_conv_bn
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

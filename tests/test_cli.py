@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from adapters.torch.__main__ import main
-from adapters.torch.suite.demo import DEFAULT_CASES
 from adapters.torch.checking import verify
+from adapters.torch.suite.demo import DEFAULT_CASES
 
 TESTS = Path(__file__).resolve().parent
 

@@ -16,8 +16,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refimpl import (assert_within, batch_norm, bn_scale_shift, compare, conv, conv_transpose, error_bound,
-                     fold_bn_conv, fold_bn_linear, fold_conv_bn, fold_linear_bn, linear)
+from refimpl import (
+    assert_within,
+    batch_norm,
+    bn_scale_shift,
+    compare,
+    conv,
+    conv_transpose,
+    error_bound,
+    fold_bn_conv,
+    fold_bn_linear,
+    fold_conv_bn,
+    fold_linear_bn,
+    linear,
+)
 
 torch = pytest.importorskip("torch")
 

@@ -26,8 +26,14 @@ from torch import nn
 
 from adapters.torch import fuse
 from adapters.torch.checking import rounded_copy
-from adapters.torch.suite.cases import (Conv2dSame, count_norm_calls, is_norm_module, norm_module_names,
-                                  randomize_norm_stats, randomize_parameters)
+from adapters.torch.suite.cases import (
+    Conv2dSame,
+    count_norm_calls,
+    is_norm_module,
+    norm_module_names,
+    randomize_norm_stats,
+    randomize_parameters,
+)
 from refimpl import compare_models
 
 CHANNELS = 4

@@ -9,8 +9,17 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from refimpl import (MODEL_RATIO, SAFETY, UNIT_ROUNDOFF, assert_within, compare, compare_models, error_bound,
-                     relative_rms_error, unit_roundoff)
+from refimpl import (
+    MODEL_RATIO,
+    SAFETY,
+    UNIT_ROUNDOFF,
+    assert_within,
+    compare,
+    compare_models,
+    error_bound,
+    relative_rms_error,
+    unit_roundoff,
+)
 
 torch = pytest.importorskip("torch")
 

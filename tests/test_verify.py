@@ -16,6 +16,7 @@ from torch import nn
 from adapters.torch.checking import ModelRunError, verify
 from refimpl import MODEL_RATIO, fold_bn_conv, fold_conv_bn
 
+
 @pytest.fixture(autouse=True)
 def seeded_weights():
     # Layer constructors draw from the global RNG: seed it per test (and restore it after), so each

@@ -10,9 +10,9 @@
 'Identity'
 """
 
-from .fusion import FoldedNormAct, fuse, fuse_conv_bn
 from ..report import FOLD_KINDS, REASONS, FoldedPair, FusionReport, SkippedNorm
 from .checking import Verdict, rounded_copy, verify
+from .fusion import FoldedNormAct, fuse, fuse_conv_bn
 
 __all__ = ["fuse", "fuse_conv_bn", "verify", "Verdict", "rounded_copy", "FusionReport", "FoldedPair", "SkippedNorm",
            "FoldedNormAct", "REASONS", "FOLD_KINDS"]

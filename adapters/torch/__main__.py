@@ -10,7 +10,8 @@ import json
 import logging
 import math
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 _MAIN_DESCRIPTION = """\
 Fold BatchNorm layers into neighbouring conv/linear layers, verify the result against a float64
@@ -263,9 +264,9 @@ def _verify_job(argv: Sequence[str]) -> int:
     import torch
     from torch import nn
 
+    from .checking import ModelRunError, verify
     from .suite.audit import load_object
     from .suite.demo import DTYPES, load_user_model, parse_shape
-    from .checking import ModelRunError, verify
 
     try:
         device = torch.device(args.device)
@@ -300,8 +301,15 @@ def _audit_job(argv: Sequence[str]) -> int:
     if args.no_zoo and args.no_cases:
         parser.error("--no-zoo and --no-cases leave nothing to audit")
 
-    from .suite.audit import (audit_targets, format_header, format_result, format_summary, load_object,
-                        run_audit, summarize)
+    from .suite.audit import (
+        audit_targets,
+        format_header,
+        format_result,
+        format_summary,
+        load_object,
+        run_audit,
+        summarize,
+    )
 
     try:
         fuser = load_object(args.fuser, "the fuser")

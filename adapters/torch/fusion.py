@@ -22,8 +22,9 @@ import logging
 import math
 import signal
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,10 +32,10 @@ from torch.nn.parameter import is_lazy
 
 import refimpl
 
+from ..report import FoldedPair, FusionReport, SkippedNorm
 from .graph import CallSite, LayerKind, ModelIndex, SiteAnalysis, analyse_sites, trace_regions
 from .norms import NormInfo, NormRejection, NormStats, norm_stats
 from .precision import round_once, scaled_copy, scaled_copy_buffer_size
-from ..report import FoldedPair, FusionReport, SkippedNorm
 
 __all__ = ["fuse", "fuse_conv_bn", "FoldedNormAct"]
 
@@ -147,7 +148,7 @@ class _Step:
     info: NormInfo
     direction: str  # "forward": the norm runs after the layer; "backward": before it
     order: int      # norms between this one and the layer
-    channels: Optional[tuple[int, int]] = None  # the norm's channel slice the layer produces (concat); None: all
+    channels: tuple[int, int] | None = None  # the norm's channel slice the layer produces (concat); None: all
 
 
 @dataclass
@@ -155,10 +156,10 @@ class _LayerPlan:
     layer: nn.Module
     kind: str
     steps: list[_Step]
-    weight: Optional[torch.Tensor] = None   # the new weight, or None when ``factor`` scales it in place
-    factor: Optional[torch.Tensor] = None   # W' = W * factor, applied to the weight's own storage
-    bias: Optional[torch.Tensor] = None
-    changes: Optional[list[float]] = None
+    weight: torch.Tensor | None = None   # the new weight, or None when ``factor`` scales it in place
+    factor: torch.Tensor | None = None   # W' = W * factor, applied to the weight's own storage
+    bias: torch.Tensor | None = None
+    changes: list[float] | None = None
 
 
 class _Planner:
@@ -244,7 +245,7 @@ class _Planner:
                     changed = True
         return choice
 
-    def _first_allowed(self, key: tuple, start: str) -> Optional[tuple[str, tuple]]:
+    def _first_allowed(self, key: tuple, start: str) -> tuple[str, tuple] | None:
         a = self.analysis
         order = ("forward", "backward") if start == "forward" else ("backward",)
         for direction in order:
@@ -300,14 +301,14 @@ def _fold_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _fold_step(plan: _LayerPlan, step: _Step, w: torch.Tensor, b: Optional[torch.Tensor], dtype: torch.dtype,
+def _fold_step(plan: _LayerPlan, step: _Step, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype,
                index: ModelIndex) -> tuple[torch.Tensor, torch.Tensor]:
     """One refimpl fold of ``step.norm`` into weight ``w`` / bias ``b`` (tensors in the fold dtype)."""
     layer = plan.layer
     stats = _step_stats(step)
     device = w.device
 
-    def cast(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(device=device, dtype=dtype)
 
     args = (cast(stats.mean), cast(stats.var), stats.eps, cast(stats.weight), cast(stats.bias))
@@ -335,7 +336,7 @@ def _step_stats(step: _Step) -> NormStats:
         return stats
     start, stop = step.channels
 
-    def part(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def part(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t[start:stop]
 
     return replace(stats, mean=part(stats.mean), var=part(stats.var), weight=part(stats.weight),
@@ -417,7 +418,7 @@ def _relative(change: float, scale: float) -> float:
 
 
 def _compute(plan: _LayerPlan, index: ModelIndex,
-             folded: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Optional[str]:
+             folded: tuple[torch.Tensor, torch.Tensor] | None = None) -> str | None:
     """Compute the layer's new bias and its new weight, or the factor that :func:`_apply` scales the
     weight by. Returns an overflow detail instead when they do not fit.
 
@@ -716,7 +717,7 @@ def _pick_reason(reasons: list[tuple[str, str]]) -> tuple[str, str]:
     return best
 
 
-def _under(name: str, prefixes: dict[str, str]) -> Optional[str]:
+def _under(name: str, prefixes: dict[str, str]) -> str | None:
     """The longest proper ancestor (or the name itself) of ``name`` found in ``prefixes``."""
     parts = name.split(".")
     for i in range(len(parts) - 1, -1, -1):

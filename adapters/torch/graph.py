@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import fx, nn
@@ -74,7 +73,7 @@ def _leading_flatten(node: fx.Node) -> bool:
     return node.args[1] == 0 and isinstance(node.args[2], int)
 
 
-def _known_forward(module: nn.Module, bases: tuple) -> Optional[type]:
+def _known_forward(module: nn.Module, bases: tuple) -> type | None:
     """The base among ``bases`` that ``module`` is an instance of, if its forward is that base's own."""
     for base in bases:
         if isinstance(module, base):
@@ -91,7 +90,7 @@ def is_quantized(module: nn.Module) -> bool:
     return type(module).__module__.startswith(_QUANTIZED_PACKAGES)
 
 
-def classify_layer(module: nn.Module) -> tuple[Optional[str], str]:
+def classify_layer(module: nn.Module) -> tuple[str | None, str]:
     """Classify a potential fold partner.
 
     Returns ``(kind, "")`` for a foldable conv/transposed conv/linear, ``(None, reason)``
@@ -161,12 +160,12 @@ class ModelIndex:
                 if param is not None:
                     param_users[id(param)] = param_users.get(id(param), 0) + 1
         self._param_users = param_users
-        self._layer_cache: dict[int, tuple[Optional[str], str]] = {}
+        self._layer_cache: dict[int, tuple[str | None, str]] = {}
 
     def name(self, module: nn.Module) -> str:
         return self.name_of.get(id(module), f"<unregistered {type(module).__name__}>")
 
-    def layer(self, module: nn.Module) -> tuple[Optional[str], str]:
+    def layer(self, module: nn.Module) -> tuple[str | None, str]:
         key = id(module)
         cached = self._layer_cache.get(key)
         if cached is None:
@@ -284,7 +283,7 @@ class ForwardCandidate:
     layer: CallSite
     norm: CallSite
     between: tuple[fx.Node, ...]
-    channels: Optional[tuple[int, int]] = None
+    channels: tuple[int, int] | None = None
 
 
 @dataclass
@@ -407,7 +406,7 @@ class SiteAnalysis:
             memo[visited] = result
         return result
 
-    def _rank_step(self, region: Region, node: fx.Node) -> tuple[bool, Optional[fx.Node]]:
+    def _rank_step(self, region: Region, node: fx.Node) -> tuple[bool, fx.Node | None]:
         """``(answer, None)`` when decided at ``node``, ``(False, input)`` to defer to ``input``."""
         first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if node.op == "call_function":
@@ -466,7 +465,7 @@ class SiteAnalysis:
                                "traced")
 
     def _fold_partner(self, region: Region, node: fx.Node, norm: nn.Module, reads: str, meets: str
-                      ) -> Optional[tuple[nn.Module, str, str]]:
+                      ) -> tuple[nn.Module, str, str] | None:
         """The conv/linear layer called at ``node``, next to ``norm``: ``(module, name, kind)``, or None
         after noting why nothing there can take the fold (``reads``/``meets`` start the message)."""
         if node.op != "call_module":
@@ -491,8 +490,8 @@ class SiteAnalysis:
         name = self.index.name(norm)
         between: list[fx.Node] = []
         current = norm_node
-        shared_by: Optional[tuple[fx.Node, list[fx.Node]]] = None
-        flattened: Optional[fx.Node] = None  # a leading-dims flatten between a linear layer and the norm
+        shared_by: tuple[fx.Node, list[fx.Node]] | None = None
+        flattened: fx.Node | None = None  # a leading-dims flatten between a linear layer and the norm
         while True:
             source = current.args[0] if current.args and isinstance(current.args[0], fx.Node) else None
             if flattened is None and current is not norm_node and _leading_flatten(current):
@@ -548,7 +547,7 @@ class SiteAnalysis:
         self.forward[self.site_key(site)] = (ForwardCandidate(CallSite(region, source), site, tuple(between)),)
 
     def _look_into_concat(self, site: CallSite, info: NormInfo, cat: fx.Node, between: list[fx.Node],
-                          shared_by: Optional[tuple[fx.Node, list[fx.Node]]], current: fx.Node) -> None:
+                          shared_by: tuple[fx.Node, list[fx.Node]] | None, current: fx.Node) -> None:
         """conv_1, ..., conv_k -> torch.cat(dim=1) -> norm: channel slice i of the norm folds into conv_i.
 
         Exact because the norm is a per-channel affine map and the concat only places each
@@ -705,7 +704,7 @@ def conv_pads_exactly(conv: nn.Module) -> bool:
 _CAT_FUNCTIONS = (torch.cat, torch.concat)
 
 
-def _channel_cat_inputs(node: fx.Node) -> Optional[list]:
+def _channel_cat_inputs(node: fx.Node) -> list | None:
     """The tensor list of ``torch.cat(tensors, dim=1)`` / ``torch.concat``, else None.
 
     Only ``dim=1`` (the channel axis of conv outputs) is accepted: a negative dim names the

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -57,8 +56,8 @@ class NormStats:
     mean: torch.Tensor
     var: torch.Tensor
     eps: float
-    weight: Optional[torch.Tensor]
-    bias: Optional[torch.Tensor]
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
     num_features: int
 
 
@@ -67,7 +66,7 @@ _BATCH_NORM_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 _TIMM_NORM_ACT = {"BatchNormAct2d": nn.BatchNorm2d, "SyncBatchNormAct": nn.SyncBatchNorm}
 
 
-def _class_in_mro(module: nn.Module, name: str, package: Optional[str] = None) -> Optional[type]:
+def _class_in_mro(module: nn.Module, name: str, package: str | None = None) -> type | None:
     for cls in type(module).__mro__:
         if cls.__name__ == name and (package is None or cls.__module__.split(".")[0] == package):
             return cls
@@ -79,7 +78,7 @@ def _has_drop_and_act(module: nn.Module) -> bool:
     return isinstance(modules.get("drop"), nn.Module) and isinstance(modules.get("act"), nn.Module)
 
 
-def _frozen_buffers(module: nn.Module) -> Optional[int]:
+def _frozen_buffers(module: nn.Module) -> int | None:
     """Channel count if ``module`` holds exactly the FrozenBatchNorm buffers and no parameters."""
     if module._parameters:
         return None
@@ -142,7 +141,7 @@ def classify_norm(module: nn.Module) -> NormInfo | NormRejection | None:
     return None
 
 
-def _detached(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 
 

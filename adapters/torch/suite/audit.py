@@ -24,15 +24,16 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
 
-from . import cases as case_suite
 from ..checking import ModelRunError, verify
+from . import cases as case_suite
 
 __all__ = ["AuditResult", "AuditTarget", "STATUSES", "load_object", "audit_targets", "audit_one", "run_audit",
            "format_header", "format_result", "format_summary", "summarize"]

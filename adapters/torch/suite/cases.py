@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn

@@ -11,15 +11,16 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..checking import verify
 from . import cases as case_suite
 from .audit import load_object
-from ..checking import verify
 
 __all__ = ["DEFAULT_CASES", "ModelRow", "DTYPES", "default_models", "load_user_model", "parse_shape",
            "run_model", "time_forward", "format_table"]
