@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from refimpl import bn_scale_shift, conformance
+from refimpl import bn_scale_shift, compare, conformance, error_bound
 from refimpl.__main__ import main
 
 torch = pytest.importorskip("torch")
@@ -71,28 +71,28 @@ class TestVectors:
         # Independent oracle: torch's own fuse helpers (float64, groups=1 layouts where they are right).
         from torch.nn.utils.fusion import fuse_conv_bn_weights
         v = vectors["conv2d_bn"]
-        t = lambda x: None if x is None else torch.tensor(conformance._decode(x), dtype=torch.float64)
+        t = lambda x: None if x is None else torch.tensor(conformance.decode_tensor(x), dtype=torch.float64)
         bn = v["inputs"]["bn"]
         w, b = fuse_conv_bn_weights(t(v["inputs"]["weight"]), t(v["inputs"]["bias"]), t(bn["running_mean"]),
                                     t(bn["running_var"]), bn["eps"], t(bn["weight"]), t(bn["bias"]))
         tolerance = v["tolerance"]
         for name, actual in (("weight", w), ("bias", b)):
-            bound = conformance.error_bound(conformance._decode(tolerance[name]["magnitude"]), tolerance[name]["n"],
+            bound = error_bound(conformance.decode_tensor(tolerance[name]["magnitude"]), tolerance[name]["n"],
                                             "float64")
-            assert conformance.compare(actual, conformance._decode(v["expected"][name]), bound).ok, name
+            assert compare(actual, conformance.decode_tensor(v["expected"][name]), bound).ok, name
 
     def test_probe_output_agrees_with_torch_float64(self, vectors):
         v = vectors["conv_transpose2d_bn_grouped"]
         layer, bn = v["layer"], v["inputs"]["bn"]
-        t = lambda x: torch.tensor(conformance._decode(x), dtype=torch.float64)
+        t = lambda x: torch.tensor(conformance.decode_tensor(x), dtype=torch.float64)
         y = torch.nn.functional.conv_transpose2d(t(v["probe"]["x"]), t(v["inputs"]["weight"]), t(v["inputs"]["bias"]),
                                                  stride=layer["stride"], padding=layer["padding"],
                                                  output_padding=layer["output_padding"], groups=layer["groups"])
         y = torch.nn.functional.batch_norm(y, t(bn["running_mean"]), t(bn["running_var"]), t(bn["weight"]),
                                            t(bn["bias"]), eps=bn["eps"])
-        expected = conformance._decode(v["probe"]["y"])
-        bound = conformance.error_bound(conformance._decode(v["probe"]["magnitude"]), v["probe"]["n"], "float64")
-        assert conformance.compare(y, expected, bound).ok
+        expected = conformance.decode_tensor(v["probe"]["y"])
+        bound = error_bound(conformance.decode_tensor(v["probe"]["magnitude"]), v["probe"]["n"], "float64")
+        assert compare(y, expected, bound).ok
 
     def test_rounding_matches_numpy_float16(self):
         values = np.random.default_rng(0).normal(0, 300, 2000) * np.logspace(-9, 0, 2000)
@@ -106,8 +106,26 @@ class TestVectors:
         assert torch.tensor([x], dtype=torch.float64).float().bfloat16().double().item() == 1.0
 
     def test_duplicate_case_name_is_rejected(self):
+        def conv2d_bn() -> dict:
+            """A second case under an existing name."""
+            return {}
+
         with pytest.raises(ValueError, match="registered twice"):
-            conformance.case("conv2d_bn")(lambda: {})
+            conformance.case(conv2d_bn)
+        assert conformance.CASES["conv2d_bn"] is not conv2d_bn
+
+    def test_case_without_docstring_is_rejected(self):
+        def undocumented_case() -> dict:
+            return {}
+
+        with pytest.raises(ValueError, match="no docstring"):
+            conformance.case(undocumented_case)
+        assert "undocumented_case" not in conformance.CASES
+
+    def test_name_and_description_come_from_the_case_function(self, vectors):
+        function = conformance.CASES["bn_linear"]
+        assert function.__name__ == "bn_linear" and vectors["bn_linear"]["name"] == "bn_linear"
+        assert vectors["bn_linear"]["description"] == " ".join(function.__doc__.split())
 
 
 class TestCheck:
@@ -125,10 +143,10 @@ class TestCheck:
         results = copy.deepcopy(good_results)
         v = vectors["conv2d_bn_float64"]
         weight = np.array(results["results"]["conv2d_bn_float64"]["weight"])
-        bound = conformance.error_bound(conformance._decode(v["tolerance"]["weight"]["magnitude"]),
+        bound = error_bound(conformance.decode_tensor(v["tolerance"]["weight"]["magnitude"]),
                                         v["tolerance"]["weight"]["n"], "float64")
         index = (1, 0, 2, 1)
-        weight[index] = conformance._decode(v["expected"]["weight"])[index] + 1.5 * bound[index]
+        weight[index] = conformance.decode_tensor(v["expected"]["weight"])[index] + 1.5 * bound[index]
         results["results"]["conv2d_bn_float64"]["weight"] = weight.tolist()
         code, out = run_check(tmp_path, results, capsys)
         assert code == 1
@@ -150,10 +168,10 @@ class TestCheck:
         # s[:out/groups] in every group, so group 1's output channels get group 0's scale.
         name = "conv_transpose2d_bn_grouped"
         v = vectors[name]
-        bn = {key: conformance._decode(value) if isinstance(value, dict) else value
+        bn = {key: conformance.decode_tensor(value) if isinstance(value, dict) else value
               for key, value in v["inputs"]["bn"].items()}
         s, _ = bn_scale_shift(bn["running_mean"], bn["running_var"], bn["eps"], bn["weight"], bn["bias"])
-        weight = conformance._decode(v["inputs"]["weight"])
+        weight = conformance.decode_tensor(v["inputs"]["weight"])
         per_group = weight.shape[1]
         results = copy.deepcopy(good_results)
         results["results"][name]["weight"] = (weight * s[None, :per_group, None, None]).tolist()
@@ -168,9 +186,9 @@ class TestCheck:
         for name in LOW_PRECISION:
             v = vectors[name]
             dtype = getattr(torch, v["storage_dtype"])
-            t = lambda x: None if x is None else torch.tensor(conformance._decode(x), dtype=dtype)
+            t = lambda x: None if x is None else torch.tensor(conformance.decode_tensor(x), dtype=dtype)
             bn = {key: t(value) if isinstance(value, dict) else value for key, value in v["inputs"]["bn"].items()}
-            weight, bias = conformance._fold(v["fold"], v["layer"], t(v["inputs"]["weight"]),
+            weight, bias = conformance.fold_pair(v["fold"], v["layer"], t(v["inputs"]["weight"]),
                                              t(v["inputs"]["bias"]), bn)
             as_json = lambda a: [x if math.isfinite(x) else repr(x) for x in a.double().flatten().tolist()]
             results["results"][name] = {"weight": np.reshape(np.array(as_json(weight), dtype=object),
