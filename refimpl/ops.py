@@ -1,9 +1,10 @@
 """Float64 reference ops: plain numpy transcriptions of their definitions.
 
-Each function mirrors its ``torch.nn.functional`` counterpart argument for argument, so a
-test can swap one for the other: :func:`conv` (``conv1d``/``conv2d``/``conv3d``, plus the
-``padding_mode`` of ``nn.ConvNd``), :func:`conv_transpose` (``conv_transpose{1,2,3}d``),
-:func:`batch_norm` (eval mode) and :func:`linear`. Inputs are converted with
+Each function mirrors its ``torch.nn.functional`` counterpart argument for argument (names,
+order, defaults), so a test can swap one for the other: :func:`conv` (``conv1d``/``conv2d``/
+``conv3d``, plus the ``padding_mode`` of ``nn.ConvNd``), :func:`conv_transpose`
+(``conv_transpose{1,2,3}d``), :func:`batch_norm` (eval mode: no ``training`` or ``momentum``, so
+``eps`` is keyword only) and :func:`linear`. Inputs are converted with
 ``np.asarray(..., dtype=float64)`` (callers convert torch tensors); results are float64.
 
 These ops are the oracle the folds are checked against, so they never call ``refimpl.fold``.
@@ -67,15 +68,15 @@ def _channel_view(vector: np.ndarray, ndim: int) -> np.ndarray:
     return vector.reshape((1, -1) + (1,) * (ndim - 2))
 
 
-def _conv_operands(op: str, x: Any, weight: Any, groups: Any) -> tuple[np.ndarray, np.ndarray, int, bool, str]:
-    """Common checks of conv and conv_transpose: returns (x batched, weight, groups, was_unbatched, context)."""
-    x = _f64("x", x)
+def _conv_operands(op: str, input: Any, weight: Any, groups: Any) -> tuple[np.ndarray, np.ndarray, int, bool, str]:
+    """Common checks of conv and conv_transpose: returns (input batched, weight, groups, was_unbatched, context)."""
+    x = _f64("input", input)
     weight = _f64("weight", weight)
-    context = f"x.shape={x.shape}, weight.shape={weight.shape}, groups={groups!r}"
+    context = f"input.shape={x.shape}, weight.shape={weight.shape}, groups={groups!r}"
     if weight.ndim not in (3, 4, 5):
         raise ValueError(f"{op}: weight must have 3, 4 or 5 dims (1, 2 or 3 spatial dims); {context}")
     if x.ndim not in (weight.ndim, weight.ndim - 1):
-        raise ValueError(f"{op}: x must have {weight.ndim} dims (batched) or {weight.ndim - 1} (unbatched) "
+        raise ValueError(f"{op}: input must have {weight.ndim} dims (batched) or {weight.ndim - 1} (unbatched) "
                          f"to match weight's {weight.ndim - 2} spatial dims; {context}")
     try:
         groups = operator.index(groups)
@@ -91,14 +92,14 @@ def _conv_operands(op: str, x: Any, weight: Any, groups: Any) -> tuple[np.ndarra
     return x, weight, groups, unbatched, context
 
 
-def conv(x: Any, weight: Any, bias: Any = None, stride: int | Sequence[int] = 1,
+def conv(input: Any, weight: Any, bias: Any = None, stride: int | Sequence[int] = 1,
          padding: int | Sequence[int] | str = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
          padding_mode: str = "zeros") -> np.ndarray:
     """N-d convolution (cross-correlation) in float64, as ``torch.nn.functional.conv{1,2,3}d``.
 
     Parameters
     ----------
-    x : array_like, shape (N, C_in, *spatial) or (C_in, *spatial)
+    input : array_like, shape (N, C_in, *spatial) or (C_in, *spatial)
         Input; the number of spatial dims (1, 2 or 3) is that of ``weight``.
     weight : array_like, shape (C_out, C_in / groups, *kernel)
         Filters; output channels ``g * C_out/groups ... (g+1) * C_out/groups - 1`` see only the
@@ -120,7 +121,7 @@ def conv(x: Any, weight: Any, bias: Any = None, stride: int | Sequence[int] = 1,
     -------
     numpy.ndarray, float64, shape (N, C_out, *out)
         ``out_d = floor((spatial_d + pad_left_d + pad_right_d - dilation_d * (kernel_d - 1) - 1)
-        / stride_d) + 1`` (no batch axis when ``x`` had none).
+        / stride_d) + 1`` (no batch axis when ``input`` had none).
 
     Raises
     ------
@@ -152,16 +153,15 @@ def conv(x: Any, weight: Any, bias: Any = None, stride: int | Sequence[int] = 1,
     >>> conv([[[1, 2, 3, 4]]], [[[1, 0, -1]]], padding=1, padding_mode="circular").tolist()
     [[[2.0, -2.0, -2.0, 2.0]]]
     """
-    x, weight, groups, unbatched, context = _conv_operands("conv", x, weight, groups)
+    x, weight, groups, unbatched, context = _conv_operands("conv", input, weight, groups)
     dims = weight.ndim - 2
-    batch, in_channels = x.shape[:2]
-    out_channels, group_in = weight.shape[:2]
     kernel = weight.shape[2:]
     context += f", stride={stride!r}, padding={padding!r}, dilation={dilation!r}, padding_mode={padding_mode!r}"
+    out_channels, group_in = weight.shape[:2]
     if out_channels % groups:
         raise ValueError(f"conv: out channels weight.shape[0]={out_channels} not divisible by groups; {context}")
-    if in_channels != group_in * groups:
-        raise ValueError(f"conv: x has {in_channels} channels but weight expects "
+    if x.shape[1] != group_in * groups:
+        raise ValueError(f"conv: input has {x.shape[1]} channels but weight expects "
                          f"weight.shape[1] * groups = {group_in * groups}; {context}")
     bias = _check_bias(bias, out_channels, context)
     stride = _int_tuple("stride", stride, dims, context)
@@ -171,38 +171,64 @@ def conv(x: Any, weight: Any, bias: Any = None, stride: int | Sequence[int] = 1,
     if padding_mode not in _NUMPY_PAD_MODE:
         raise ValueError(f"conv: padding_mode must be one of {sorted(_NUMPY_PAD_MODE)}; {context}")
 
+    pads = _conv_pads(padding, stride, dilation, kernel, context)
+    xp = _pad(x, pads, padding_mode, context)
+    out_shape = _conv_output_shape(xp.shape[2:], kernel, stride, dilation, context)
+    y = _correlate(xp, weight, groups, stride, dilation, out_shape)
+    if bias is not None:
+        y += _channel_view(bias, y.ndim)
+    return y[0] if unbatched else y
+
+
+def _conv_pads(padding: int | Sequence[int] | str, stride: tuple[int, ...], dilation: tuple[int, ...],
+               kernel: tuple[int, ...], context: str) -> list[tuple[int, int]]:
+    """``(before, after)`` padding per spatial dim, from an int, a tuple, "valid" or "same"."""
+    dims = len(kernel)
     if isinstance(padding, str):
         if padding == "valid":
-            pads = [(0, 0)] * dims
-        elif padding == "same":
+            return [(0, 0)] * dims
+        if padding == "same":
             if max(stride) > 1:
                 raise ValueError(f"conv: padding='same' requires stride 1 (as in torch); {context}")
             # torch puts the odd unit of a 'same' padding on the right (end) side.
-            totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
-            pads = [(t // 2, t - t // 2) for t in totals]
-        else:
-            raise ValueError(f"conv: padding string must be 'same' or 'valid'; {context}")
-    else:
-        pads = [(p, p) for p in _int_tuple("padding", padding, dims, context)]
+            totals = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
+            return [(t // 2, t - t // 2) for t in totals]
+        raise ValueError(f"conv: padding string must be 'same' or 'valid'; {context}")
+    pads = [(p, p) for p in _int_tuple("padding", padding, dims, context)]
     if min(min(p) for p in pads) < 0:
         raise ValueError(f"conv: padding must be non-negative; {context}")
-    spatial = x.shape[2:]
-    if padding_mode == "reflect" and any(max(p) >= n for p, n in zip(pads, spatial)):
-        raise ValueError(f"conv: reflect padding must be smaller than the input size in each spatial dim; {context}")
-    if padding_mode == "circular" and any(max(p) > n for p, n in zip(pads, spatial)):
-        raise ValueError(f"conv: circular padding must not exceed the input size in each spatial dim; {context}")
+    return pads
 
-    padded_shape = [n + lo + hi for n, (lo, hi) in zip(spatial, pads)]
+
+def _pad(x: np.ndarray, pads: list[tuple[int, int]], padding_mode: str, context: str) -> np.ndarray:
+    """``x`` padded in its spatial dims, filled as ``nn.ConvNd``'s ``padding_mode`` fills them."""
+    spatial = x.shape[2:]
+    if padding_mode == "reflect" and any(max(p) >= n for p, n in zip(pads, spatial, strict=True)):
+        raise ValueError(f"conv: reflect padding must be smaller than the input size in each spatial dim; {context}")
+    if padding_mode == "circular" and any(max(p) > n for p, n in zip(pads, spatial, strict=True)):
+        raise ValueError(f"conv: circular padding must not exceed the input size in each spatial dim; {context}")
+    if not any(lo or hi for lo, hi in pads):
+        return x
+    return np.pad(x, [(0, 0), (0, 0), *pads], mode=_NUMPY_PAD_MODE[padding_mode])  # type: ignore[call-overload]
+
+
+def _conv_output_shape(padded: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...],
+                       dilation: tuple[int, ...], context: str) -> tuple[int, ...]:
     out_shape = tuple((n - d * (k - 1) - 1) // s + 1
-                      for n, d, k, s in zip(padded_shape, dilation, kernel, stride))
+                      for n, d, k, s in zip(padded, dilation, kernel, stride, strict=True))
     if min(out_shape) < 1:
         raise ValueError(f"conv: output would be empty (spatial size {out_shape}): the dilated kernel "
-                         f"is larger than the padded input {tuple(padded_shape)}; {context}")
+                         f"is larger than the padded input {tuple(padded)}; {context}")
+    return out_shape
 
-    if any(lo or hi for lo, hi in pads):
-        xp = np.pad(x, [(0, 0), (0, 0)] + pads, mode=_NUMPY_PAD_MODE[padding_mode])
-    else:
-        xp = x
+
+def _correlate(xp: np.ndarray, weight: np.ndarray, groups: int, stride: tuple[int, ...],
+               dilation: tuple[int, ...], out_shape: tuple[int, ...]) -> np.ndarray:
+    """Unpadded grouped cross-correlation of the padded input: one BLAS product per group (and
+    per sample, unless the batch is merged)."""
+    batch = xp.shape[0]
+    out_channels, group_in = weight.shape[:2]
+    kernel = weight.shape[2:]
     group_out = out_channels // groups
     positions = math.prod(out_shape)
     taps = math.prod(kernel)
@@ -218,20 +244,7 @@ def conv(x: Any, weight: Any, bias: Any = None, stride: int | Sequence[int] = 1,
     else:
         source = xp
         grouped = (batch, groups, group_in) + out_shape
-    if taps == 1 and max(stride) == 1:
-        # A 1x1 kernel with stride 1 reads every (padded) input position once: the input already is
-        # the (channels, positions) matrix, so the product needs no gathering.
-        columns = source.reshape(grouped)
-    else:
-        # columns[..., c, k, ...] = xp[n, g*C + c, s*i + d*k]: the window of every kernel offset k,
-        # copied once, each copy writing whole contiguous rows of positions.
-        tap_axis = 2 if merge_batch else 3
-        columns = np.empty(grouped[:tap_axis] + (taps,) + grouped[tap_axis:])
-        offsets = itertools.product(*(range(k) for k in kernel))
-        for tap, offset in enumerate(offsets):
-            window = tuple(slice(d * k, d * k + s * (o - 1) + 1, s)
-                           for d, k, s, o in zip(dilation, offset, stride, out_shape))
-            columns[(slice(None),) * tap_axis + (tap,)] = source[(slice(None), slice(None)) + window].reshape(grouped)
+    columns = _windows(source, kernel, stride, dilation, out_shape, grouped, tap_axis=2 if merge_batch else 3)
 
     # One BLAS product (C_out/G, C*K) @ (C*K, positions) per group, and per sample unless merged.
     if merge_batch:
@@ -240,20 +253,36 @@ def conv(x: Any, weight: Any, bias: Any = None, stride: int | Sequence[int] = 1,
     else:
         y = np.empty((batch, groups, group_out, positions))
         np.matmul(w, columns.reshape(batch, groups, group_in * taps, positions), out=y)
-    y = y.reshape((batch, out_channels) + out_shape)
-    if bias is not None:
-        y += _channel_view(bias, y.ndim)
-    return y[0] if unbatched else y
+    return y.reshape((batch, out_channels) + out_shape)
 
 
-def conv_transpose(x: Any, weight: Any, bias: Any = None, stride: int | Sequence[int] = 1,
+def _windows(source: np.ndarray, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...],
+             out_shape: tuple[int, ...], grouped: tuple[int, ...], tap_axis: int) -> np.ndarray:
+    """The strided, dilated window of every kernel offset, stacked on ``tap_axis`` of ``grouped``
+    (im2col): ``columns[..., c, k, ...] = xp[n, g*C + c, s*i + d*k]``."""
+    taps = math.prod(kernel)
+    if taps == 1 and max(stride) == 1:
+        # A 1x1 kernel with stride 1 reads every (padded) input position once: the input already is
+        # the (channels, positions) matrix, so the product needs no gathering.
+        return source.reshape(grouped)
+    # Each kernel offset's window copied once, each copy writing whole contiguous rows of positions.
+    columns = np.empty(grouped[:tap_axis] + (taps,) + grouped[tap_axis:])
+    offsets = itertools.product(*(range(k) for k in kernel))
+    for tap, offset in enumerate(offsets):
+        window = tuple(slice(d * k, d * k + s * (o - 1) + 1, s)
+                       for d, k, s, o in zip(dilation, offset, stride, out_shape, strict=True))
+        columns[(slice(None),) * tap_axis + (tap,)] = source[(slice(None), slice(None)) + window].reshape(grouped)
+    return columns
+
+
+def conv_transpose(input: Any, weight: Any, bias: Any = None, stride: int | Sequence[int] = 1,
                    padding: int | Sequence[int] = 0, output_padding: int | Sequence[int] = 0, groups: int = 1,
                    dilation: int | Sequence[int] = 1) -> np.ndarray:
     """N-d transposed convolution in float64, as ``torch.nn.functional.conv_transpose{1,2,3}d``.
 
     Parameters
     ----------
-    x : array_like, shape (N, C_in, *spatial) or (C_in, *spatial)
+    input : array_like, shape (N, C_in, *spatial) or (C_in, *spatial)
     weight : array_like, shape (C_in, C_out / groups, *kernel)
         Note the layout: input channels first, as in ``nn.ConvTransposeNd``.
     bias : array_like, shape (C_out,), optional
@@ -300,7 +329,7 @@ def conv_transpose(x: Any, weight: Any, bias: Any = None, stride: int | Sequence
     >>> conv_transpose([[[1, 2]]], [[[1, 10, 100]]], stride=2).tolist()
     [[[1.0, 10.0, 102.0, 20.0, 200.0]]]
     """
-    x, weight, groups, unbatched, context = _conv_operands("conv_transpose", x, weight, groups)
+    x, weight, groups, unbatched, context = _conv_operands("conv_transpose", input, weight, groups)
     dims = weight.ndim - 2
     batch, in_channels = x.shape[:2]
     group_out = weight.shape[1]
@@ -312,7 +341,7 @@ def conv_transpose(x: Any, weight: Any, bias: Any = None, stride: int | Sequence
         raise ValueError(f"conv_transpose: in channels weight.shape[0]={weight.shape[0]} not divisible by groups; "
                          f"{context}")
     if in_channels != weight.shape[0]:
-        raise ValueError(f"conv_transpose: x has {in_channels} channels but weight.shape[0]={weight.shape[0]} "
+        raise ValueError(f"conv_transpose: input has {in_channels} channels but weight.shape[0]={weight.shape[0]} "
                          f"(weight layout is [in, out/groups, *kernel]); {context}")
     bias = _check_bias(bias, out_channels, context)
     stride = _int_tuple("stride", stride, dims, context)
@@ -323,14 +352,14 @@ def conv_transpose(x: Any, weight: Any, bias: Any = None, stride: int | Sequence
         raise ValueError(f"conv_transpose: stride and dilation must be positive; {context}")
     if min(padding) < 0 or min(output_padding) < 0:
         raise ValueError(f"conv_transpose: padding and output_padding must be non-negative; {context}")
-    if any(op >= s and op >= d for op, s, d in zip(output_padding, stride, dilation)):
+    if any(op >= s and op >= d for op, s, d in zip(output_padding, stride, dilation, strict=True)):
         raise ValueError(f"conv_transpose: output_padding must be smaller than either stride or dilation "
                          f"in each spatial dim; {context}")
     spatial = x.shape[2:]
     # Full extent of the scatter, before cropping `padding` from both ends.
     full_shape = tuple((n - 1) * s + d * (k - 1) + 1 + op
-                       for n, s, d, k, op in zip(spatial, stride, dilation, kernel, output_padding))
-    out_shape = tuple(f - 2 * p for f, p in zip(full_shape, padding))
+                       for n, s, d, k, op in zip(spatial, stride, dilation, kernel, output_padding, strict=True))
+    out_shape = tuple(f - 2 * p for f, p in zip(full_shape, padding, strict=True))
     if min(out_shape) < 1:
         raise ValueError(f"conv_transpose: output would be empty (spatial size {out_shape}); {context}")
 
@@ -346,38 +375,40 @@ def conv_transpose(x: Any, weight: Any, bias: Any = None, stride: int | Sequence
     offsets = itertools.product(*(range(k) for k in kernel))
     for tap, offset in enumerate(offsets):
         target = tuple(slice(d * k, d * k + s * (n - 1) + 1, s)
-                       for d, k, s, n in zip(dilation, offset, stride, spatial))
+                       for d, k, s, n in zip(dilation, offset, stride, spatial, strict=True))
         full[(slice(None), slice(None)) + target] += contributions[:, :, tap]
-    y = full[(slice(None), slice(None)) + tuple(slice(p, p + o) for p, o in zip(padding, out_shape))]
+    y = full[(slice(None), slice(None)) + tuple(slice(p, p + o) for p, o in zip(padding, out_shape, strict=True))]
     y = np.ascontiguousarray(y)
     if bias is not None:
         y += _channel_view(bias, y.ndim)
     return y[0] if unbatched else y
 
 
-def batch_norm(x: Any, mean: Any, var: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> np.ndarray:
+def batch_norm(input: Any, running_mean: Any, running_var: Any, weight: Any = None, bias: Any = None, *,
+               eps: float = 1e-5) -> np.ndarray:
     """Eval-mode batch normalisation in float64, as ``torch.nn.functional.batch_norm(training=False)``.
 
     Parameters
     ----------
-    x : array_like, shape (N, C, *rest)
+    input : array_like, shape (N, C, *rest)
         Any rank >= 2; the channel axis is 1.
-    mean, var : array_like, shape (C,)
+    running_mean, running_var : array_like, shape (C,)
         Running mean and running variance.
     weight, bias : array_like of shape (C,), optional
         The affine ``gamma`` and ``beta``; omitted means 1 and 0 (``affine=False``).
-    eps : float, optional
-        Added to the variance.
+    eps : float, optional, keyword only
+        Added to the variance. (``torch``'s ``training`` and ``momentum`` come before it there;
+        this reference is eval mode only, so it has neither.)
 
     Returns
     -------
-    numpy.ndarray, float64, shape of ``x``
+    numpy.ndarray, float64, shape of ``input``
 
     Raises
     ------
     ValueError
-        ``x`` has fewer than 2 dims, a per-channel argument does not have shape (C,), or
-        ``var + eps`` is not positive in some channel.
+        ``input`` has fewer than 2 dims, a per-channel argument does not have shape (C,), or
+        ``running_var + eps`` is not positive in some channel.
 
     Notes
     -----
@@ -387,42 +418,42 @@ def batch_norm(x: Any, mean: Any, var: Any, weight: Any = None, bias: Any = None
 
     Examples
     --------
-    >>> batch_norm([[1.0, 7.0]], mean=[1.0, 3.0], var=[1.0, 4.0], weight=[5.0, 2.0], bias=[0.5, 1.0], eps=0.0).tolist()
+    >>> batch_norm([[1.0, 7.0]], [1.0, 3.0], [1.0, 4.0], weight=[5.0, 2.0], bias=[0.5, 1.0], eps=0.0).tolist()
     [[0.5, 5.0]]
     """
-    x = _f64("x", x)
+    x = _f64("input", input)
     if x.ndim < 2:
-        raise ValueError(f"batch_norm: x must have at least 2 dims (N, C, ...), got x.shape={x.shape}")
+        raise ValueError(f"batch_norm: input must have at least 2 dims (N, C, ...), got input.shape={x.shape}")
     channels = x.shape[1]
-    named = {"mean": mean, "var": var, "weight": weight, "bias": bias}
-    params = {name: None if value is None else _f64(name, value) for name, value in named.items()}
-    for name, value in params.items():
+    if running_mean is None or running_var is None:
+        raise ValueError("batch_norm: running_mean and running_var are required in eval mode")
+    mean, var = _f64("running_mean", running_mean), _f64("running_var", running_var)
+    gamma = None if weight is None else _f64("weight", weight)
+    beta = None if bias is None else _f64("bias", bias)
+    for name, value in (("running_mean", mean), ("running_var", var), ("weight", gamma), ("bias", beta)):
         if value is not None and value.shape != (channels,):
             raise ValueError(f"batch_norm: {name}.shape={value.shape} must be ({channels},) to match "
-                             f"x.shape={x.shape} (channel axis 1)")
-    if params["mean"] is None or params["var"] is None:
-        raise ValueError("batch_norm: mean and var (running statistics) are required in eval mode")
-    denominator = params["var"] + float(eps)
+                             f"input.shape={x.shape} (channel axis 1)")
+    denominator = var + float(eps)
     bad = np.flatnonzero(~(denominator > 0) & ~np.isnan(denominator))
     if bad.size:
         c = int(bad[0])
-        raise ValueError(f"batch_norm: var + eps must be positive, but channel {c} has var={float(params['var'][c])!r}, "
-                         f"eps={eps!r} (x.shape={x.shape})")
-    view = lambda v: _channel_view(v, x.ndim)  # noqa: E731
-    y = (x - view(params["mean"])) / view(np.sqrt(denominator))
-    if params["weight"] is not None:
-        y = y * view(params["weight"])
-    if params["bias"] is not None:
-        y = y + view(params["bias"])
+        raise ValueError(f"batch_norm: running_var + eps must be positive, but channel {c} has "
+                         f"running_var={float(var[c])!r}, eps={eps!r} (input.shape={x.shape})")
+    y = (x - _channel_view(mean, x.ndim)) / _channel_view(np.sqrt(denominator), x.ndim)
+    if gamma is not None:
+        y = y * _channel_view(gamma, x.ndim)
+    if beta is not None:
+        y = y + _channel_view(beta, x.ndim)
     return y
 
 
-def linear(x: Any, weight: Any, bias: Any = None) -> np.ndarray:
+def linear(input: Any, weight: Any, bias: Any = None) -> np.ndarray:
     """Affine map in float64, as ``torch.nn.functional.linear``.
 
     Parameters
     ----------
-    x : array_like, shape (*, in_features)
+    input : array_like, shape (*, in_features)
     weight : array_like, shape (out_features, in_features)
     bias : array_like, shape (out_features,), optional
 
@@ -433,7 +464,7 @@ def linear(x: Any, weight: Any, bias: Any = None) -> np.ndarray:
     Raises
     ------
     ValueError
-        ``weight`` is not 2-d, ``x`` has no feature axis or its last dim differs from
+        ``weight`` is not 2-d, ``input`` has no feature axis or its last dim differs from
         ``in_features``, or ``bias`` does not have shape (out_features,).
 
     Notes
@@ -445,13 +476,13 @@ def linear(x: Any, weight: Any, bias: Any = None) -> np.ndarray:
     >>> linear([[1, 2]], [[1, 0], [3, -1]], [10, 20]).tolist()
     [[11.0, 21.0]]
     """
-    x = _f64("x", x)
+    x = _f64("input", input)
     weight = _f64("weight", weight)
-    context = f"x.shape={x.shape}, weight.shape={weight.shape}"
+    context = f"input.shape={x.shape}, weight.shape={weight.shape}"
     if weight.ndim != 2:
         raise ValueError(f"linear: weight must be 2-d (out_features, in_features); {context}")
     if x.ndim < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"linear: the last dim of x must equal weight.shape[1] (in_features); {context}")
+        raise ValueError(f"linear: the last dim of input must equal weight.shape[1] (in_features); {context}")
     bias = _check_bias(bias, weight.shape[0], context)
     y = x @ weight.T
     if bias is not None:

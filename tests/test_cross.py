@@ -146,7 +146,7 @@ def _norm_ref(norm: nn.modules.batchnorm._BatchNorm, x: np.ndarray, absolute: bo
         mean = -np.abs(mean)
         weight = None if weight is None else np.abs(weight)
         bias = None if bias is None else np.abs(bias)
-    return refimpl.batch_norm(x, mean, var, weight, bias, norm.eps)
+    return refimpl.batch_norm(x, mean, var, weight, bias, eps=norm.eps)
 
 
 def _reduction_length(layer: Layer) -> int:

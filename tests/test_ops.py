@@ -172,9 +172,9 @@ class TestConv:
 
     @pytest.mark.parametrize("x_shape, w_shape, kwargs, message", [
         ((1, 2, 5), (2, 2), {}, "weight must have 3, 4 or 5 dims"),
-        ((1, 2, 5, 5), (2, 2, 3), {}, "x must have 3 dims"),
+        ((1, 2, 5, 5), (2, 2, 3), {}, "input must have 3 dims"),
         ((1, 4, 5), (3, 2, 3), {"groups": 2}, "not divisible by groups"),
-        ((1, 3, 5), (2, 2, 3), {}, "x has 3 channels but weight expects"),
+        ((1, 3, 5), (2, 2, 3), {}, "input has 3 channels but weight expects"),
         ((1, 2, 5), (2, 2, 3), {"groups": 0}, "groups must be positive"),
         ((1, 2, 5), (2, 2, 3), {"bias": np.zeros(3)}, r"bias.shape=\(3,\) must be \(2,\)"),
         ((1, 2, 5), (2, 2, 3), {"stride": 0}, "stride and dilation must be positive"),
@@ -193,7 +193,7 @@ class TestConv:
         with pytest.raises(ValueError, match=message) as info:
             conv(np.zeros(x_shape), np.zeros(w_shape), **kwargs)
         # Every message echoes the shapes involved.
-        assert f"x.shape={x_shape}" in str(info.value) and f"weight.shape={w_shape}" in str(info.value)
+        assert f"input.shape={x_shape}" in str(info.value) and f"weight.shape={w_shape}" in str(info.value)
 
     def test_type_errors(self):
         with pytest.raises(TypeError, match="stride=1.5"):
@@ -257,7 +257,7 @@ class TestConvTranspose:
 
     @pytest.mark.parametrize("x_shape, w_shape, kwargs, message", [
         ((1, 2, 5), (2, 2), {}, "weight must have 3, 4 or 5 dims"),
-        ((1, 3, 5), (2, 2, 3), {}, r"x has 3 channels but weight.shape\[0\]=2"),
+        ((1, 3, 5), (2, 2, 3), {}, r"input has 3 channels but weight.shape\[0\]=2"),
         ((1, 3, 5), (3, 2, 3), {"groups": 2}, "not divisible by groups"),
         ((1, 2, 5), (2, 2, 3), {"groups": 2, "bias": np.zeros(2)}, r"bias.shape=\(2,\) must be \(4,\)"),
         ((1, 2, 5), (2, 2, 3), {"stride": 0}, "stride and dilation must be positive"),
@@ -269,7 +269,7 @@ class TestConvTranspose:
     def test_value_errors(self, x_shape, w_shape, kwargs, message):
         with pytest.raises(ValueError, match=message) as info:
             conv_transpose(np.zeros(x_shape), np.zeros(w_shape), **kwargs)
-        assert f"x.shape={x_shape}" in str(info.value) and f"weight.shape={w_shape}" in str(info.value)
+        assert f"input.shape={x_shape}" in str(info.value) and f"weight.shape={w_shape}" in str(info.value)
 
     def test_output_padding_allowed_below_dilation(self):
         # torch's rule: output_padding must be below the stride OR the dilation, not both.
@@ -279,10 +279,11 @@ class TestConvTranspose:
 
 class TestBatchNorm:
     def test_by_hand(self):
-        y = batch_norm([[1.0, 7.0]], mean=[1.0, 3.0], var=[1.0, 4.0], weight=[5.0, 2.0], bias=[0.5, 1.0], eps=0.0)
+        y = batch_norm([[1.0, 7.0]], running_mean=[1.0, 3.0], running_var=[1.0, 4.0], weight=[5.0, 2.0],
+                       bias=[0.5, 1.0], eps=0.0)
         assert y.tolist() == [[0.5, 5.0]]
         # affine=False: only normalised; var + eps = 4 gives an exact square root.
-        assert batch_norm([[[3.0, 5.0]]], mean=[1.0], var=[3.0], eps=1.0).tolist() == [[[1.0, 2.0]]]
+        assert batch_norm([[[3.0, 5.0]]], running_mean=[1.0], running_var=[3.0], eps=1.0).tolist() == [[[1.0, 2.0]]]
 
     @pytest.mark.parametrize("shape", [(4, 3), (2, 3, 5), (2, 3, 4, 5), (1, 3, 2, 3, 4)])
     @pytest.mark.parametrize("affine", [True, False])
@@ -302,17 +303,17 @@ class TestBatchNorm:
         assert_within(actual, expected, error_bound(magnitude, 5, "float64"))
 
     @pytest.mark.parametrize("kwargs, message", [
-        ({"x": np.zeros(3)}, r"at least 2 dims .* x.shape=\(3,\)"),
-        ({"mean": np.zeros(2)}, r"mean.shape=\(2,\) must be \(3,\) to match x.shape=\(2, 3\)"),
-        ({"var": np.ones((3, 1))}, r"var.shape=\(3, 1\) must be \(3,\)"),
+        ({"input": np.zeros(3)}, r"at least 2 dims .* input.shape=\(3,\)"),
+        ({"running_mean": np.zeros(2)}, r"running_mean.shape=\(2,\) must be \(3,\) to match input.shape=\(2, 3\)"),
+        ({"running_var": np.ones((3, 1))}, r"running_var.shape=\(3, 1\) must be \(3,\)"),
         ({"weight": np.ones(4)}, r"weight.shape=\(4,\)"),
         ({"bias": np.ones(1)}, r"bias.shape=\(1,\)"),
-        ({"var": np.array([1.0, -1.0, 1.0]), "eps": 0.5}, "channel 1 has var=-1.0, eps=0.5"),
-        ({"var": np.array([1.0, 1.0, 0.0]), "eps": 0.0}, "channel 2 has var=0.0"),
-        ({"mean": None}, "mean and var .* are required"),
+        ({"running_var": np.array([1.0, -1.0, 1.0]), "eps": 0.5}, "channel 1 has running_var=-1.0, eps=0.5"),
+        ({"running_var": np.array([1.0, 1.0, 0.0]), "eps": 0.0}, "channel 2 has running_var=0.0"),
+        ({"running_mean": None}, "running_mean and running_var are required"),
     ])
     def test_value_errors(self, kwargs, message):
-        args = {"x": np.zeros((2, 3)), "mean": np.zeros(3), "var": np.ones(3), **kwargs}
+        args = {"input": np.zeros((2, 3)), "running_mean": np.zeros(3), "running_var": np.ones(3), **kwargs}
         with pytest.raises(ValueError, match=message):
             batch_norm(**args)
 
@@ -334,11 +335,11 @@ class TestLinear:
 
     @pytest.mark.parametrize("x_shape, w_shape, b_shape, message", [
         ((2, 3), (3,), None, "weight must be 2-d"),
-        ((2, 4), (5, 3), None, "last dim of x must equal weight.shape"),
+        ((2, 4), (5, 3), None, "last dim of input must equal weight.shape"),
         ((2, 3), (5, 3), (4,), r"bias.shape=\(4,\) must be \(5,\)"),
     ])
     def test_value_errors(self, x_shape, w_shape, b_shape, message):
         b = None if b_shape is None else np.zeros(b_shape)
         with pytest.raises(ValueError, match=message) as info:
             linear(np.zeros(x_shape), np.zeros(w_shape), b)
-        assert f"x.shape={x_shape}" in str(info.value) and f"weight.shape={w_shape}" in str(info.value)
+        assert f"input.shape={x_shape}" in str(info.value) and f"weight.shape={w_shape}" in str(info.value)
