@@ -470,7 +470,8 @@ def build_tables(results: list[dict[str, Any]], fuser_names: list[str], dtypes: 
     rounding.notes.append("A layer is compared for a fuser when the fuser removed every norm ours folded into it; "
                           "'— (0 layers)': the fuser folded none of ours' pairs (mmcv folds only Conv2d, torch.fx "
                           "only exact torch classes).")
-    coverage.notes.append("'cannot fold': worked out by hand per architecture (adapters/torch/suite/zoo.py). A fuser that "
+    coverage.notes.append("'cannot fold': worked out by hand per architecture (adapters/torch/suite/zoo.py). "
+                          "A fuser that "
                           "leaves fewer has folded something that is not exact; 'wrong output' lists fusers whose "
                           f"fused model's RMS error exceeds {MODEL_RATIO:g}× the larger of the unfused model's own and "
                           "the parameter-rounded copies' (table 1b; refimpl.compare_models).")

@@ -191,8 +191,9 @@ def model_table(results: dict[str, dict[str, dict[str, Any]]], fuser_names: list
         for model, error in errors.items():
             table.notes.append(f"{f} on {model}: {error}")
     table.notes.append("'cannot fold': norm evaluations no dataflow-correct fuser can remove, worked out by hand "
-                       "(adapters/torch/suite/zoo.py); 'norms left': norm module calls in one forward pass of each fused "
-                       "model, so a fuser that did less work shows. Fewer left than 'cannot fold' is a wrong model: mmcv "
+                       "(adapters/torch/suite/zoo.py); 'norms left': norm module calls in one forward pass of each "
+                       "fused model, so a fuser that did less work shows. Fewer left than 'cannot fold' is a wrong "
+                       "model: mmcv "
                        "replaces timm's BatchNormAct2d, activation included, by nn.Identity (benchmarks/accuracy.py "
                        "measures the damage).")
     return table

@@ -4,7 +4,8 @@ Usage: ``python benchmarks/latency.py [--device cpu|cuda] [--models a,b] [--batc
 [--size N] [--reps N] [--quick] [--json [PATH]]``
 
 Each model (zoo: random weights, randomised BatchNorm statistics) is converted to the dtype and
-then fused, as in ``accuracy.py``. Latency is the median (on a GPU; the fastest run on a shared CPU, ``--stat``) wall time of one forward pass under
+then fused, as in ``accuracy.py``. Latency is the median (on a GPU; the fastest run on a shared CPU,
+``--stat``) wall time of one forward pass under
 ``torch.inference_mode()`` after warm-up runs, the device synchronised around each run. A
 configuration stops repeating once its timed runs have used ``--budget`` seconds (at least one
 timed run), so slow cases -- fp16 convolutions on a CPU -- cannot blow the script's run time;
@@ -86,8 +87,8 @@ def measure(name: str, *, device: torch.device, dtypes: list[str], batches: list
                 else:
                     try:
                         with torch.inference_mode():
-                            times = timed_runs(lambda: module(x), reps=reps, warmup=warmup, device=device,
-                                               budget_s=budget)
+                            times = timed_runs(lambda module=module, x=x: module(x), reps=reps, warmup=warmup,
+                                               device=device, budget_s=budget)
                         record.update(median_ms=statistics.median(times) * 1e3, min_ms=min(times) * 1e3,
                                       runs=len(times))
                         record["ms"] = record[f"{stat}_ms"]

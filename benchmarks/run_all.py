@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parts += [f"| {r['script']} | {r['status']} | {r.get('seconds', '—')} | `{r.get('command', '')}` |"
               for r in results.values()]
     parts += ["", "## Summary", "", summary_table(results)]
-    for name, res in results.items():
+    for name in results:
         md = args.out_dir / f"{name}.md"
         if md.exists() and md.stat().st_size:
             text = md.read_text(encoding="utf-8").rstrip()

@@ -31,8 +31,8 @@ __all__ = [
 Array = Any
 
 
-def _shape(x: Array | None) -> tuple[int, ...] | None:
-    return None if x is None else tuple(int(d) for d in x.shape)
+def _shape(x: Array) -> tuple[int, ...]:
+    return tuple(int(d) for d in x.shape)
 
 
 def _require_float(xp, name: str, x: Array | None) -> None:

@@ -322,7 +322,7 @@ def test_build_is_deterministic_and_leaves_global_rng_alone() -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(12345)  # a different global state must not change the build
         second = get_case("reid_bn_dropout_linear").build()
-    for (key, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+    for (key, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
     assert not first.training
 

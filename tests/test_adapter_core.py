@@ -727,7 +727,7 @@ class TestConcatFold:
                                                               "bn_other": "reused_incompatibly"}
         x = torch.randn(2, 8, 6, 6)
         with torch.no_grad():
-            for got, want in zip(fused(x), model(x)):
+            for got, want in zip(fused(x), model(x), strict=True):
                 torch.testing.assert_close(got, want)
 
     def test_norm_called_after_concat_and_elsewhere(self):

@@ -53,7 +53,7 @@ def registration_order_fuser(model: nn.Module) -> nn.Module:
 def activation_dropping_fuser(model: nn.Module) -> nn.Module:
     """A correct fold followed by the loss of every ReLU (as a fuser that rebuilds blocks might)."""
     model = fuse_conv_bn(model)
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.ReLU):
                 setattr(module, child_name, nn.Identity())
@@ -165,7 +165,7 @@ class TestBrokenFusers:
 def test_fuser_warnings_do_not_crash_the_audit():
     def warning_fuser(model):
         import warnings
-        warnings.warn("deprecated fuser", DeprecationWarning)
+        warnings.warn("deprecated fuser", DeprecationWarning, stacklevel=2)
         return fuse_conv_bn(model)
 
     # pytest turns warnings into errors here; the audit records a fuser's warnings instead.

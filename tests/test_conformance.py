@@ -71,7 +71,9 @@ class TestVectors:
         # Independent oracle: torch's own fuse helpers (float64, groups=1 layouts where they are right).
         from torch.nn.utils.fusion import fuse_conv_bn_weights
         v = vectors["conv2d_bn"]
-        t = lambda x: None if x is None else torch.tensor(conformance.decode_tensor(x), dtype=torch.float64)
+        def t(x):
+            return None if x is None else torch.tensor(conformance.decode_tensor(x), dtype=torch.float64)
+
         bn = v["inputs"]["bn"]
         w, b = fuse_conv_bn_weights(t(v["inputs"]["weight"]), t(v["inputs"]["bias"]), t(bn["running_mean"]),
                                     t(bn["running_var"]), bn["eps"], t(bn["weight"]), t(bn["bias"]))
@@ -84,7 +86,9 @@ class TestVectors:
     def test_probe_output_agrees_with_torch_float64(self, vectors):
         v = vectors["conv_transpose2d_bn_grouped"]
         layer, bn = v["layer"], v["inputs"]["bn"]
-        t = lambda x: torch.tensor(conformance.decode_tensor(x), dtype=torch.float64)
+        def t(x):
+            return torch.tensor(conformance.decode_tensor(x), dtype=torch.float64)
+
         y = torch.nn.functional.conv_transpose2d(t(v["probe"]["x"]), t(v["inputs"]["weight"]), t(v["inputs"]["bias"]),
                                                  stride=layer["stride"], padding=layer["padding"],
                                                  output_padding=layer["output_padding"], groups=layer["groups"])
@@ -186,11 +190,15 @@ class TestCheck:
         for name in LOW_PRECISION:
             v = vectors[name]
             dtype = getattr(torch, v["storage_dtype"])
-            t = lambda x: None if x is None else torch.tensor(conformance.decode_tensor(x), dtype=dtype)
+            def t(x, dtype=dtype):
+                return None if x is None else torch.tensor(conformance.decode_tensor(x), dtype=dtype)
+
             bn = {key: t(value) if isinstance(value, dict) else value for key, value in v["inputs"]["bn"].items()}
             weight, bias = conformance.fold_pair(v["fold"], v["layer"], t(v["inputs"]["weight"]),
                                              t(v["inputs"]["bias"]), bn)
-            as_json = lambda a: [x if math.isfinite(x) else repr(x) for x in a.double().flatten().tolist()]
+            def as_json(a):
+                return [x if math.isfinite(x) else repr(x) for x in a.double().flatten().tolist()]
+
             results["results"][name] = {"weight": np.reshape(np.array(as_json(weight), dtype=object),
                                                              tuple(weight.shape)).tolist(),
                                         "bias": as_json(bias)}

@@ -92,17 +92,17 @@ def conv_geometry(draw, transposed=False, bn_first=False):
     max_size = 6 if rank < 3 else 4
     if transposed:
         size = tuple(draw(st.integers(1, max_size)) for _ in range(rank))
-        output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation))
+        output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation, strict=True))
         # Keep the output non-empty: 2P <= (L-1)S + D(K-1) + output_padding.
         padding = tuple(min(draw(st.integers(0, 2)), ((n - 1) * s + d * (k - 1) + op) // 2)
-                        for n, s, d, k, op in zip(size, stride, dilation, kernel, output_padding))
+                        for n, s, d, k, op in zip(size, stride, dilation, kernel, output_padding, strict=True))
         return dict(rank=rank, groups=groups, in_per_group=in_per_group, out_per_group=out_per_group, kernel=kernel,
                     size=size, args=dict(stride=stride, padding=padding, output_padding=output_padding,
                                          groups=groups, dilation=dilation))
     padding = tuple(0 if bn_first and mode == "zeros" else draw(st.integers(0 if mode == "zeros" else 1, 2))
                     for _ in range(rank))
     size = []
-    for p, d, k in zip(padding, dilation, kernel):
+    for p, d, k in zip(padding, dilation, kernel, strict=True):
         smallest = max(1, d * (k - 1) + 1 - 2 * p, p + 1 if mode == "reflect" else 1, p if mode == "circular" else 1)
         size.append(smallest + draw(st.integers(0, 2)))
     args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=mode)
@@ -112,7 +112,7 @@ def conv_geometry(draw, transposed=False, bn_first=False):
             args.update(stride=1, padding="same")
         else:
             args["padding"] = "valid"
-            size = [max(n, d * (k - 1) + 1) for n, d, k in zip(size, dilation, kernel)]
+            size = [max(n, d * (k - 1) + 1) for n, d, k in zip(size, dilation, kernel, strict=True)]
     return dict(rank=rank, groups=groups, in_per_group=in_per_group, out_per_group=out_per_group, kernel=kernel,
                 size=tuple(size), args=args)
 
@@ -594,7 +594,7 @@ def test_float64_fold_rounded_once_is_correctly_rounded(fold, shape, channels, k
     correct = [_round_correctly(e, dtype) for e in exact]
 
     u64 = 2.0**-53
-    for name, e, o, c, d in zip(("weight", "bias"), exact, once, correct, in_dtype):
+    for name, e, o, c, d in zip(("weight", "bias"), exact, once, correct, in_dtype, strict=True):
         agree = o == c
         assert agree.mean() >= 0.999, f"{name}: only {agree.mean():.4%} correctly rounded"
         # Every disagreement must be a double-rounding tie: the exact value lies within the

@@ -241,7 +241,8 @@ def block_token_linear_bn(draw, p: Program, x: str) -> str:
     return p.apply("untokens", normed, x)
 
 
-BLOCKS = [block_same_conv, block_token_linear_bn, block_conv_bn, block_conv_bn_bn, block_conv_act_bn, block_bn_conv, block_bn_conv_transpose,
+BLOCKS = [block_same_conv, block_token_linear_bn, block_conv_bn, block_conv_bn_bn, block_conv_act_bn, block_bn_conv,
+          block_bn_conv_transpose,
           block_conv_transpose_bn, block_branches, block_bn_after_add, block_conv_output_used_twice,
           block_conv_reused, block_shared_bn]
 

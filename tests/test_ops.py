@@ -62,7 +62,7 @@ def conv_configs(draw):
     kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
     if kind == "same":
         stride = (1,) * dims
-        totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
         pads = [(t // 2, t - t // 2) for t in totals]
         padding = "same"
     else:
@@ -77,7 +77,7 @@ def conv_configs(draw):
             per_dim = padding = tuple(draw(st.integers(0, 2)) for _ in range(dims))
         pads = [(p, p) for p in per_dim]
     sizes = []
-    for (lo, hi), k, d in zip(pads, kernel, dilation):
+    for (lo, hi), k, d in zip(pads, kernel, dilation, strict=True):
         smallest = max(1, d * (k - 1) + 1 - lo - hi)
         if padding_mode == "reflect":
             smallest = max(smallest, max(lo, hi) + 1)
@@ -211,9 +211,9 @@ def conv_transpose_configs(draw):
     stride = tuple(draw(st.integers(1, 3)) for _ in range(dims))
     dilation = tuple(draw(st.integers(1, 2)) for _ in range(dims))
     padding = tuple(draw(st.integers(0, 2)) for _ in range(dims))
-    output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation))
+    output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation, strict=True))
     sizes = []
-    for k, s, d, p, op in zip(kernel, stride, dilation, padding, output_padding):
+    for k, s, d, p, op in zip(kernel, stride, dilation, padding, output_padding, strict=True):
         # Smallest input whose output (n-1)s + d(k-1) + 1 + op - 2p is at least 1.
         smallest = 1 + math.ceil(max(0, 2 * p - d * (k - 1) - op) / s)
         sizes.append(smallest + draw(st.integers(0, 4 if dims < 3 else 2)))
@@ -293,11 +293,15 @@ class TestBatchNorm:
         mean, var = rng.standard_normal(3), rng.uniform(0.1, 3.0, 3)
         weight, bias = (rng.standard_normal(3), rng.standard_normal(3)) if affine else (None, None)
         eps = 1e-3
-        opt = (lambda a: None if a is None else _t(a))
+        def opt(a):
+            return None if a is None else _t(a)
+
         expected = F.batch_norm(_t(x), _t(mean), _t(var), opt(weight), opt(bias), training=False, eps=eps).numpy()
         actual = batch_norm(x, mean, var, weight, bias, eps=eps)
         # Magnitude of the scale-and-shift chain; n = 4 operations in sequence (sub, sqrt, div, mul) + add.
-        channel = (lambda v: np.reshape(v, (1, 3) + (1,) * (x.ndim - 2)))
+        def channel(v):
+            return np.reshape(v, (1, 3) + (1,) * (x.ndim - 2))
+
         scale = np.abs(weight if affine else 1.0) / np.sqrt(var + eps)
         magnitude = (np.abs(x) + channel(np.abs(mean))) * channel(scale) + (channel(np.abs(bias)) if affine else 0.0)
         assert_within(actual, expected, error_bound(magnitude, 5, "float64"))

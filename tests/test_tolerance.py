@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from fractions import Fraction
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -77,12 +78,12 @@ class TestErrorBound:
 
     def test_monotone_in_n(self):
         bounds = [float(error_bound(1.0, n, "float16")) for n in (1, 2, 10, 100, 1000, 2000)]
-        assert all(a < b for a, b in zip(bounds, bounds[1:]))
+        assert all(a < b for a, b in pairwise(bounds))
 
     def test_monotone_in_precision(self):
         ordered = ["float64", "float32", "float16", "bfloat16"]
         bounds = [float(error_bound(1.0, 16, d)) for d in ordered]
-        assert all(a < b for a, b in zip(bounds, bounds[1:]))
+        assert all(a < b for a, b in pairwise(bounds))
         assert error_bound(1.0, 16, "tf32") == error_bound(1.0, 16, "float16")
 
     def test_linear_in_magnitude_and_uses_absolute_value(self):
@@ -113,7 +114,7 @@ class TestErrorBound:
             w, x = rng.standard_normal(n), rng.standard_normal(n)
             w_low, x_low = w.astype(dtype), x.astype(dtype)
             acc = dtype(0)
-            for wi, xi in zip(w_low, x_low):
+            for wi, xi in zip(w_low, x_low, strict=True):
                 acc = dtype(acc + dtype(wi * xi))
             exact = float(np.dot(w_low.astype(np.longdouble), x_low.astype(np.longdouble)))
             magnitude = float(np.dot(np.abs(w_low.astype(np.float64)), np.abs(x_low.astype(np.float64))))

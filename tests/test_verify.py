@@ -290,7 +290,7 @@ def test_rounded_copy_perturbs_every_parameter_by_at_most_one_rounding():
     copied = rounded_copy(model, seed=0)
     u = 2.0**-11
     changed = 0
-    for (name, before), after in zip(model.state_dict().items(), copied.state_dict().values()):
+    for (name, before), after in zip(model.state_dict().items(), copied.state_dict().values(), strict=True):
         if not before.is_floating_point():
             assert torch.equal(before, after), name
             continue

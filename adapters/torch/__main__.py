@@ -96,7 +96,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, required: bool) -> 
                         help="dtype the model and input are converted to (default: %(default)s)")
     parser.add_argument("--device", default="cpu",
                         help="device to run on: cpu, cuda, cuda:1, ... (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random input and statistics, and of the global RNG while the factory runs "
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random input and statistics, and of the global RNG while the factory runs "
                              "(so its random weights are reproducible) (default: 0)")
 
 
@@ -175,7 +176,8 @@ def _progress(enabled: bool, text: str) -> None:
 def _main_job(argv: Sequence[str]) -> int:
     parser = _main_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     if args.output and not args.model:
         parser.error("-o/--output needs --model (it saves that one fused model)")
     if args.model and (args.case or args.all_cases):

@@ -165,7 +165,7 @@ def _kind(original: nn.Module | None, fused: nn.Module | None) -> str:
     present = [m for m in (original, fused) if m is not None]
     if any(_changes_with_folding(m) for m in present):
         return "changed"
-    reference = original if original is not None else fused
+    reference = present[0]  # the original's module when it has one
     if isinstance(reference, _TRANSPARENT):
         return "transparent"
     if next(reference.children(), None) is not None:
@@ -197,7 +197,7 @@ def _map_tensors(obj: Any, fn) -> Any:
 
 
 def _reference_device(model: nn.Module) -> torch.device:
-    tensor = next(model.parameters(), None)
+    tensor: torch.Tensor | None = next(model.parameters(), None)
     if tensor is None:
         tensor = next(model.buffers(), None)
     device = tensor.device if tensor is not None else torch.device("cpu")
@@ -311,7 +311,7 @@ def _judge(fused: torch.Tensor, unfused: torch.Tensor, reference: torch.Tensor,
 
 def _check_outputs(fused: Any, unfused: Any, reference: Any, perturbed: Sequence[Any] = ()
                    ) -> tuple[list[OutputCheck], list[str]]:
-    notes = []
+    notes: list[str] = []
     f_items = dict(_flatten(fused))
     u_items = dict(_flatten(unfused))
     r_items = dict(_flatten(reference))
@@ -464,7 +464,8 @@ def verify(original: nn.Module, fused: nn.Module, *example_inputs: Any, per_laye
                  for seed in range(rounding_trials)]
 
     outputs, notes = _check_outputs(fused_run.output, unfused.output, reference.output, [p.output for p in perturbed])
-    divergence, compared, not_compared = None, 0, []
+    divergence, compared = None, 0
+    not_compared: list[str] = []
     if per_layer:
         divergence, compared, not_compared = _first_divergence(fused_run, unfused, reference, kinds, perturbed)
     ok = all(o.ok for o in outputs) and divergence is None

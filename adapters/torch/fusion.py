@@ -24,7 +24,7 @@ import signal
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -33,7 +33,16 @@ from torch.nn.parameter import is_lazy
 import refimpl
 
 from ..report import FoldedPair, FusionReport, SkippedNorm
-from .graph import CallSite, LayerKind, ModelIndex, SiteAnalysis, analyse_sites, trace_regions
+from .graph import (
+    BackwardCandidate,
+    CallSite,
+    ForwardCandidate,
+    LayerKind,
+    ModelIndex,
+    SiteAnalysis,
+    analyse_sites,
+    trace_regions,
+)
 from .norms import NormInfo, NormRejection, NormStats, norm_stats
 from .precision import round_once, scaled_copy, scaled_copy_buffer_size
 
@@ -76,7 +85,7 @@ def _check_model(model: Any) -> None:
         if isinstance(module, torch.jit.ScriptModule):
             raise TypeError(f"submodule '{name}' is a TorchScript module ({type(module).__name__}); fuse the eager "
                             "model before scripting it")
-        for kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers)):
+        for _kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers)):
             for tname, tensor in tensors.items():
                 if tensor is None:
                     continue
@@ -153,7 +162,7 @@ class _Step:
 
 @dataclass
 class _LayerPlan:
-    layer: nn.Module
+    layer: Any  # the nn.Module conv, transposed conv or linear layer: its weight, bias, groups are read
     kind: str
     steps: list[_Step]
     weight: torch.Tensor | None = None   # the new weight, or None when ``factor`` scales it in place
@@ -187,7 +196,7 @@ class _Planner:
         for module_id, verdict in self.index.norms.items():
             if isinstance(verdict, NormInfo) and module_id in a.sites:
                 norm_sites[module_id] = a.sites[module_id]
-        for module_id, sites in norm_sites.items():
+        for sites in norm_sites.values():
             for site in sites:
                 key = a.site_key(site)
                 cand = self._first_allowed(key, start="forward")
@@ -197,7 +206,7 @@ class _Planner:
         while changed:
             changed = False
             # A norm is removed only if every one of its calls folds.
-            for module_id, sites in norm_sites.items():
+            for sites in norm_sites.values():
                 keys = [a.site_key(s) for s in sites]
                 present = [k for k in keys if k in choice]
                 if present and len(present) != len(keys):
@@ -225,7 +234,7 @@ class _Planner:
                         break
             # A layer folds only if each of its calls gets the same folds.
             per_site: dict[tuple, list[tuple]] = {}
-            for key, (direction, cands) in choice.items():
+            for direction, cands in choice.values():
                 for cand in cands:
                     per_site.setdefault(a.site_key(cand.layer), []).append(
                         (direction, len(cand.between), id(cand.norm.module), cand.channels or ()))
@@ -236,7 +245,7 @@ class _Planner:
                 layers_seen.add(id(layer))
                 signatures = {tuple(sorted(per_site.get(a.site_key(s), []))) for s in a.sites[id(layer)]}
                 if len(signatures) > 1:
-                    for k, (d, cs) in list(choice.items()):
+                    for k, (_, cs) in list(choice.items()):
                         if any(c.layer.module is layer for c in cs):
                             self.note(cs[0].norm.module, "reused_incompatibly", f"{self.index.name(layer)} is "
                                       f"called at {len(a.sites[id(layer)])} sites that are not all followed/preceded "
@@ -249,6 +258,7 @@ class _Planner:
         a = self.analysis
         order = ("forward", "backward") if start == "forward" else ("backward",)
         for direction in order:
+            cands: tuple[ForwardCandidate | BackwardCandidate, ...] | None
             if direction == "forward":
                 cands = a.forward.get(key)
             else:
@@ -283,11 +293,11 @@ class _Planner:
             site_key = self.analysis.site_key(cand.layer)
             plan = plans.get(id(layer))
             if plan is None:
-                plan = plans[id(layer)] = _LayerPlan(layer, self.index.layer(layer)[0], [])
+                plan = plans[id(layer)] = _LayerPlan(layer, cast(str, self.index.layer(layer)[0]), [])
                 seen_sites.add(site_key)
             elif site_key not in seen_sites:
                 continue  # another call of the same layer: identical folds (checked), counted once
-            info = self.index.norms[id(cand.norm.module)]
+            info = cast(NormInfo, self.index.norms[id(cand.norm.module)])  # a candidate's norm is foldable
             plan.steps.append(_Step(cand.norm.module, info, direction, len(cand.between), cand.channels))
         for plan in plans.values():
             # Dataflow order: norms before the layer (nearest first), then norms after it (nearest first).
@@ -339,7 +349,7 @@ def _step_stats(step: _Step) -> NormStats:
     def part(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t[start:stop]
 
-    return replace(stats, mean=part(stats.mean), var=part(stats.var), weight=part(stats.weight),
+    return replace(stats, mean=stats.mean[start:stop], var=stats.var[start:stop], weight=part(stats.weight),
                    bias=part(stats.bias), num_features=stop - start)
 
 
@@ -392,23 +402,26 @@ def _batched_folds(plans: list[_LayerPlan]) -> dict[int, tuple[torch.Tensor, tor
             continue
         dtype = _fold_dtype(device)
 
-        def cat(parts: list[torch.Tensor]) -> torch.Tensor:
+        def cat(parts: list[torch.Tensor], dtype: torch.dtype = dtype) -> torch.Tensor:
             # cat promotes mixed float dtypes to the widest; widening to float64 is exact.
             return torch.cat(parts).to(dtype)
 
         sizes = [stats.var.numel() for _, stats in members]
-        ones = [torch.ones(n, dtype=stats.var.dtype, device=device) for n, (_, stats) in zip(sizes, members)]
-        zeros = [torch.zeros(n, dtype=stats.var.dtype, device=device) for n, (_, stats) in zip(sizes, members)]
+        ones = [torch.ones(n, dtype=stats.var.dtype, device=device)
+                for n, (_, stats) in zip(sizes, members, strict=True)]
+        zeros = [torch.zeros(n, dtype=stats.var.dtype, device=device)
+                 for n, (_, stats) in zip(sizes, members, strict=True)]
         try:
             factor, bias = refimpl.fold_conv_bn(
                 torch.ones((sum(sizes), 1), dtype=dtype, device=device),
-                cat([z if p.layer.bias is None else p.layer.bias.detach() for z, (p, _) in zip(zeros, members)]),
+                cat([z if p.layer.bias is None else p.layer.bias.detach()
+                     for z, (p, _) in zip(zeros, members, strict=True)]),
                 cat([s.mean for _, s in members]), cat([s.var for _, s in members]), eps,
-                cat([o if s.weight is None else s.weight for o, (_, s) in zip(ones, members)]),
-                cat([z if s.bias is None else s.bias for z, (_, s) in zip(zeros, members)]))
+                cat([o if s.weight is None else s.weight for o, (_, s) in zip(ones, members, strict=True)]),
+                cat([z if s.bias is None else s.bias for z, (_, s) in zip(zeros, members, strict=True)]))
         except (ValueError, TypeError):
             continue
-        for (plan, _), f, b in zip(members, factor.split(sizes), bias.split(sizes)):
+        for (plan, _), f, b in zip(members, factor.split(sizes), bias.split(sizes), strict=True):
             folded[id(plan)] = (f, b)
     return folded
 
@@ -467,6 +480,7 @@ def _compute(plan: _LayerPlan, index: ModelIndex,
         peak = float((slot_max * factor.abs()).max()) if slot_max.numel() else 0.0
         new_weight = None
         plan.factor = factor
+    assert bias is not None  # every plan has a step, and every fold returns a bias
     new_bias = round_once(bias, bias_dtype)
     weight_fits = math.isfinite(peak) and bool(round_once(torch.tensor(peak, dtype=torch.float64),
                                                           weight.dtype).isfinite())
@@ -516,23 +530,25 @@ def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelI
             plan.weight = scaled_copy(weight, plan.factor)
     replacements = []
     for norm in folded_norms:
-        verdict = index.norms[id(norm)]
-        replacement: nn.Module = FoldedNormAct(norm.drop, norm.act) if verdict.has_act else nn.Identity()
+        verdict = cast(NormInfo, index.norms[id(norm)])  # folded, so recognised
+        replacement: nn.Module = (FoldedNormAct(cast(nn.Module, norm.drop), cast(nn.Module, norm.act))
+                                  if verdict.has_act else nn.Identity())
         replacement.training = norm.training
         replacements.append((norm, replacement))
-    new_biases = {id(plan): nn.Parameter(plan.bias, requires_grad=plan.layer.weight.requires_grad)
+    new_biases = {id(plan): nn.Parameter(cast(torch.Tensor, plan.bias), requires_grad=plan.layer.weight.requires_grad)
                   for plan in plans if plan.layer.bias is None}
     buffers = {}
     for plan in in_place:
         device = plan.layer.weight.device
         if device not in buffers:
-            buffers[device] = torch.empty(scaled_copy_buffer_size(), dtype=plan.factor.dtype, device=device)
+            buffers[device] = torch.empty(scaled_copy_buffer_size(), dtype=cast(torch.Tensor, plan.factor).dtype,
+                                          device=device)
 
     with _interrupts_held():
         with torch.no_grad():
             for plan in in_place:
                 weight = plan.layer.weight.detach()
-                scaled_copy(weight, plan.factor, out=weight, buffer=buffers[weight.device])
+                scaled_copy(weight, cast(torch.Tensor, plan.factor), out=weight, buffer=buffers[weight.device])
 
     undo: list = []
     try:
@@ -736,7 +752,7 @@ def _build_report(model, index, traced, analysis, planner, plans, folded_norm_id
              (LayerKind.LINEAR, "forward"): "linear->bn", (LayerKind.CONV, "backward"): "bn->conv",
              (LayerKind.LINEAR, "backward"): "bn->linear"}
     for plan in plans:
-        for step, change in zip(plan.steps, plan.changes):
+        for step, change in zip(plan.steps, plan.changes, strict=True):
             report.folded.append(FoldedPair(norm=index.name(step.norm), layer=index.name(plan.layer),
                                             kind=kinds[(plan.kind, step.direction)], max_rel_change=change))
     for norm in norm_modules:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import fx, nn
@@ -70,7 +71,7 @@ def _leading_flatten(node: fx.Node) -> bool:
                   or (node.op == "call_function" and node.target is torch.flatten))
     if not is_flatten or node.kwargs or len(node.args) != 3 or not isinstance(node.args[0], fx.Node):
         return False
-    return node.args[1] == 0 and isinstance(node.args[2], int)
+    return bool(node.args[1] == 0) and isinstance(node.args[2], int)
 
 
 def _known_forward(module: nn.Module, bases: tuple) -> type | None:
@@ -224,7 +225,7 @@ class Region:
         return self.prefix == ""
 
     def module(self, node: fx.Node) -> nn.Module:
-        return self.modules[node.target]
+        return self.modules[cast(str, node.target)]  # a call_module node's target is the qualified name
 
 
 @dataclass
@@ -380,7 +381,9 @@ class SiteAnalysis:
         verdict = self.index.norms.get(id(module))
         if not isinstance(verdict, NormInfo):
             return False
-        return not verdict.has_act or (is_identity_in_eval(module.drop) and is_identity_in_eval(module.act))
+        if not verdict.has_act:
+            return True
+        return is_identity_in_eval(cast(nn.Module, module.drop)) and is_identity_in_eval(cast(nn.Module, module.act))
 
     def _is_norm_node(self, region: Region, node: fx.Node) -> bool:
         return node.op == "call_module" and isinstance(self.index.norms.get(id(region.module(node))), NormInfo)
@@ -413,7 +416,7 @@ class SiteAnalysis:
             if node.target is torch.flatten:
                 start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
                 end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-                return start == 1 and end == -1, None
+                return bool(start == 1 and end == -1), None
             if node.target is torch.reshape:
                 shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("shape")
                 return isinstance(shape, (tuple, list)) and len(shape) == 2, None
@@ -424,7 +427,7 @@ class SiteAnalysis:
             if node.target == "flatten":
                 start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
                 end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-                return start == 1 and end == -1, None
+                return bool(start == 1 and end == -1), None
             if node.target in ("view", "reshape"):
                 shape = node.args[1:]
                 if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
@@ -499,6 +502,7 @@ class SiteAnalysis:
             elif source is None or not _sole_input(current, source):
                 self.note(norm, "no_fusable_neighbour", f"{name} is not called on a single tensor")
                 return
+            assert source is not None  # a leading flatten's input is a node
             users = _value_users(source)
             if len(users) != 1 and shared_by is None:
                 shared_by = (source, users)
@@ -561,7 +565,7 @@ class SiteAnalysis:
             self.note(norm, "output_used_elsewhere", f"the output of {_describe_in(region, node, self.index)} that "
                       f"feeds {name} is also used by {others or 'another consumer'}")
             return
-        inputs = _channel_cat_inputs(cat)
+        inputs = _channel_cat_inputs(cat) or []  # never empty: the caller found a channel concat
         candidates: list[ForwardCandidate] = []
         seen: set[int] = set()
         start = 0
@@ -595,7 +599,7 @@ class SiteAnalysis:
                 self.note(norm, "no_fusable_neighbour", f"{name} ({type(norm).__qualname__}) does not normalise the "
                           f"channel axis of {layer_name} ({type(layer_module).__qualname__})")
                 return
-            width = layer_module.out_channels
+            width = cast(int, layer_module.out_channels)
             candidates.append(ForwardCandidate(CallSite(region, node), site, tuple(between), (start, start + width)))
             start += width
         if start != info.num_features:
@@ -681,12 +685,13 @@ def norm_fits_layer(info: NormInfo, layer: nn.Module, kind: str) -> bool:
     BatchNorm classes, whose channel axis is 1 (the feature axis once the input is 2-D).
     """
     if info.kind != NormKind.BATCH_NORM:
-        return kind != LayerKind.LINEAR and layer.weight.dim() == 4
+        return kind != LayerKind.LINEAR and cast(torch.Tensor, layer.weight).dim() == 4
     return True
 
 
-def conv_pads_exactly(conv: nn.Module) -> bool:
+def conv_pads_exactly(module: nn.Module) -> bool:
     """Whether every input position a conv reads is a real input value (no zeros inserted)."""
+    conv = cast(nn.modules.conv._ConvNd, module)
     if is_same_padded_conv(conv):
         # pad_same adds max((ceil(n / s) - 1) * s + d * (k - 1) + 1 - n, 0) zeros: none for 1x1 kernels.
         return all(k == 1 for k in conv.kernel_size)
@@ -697,7 +702,7 @@ def conv_pads_exactly(conv: nn.Module) -> bool:
         if padding == "valid":
             return True
         # 'same': total padding per dim is dilation * (kernel - 1)
-        return all(d * (k - 1) == 0 for d, k in zip(conv.dilation, conv.kernel_size))
+        return all(d * (k - 1) == 0 for d, k in zip(conv.dilation, conv.kernel_size, strict=True))
     return all(p == 0 for p in padding)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,10 +64,10 @@ class NormStats:
 
 # Forwards known to compute eval-mode BatchNorm of their input (given running statistics).
 _BATCH_NORM_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
-_TIMM_NORM_ACT = {"BatchNormAct2d": nn.BatchNorm2d, "SyncBatchNormAct": nn.SyncBatchNorm}
+_TIMM_NORM_ACT: dict[str, type[_BatchNorm]] = {"BatchNormAct2d": nn.BatchNorm2d, "SyncBatchNormAct": nn.SyncBatchNorm}
 
 
-def _class_in_mro(module: nn.Module, name: str, package: str | None = None) -> type | None:
+def _class_in_mro(module: nn.Module, name: str, package: str | None = None) -> type[Any] | None:
     for cls in type(module).__mro__:
         if cls.__name__ == name and (package is None or cls.__module__.split(".")[0] == package):
             return cls
@@ -84,8 +85,8 @@ def _frozen_buffers(module: nn.Module) -> int | None:
         return None
     buffers = module._buffers
     names = ("weight", "bias", "running_mean", "running_var")
-    tensors = [buffers.get(n) for n in names]
-    if any(t is None or t.dim() != 1 for t in tensors):
+    tensors = [t for t in (buffers.get(n) for n in names) if t is not None and t.dim() == 1]
+    if len(tensors) != len(names):
         return None
     width = int(tensors[0].shape[0])
     if any(int(t.shape[0]) != width for t in tensors):
@@ -147,13 +148,14 @@ def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def norm_stats(module: nn.Module, info: NormInfo) -> NormStats:
     """Read the running statistics, eps and affine parameters of a recognised norm."""
-    eps = float(module.eps)
+    norm: Any = module  # a _BatchNorm or a FrozenBatchNorm lookalike: its attributes are read by duck typing
+    eps = float(norm.eps)
     if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"{type(module).__qualname__} has eps={module.eps!r}; it must be finite and >= 0")
+        raise ValueError(f"{type(norm).__qualname__} has eps={norm.eps!r}; it must be finite and >= 0")
     if info.kind in (NormKind.FROZEN, NormKind.FROZEN_ACT):
-        weight, bias = module.weight, module.bias
+        weight, bias = norm.weight, norm.bias
     else:
-        weight = module.weight if module.affine else None
-        bias = module.bias if module.affine else None
-    return NormStats(mean=module.running_mean.detach(), var=module.running_var.detach(), eps=eps,
+        weight = norm.weight if norm.affine else None
+        bias = norm.bias if norm.affine else None
+    return NormStats(mean=norm.running_mean.detach(), var=norm.running_var.detach(), eps=eps,
                      weight=_detached(weight), bias=_detached(bias), num_features=info.num_features)

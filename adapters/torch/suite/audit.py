@@ -26,7 +26,8 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import torch
 import torch.fx
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 #: Statuses in the order the summary lists them.
 STATUSES = ("ok", "missed", "WRONG", "CRASH")
+
+_ModuleOrTensor = TypeVar("_ModuleOrTensor", nn.Module, torch.Tensor)
 
 
 def load_object(spec: str, what: str = "object") -> Any:
@@ -102,6 +105,10 @@ class AuditResult:
         return data
 
 
+def _built_on(make: Callable[[], _ModuleOrTensor], device: torch.device | str) -> _ModuleOrTensor:
+    return make().to(device)
+
+
 def audit_targets(*, cases: bool = True, zoo: bool = True, select: Iterable[str] = (),
                   device: torch.device | str = "cpu") -> Iterator[AuditTarget]:
     """The case suite, then the zoo entries whose library is installed; ``select``: names or families to keep."""
@@ -113,8 +120,8 @@ def audit_targets(*, cases: bool = True, zoo: bool = True, select: Iterable[str]
     if cases:
         for case in case_suite.iter_cases():
             if keep(case.name, case.family):
-                yield AuditTarget(case.name, case.family, lambda c=case: c.build().to(device),
-                                  lambda c=case: c.make_input(device=device), case.left, len(case.rank_dependent))
+                yield AuditTarget(case.name, case.family, partial(_built_on, case.build, device),
+                                  partial(case.make_input, device=device), case.left, len(case.rank_dependent))
     if zoo:
         from . import zoo as model_zoo
 
@@ -127,8 +134,8 @@ def audit_targets(*, cases: bool = True, zoo: bool = True, select: Iterable[str]
                 logger.warning("skipping zoo model %s: %s is not installed (the 'zoo' extra)", entry.name,
                                entry.library)
                 continue
-            yield AuditTarget(entry.name, "zoo", lambda e=entry: e.build().to(device),
-                              lambda e=entry: e.example_input().to(device), entry.unfoldable)
+            yield AuditTarget(entry.name, "zoo", partial(_built_on, entry.build, device),
+                              partial(_built_on, entry.example_input, device), entry.unfoldable)
 
 
 def _inlined_norms(model: nn.Module) -> int:
@@ -182,7 +189,7 @@ def audit_one(fuser: Callable[[nn.Module], nn.Module], target: AuditTarget) -> A
             left = case_suite.count_norm_calls(fused, x) + _inlined_norms(fused)
         except ModelRunError as error:
             if error.which == "fused":
-                return result("CRASH", f"fused model raised {_one_line(error.__cause__)}")
+                return result("CRASH", f"fused model raised {_one_line(error.__cause__ or error)}")
             raise
     note = f"; {len(caught)} warning(s), first: {caught[0].category.__name__}: {caught[0].message}" if caught else ""
     if not verdict.ok:

@@ -36,6 +36,7 @@ import math
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -189,6 +190,11 @@ def count_norm_calls(model: nn.Module, *inputs: torch.Tensor) -> int:
 class FrozenBatchNorm2d(nn.Module):
     """Same buffers and forward as ``torchvision.ops.FrozenBatchNorm2d`` (not a ``_BatchNorm``)."""
 
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
@@ -301,8 +307,11 @@ def _conv1d_bn() -> nn.Module:
     return _seq(nn.Conv1d(3, 4, 3, stride=2, padding=1, padding_mode="reflect"), nn.BatchNorm1d(4))
 
 
-for _mode in ("zeros", "reflect", "replicate", "circular"):
-    def _make(mode: str = _mode) -> nn.Module:
+_PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
+_PADDING_MODES: tuple[_PaddingMode, ...] = ("zeros", "reflect", "replicate", "circular")
+
+for _mode in _PADDING_MODES:
+    def _make(mode: _PaddingMode = _mode) -> nn.Module:
         return _seq(nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode), nn.BatchNorm2d(4))
     _make.__doc__ = (f"Conv2d with padding_mode={_mode!r} -> BatchNorm2d: a BN after a conv folds whatever the conv "
                      f"pads with (padding happens before the products), so it folds; nothing is left.")
@@ -428,8 +437,8 @@ def _bn_conv2d_valid() -> nn.Module:
     return _seq(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3))
 
 
-for _mode in ("reflect", "replicate", "circular"):
-    def _make(mode: str = _mode) -> nn.Module:
+for _mode in _PADDING_MODES[1:]:
+    def _make(mode: _PaddingMode = _mode) -> nn.Module:
         return _seq(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode))
     _make.__doc__ = (f"BatchNorm2d -> Conv2d with padding 1, padding_mode={_mode!r}: the padding copies BN outputs, "
                      f"so every position the conv reads is a BN output and the fold is exact; nothing is left.")
@@ -711,7 +720,7 @@ class _ModuleListLoop(nn.Module):
                                     nn.Conv2d(4, 4, 1)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for conv, norm in zip(self.convs, self.norms):
+        for conv, norm in zip(self.convs, self.norms, strict=True):
             x = torch.relu(norm(conv(x)))
         return x
 

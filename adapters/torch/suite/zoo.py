@@ -174,7 +174,7 @@ class ZooEntry:
     unfoldable: int
     skip_reasons: Mapping[str, int]
     input_shape: tuple[int, int, int]
-    _factory: Callable[[], nn.Module] = field(repr=False)
+    _factory: Callable[..., nn.Module] = field(repr=False)  # factory(frozen: bool = True)
 
     def __post_init__(self) -> None:
         if sum(self.skip_reasons.values()) != self.unfoldable:
