@@ -67,6 +67,10 @@ def test_main_job_prints_a_row_per_model():
     assert rows["conv_bn_bn"].split()[1:4] == ["2", "2", "0"]
     assert rows["bn_conv2d_zero_padding"].split()[1:5] == ["1", "0", "1", "(zero_padding)"]
     assert f"{len(DEFAULT_CASES)} of {len(DEFAULT_CASES)} fused models verified" in result.stdout
+    # The table explains its columns, the error ratio's limit included, and points to --model.
+    assert "error ratio     the fused model's relative RMS error" in result.stdout
+    assert "at most 4 passes" in result.stdout
+    assert result.stdout.rstrip().splitlines()[-3].startswith("your own model: python -m adapters.torch --model ")
     # Progress goes to stderr, one line per model.
     assert len([line for line in result.stderr.splitlines() if line.startswith("[")]) == len(DEFAULT_CASES)
 
@@ -185,3 +189,163 @@ def test_wrong_input_shape_for_the_model_exits_2(capsys):
     assert main(["--model", "test_cli:small_net", "--input-shape", "2,8", "-q"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: test_cli:small_net with input shape (2, 8): ")
+
+
+def counting_net() -> nn.Module:
+    """small_net, counting its builds: a command that fails early must not build the model."""
+    counting_net.builds += 1
+    return small_net()
+
+
+counting_net.builds = 0
+
+
+class _Unpicklable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.post = lambda t: t * 2  # a lambda attribute: torch.save cannot pickle the model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post(self.bn(self.conv(x)))
+
+
+def unpicklable_net() -> nn.Module:
+    return _Unpicklable()
+
+
+MODEL_FILE = '''\
+from torch import nn
+
+
+def build():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+
+def broken():
+    return _config()["layers"]
+
+
+def _config():
+    return {}
+'''
+
+
+@pytest.fixture
+def restore_imports(monkeypatch):
+    """--model path/to/file.py imports the file as a module and puts its folder on sys.path: undo both."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        del sys.modules[name]
+
+
+def write_model_file(folder: Path, stem: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}.py"
+    path.write_text(MODEL_FILE, encoding="utf-8")
+    return path
+
+
+def one_error_line(err: str) -> str:
+    """The single line a CLI error must be: 'error: ...', no traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+class TestBadFilesAndMessages:
+    def test_checkpoint_holding_a_whole_model_is_refused_in_one_line(self, tmp_path, capsys):
+        path = tmp_path / "whole.pt"
+        torch.save(small_net(), path)  # the format -o writes
+        assert main(["--model", "test_cli:small_net", "--checkpoint", str(path), "--input-shape", "1,3,6,6",
+                     "-q"]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "holds pickled Python objects" in line and "state_dict" in line and "verify --fused" in line
+
+    def test_corrupt_checkpoint_and_corrupt_fused_file(self, tmp_path, capsys):
+        whole = tmp_path / "whole.pt"
+        torch.save(small_net(), whole)
+        corrupt = tmp_path / "corrupt.pt"
+        corrupt.write_bytes(whole.read_bytes()[:200])  # truncated
+        assert main(["--model", "test_cli:small_net", "--checkpoint", str(corrupt), "--input-shape", "1,3,6,6",
+                     "-q"]) == 2
+        assert "is not a readable torch.save file" in one_error_line(capsys.readouterr().err)
+        assert main(["verify", "--model", "test_cli:small_net", "--input-shape", "1,3,6,6", "--fused",
+                     str(corrupt)]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert line.startswith(f"error: --fused {str(corrupt)!r} is not a readable torch.save file")
+
+    def test_checkpoint_that_does_not_fit_the_model(self, tmp_path, capsys):
+        path = tmp_path / "other.pt"
+        torch.save(relu_first_net().state_dict(), path)
+        assert main(["--model", "test_cli:small_net", "--checkpoint", str(path), "--input-shape", "1,3,6,6",
+                     "-q"]) == 2
+        assert "does not fit test_cli:small_net" in one_error_line(capsys.readouterr().err)
+
+    def test_output_into_a_missing_folder_fails_before_any_work(self, tmp_path, capsys):
+        builds = counting_net.builds
+        target = tmp_path / "no_such_folder" / "fused.pt"
+        assert main(["--model", "test_cli:counting_net", "--input-shape", "1,3,6,6", "-o", str(target)]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "the folder" in line and "does not exist" in line
+        assert counting_net.builds == builds  # refused before the model was built
+        assert main(["--model", "test_cli:counting_net", "--input-shape", "1,3,6,6", "-o", str(tmp_path)]) == 2
+        assert "is a folder" in one_error_line(capsys.readouterr().err)
+
+    def test_unsaveable_model_leaves_no_file(self, tmp_path, capsys):
+        target = tmp_path / "fused.pt"
+        assert main(["--model", "test_cli:unpicklable_net", "--input-shape", "1,3,6,6", "-q", "--repeats", "1",
+                     "-o", str(target)]) == 2
+        assert one_error_line(capsys.readouterr().err).startswith(f"error: cannot save the fused model to "
+                                                                  f"{str(target)!r}")
+        assert not target.exists()
+
+    def test_factory_that_raises_names_the_exception_and_where(self, tmp_path, capsys, restore_imports):
+        path = write_model_file(tmp_path / "nets", "cli_raising_net")
+        assert main(["--model", f"{path}:broken", "--input-shape", "1,3,6,6", "-q"]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "the factory raised KeyError: 'layers'" in line
+        assert f"(at {path}:" in line and "in broken)" in line
+
+    def test_module_not_found_hints_at_the_working_directory(self, tmp_path, capsys, monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        assert main(["--model", "no_such_module_here:build", "-q"]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"working directory {tmp_path}" in line and "--model path/to/no_such_module_here.py:FACTORY" in line
+
+
+class TestModelFromAFile:
+    def test_path_to_file_and_file_from_its_folder(self, tmp_path, capsys, monkeypatch, restore_imports):
+        path = write_model_file(tmp_path / "nets", "cli_file_net")
+        assert main(["--model", f"{path}:build", "--input-shape", "1,3,6,6", "--json", "-q",
+                     "--repeats", "1"]) == 0
+        [row] = json.loads(capsys.readouterr().out)["models"]
+        assert (row["norms_found"], row["folded"], row["left"]) == (1, 1, 0)
+        monkeypatch.chdir(path.parent)
+        assert main(["--model", "cli_file_net.py:build", "--input-shape", "1,3,6,6", "--json", "-q",
+                     "--repeats", "1"]) == 0
+        [row] = json.loads(capsys.readouterr().out)["models"]
+        assert row["name"] == "cli_file_net.py:build" and row["folded"] == 1
+
+    def test_missing_file(self, tmp_path, capsys):
+        assert main(["--model", f"{tmp_path / 'absent.py'}:build", "-q"]) == 2
+        assert "is not a file" in one_error_line(capsys.readouterr().err)
+
+
+def test_single_model_progress_is_stage_by_stage(capsys):
+    assert main(["--model", "test_cli:small_net", "--input-shape", "1,3,6,6", "--repeats", "1"]) == 0
+    stages = [line.split(": ", 1)[1] for line in capsys.readouterr().err.splitlines()
+              if line.startswith("[1/1] test_cli:small_net: ")]
+    assert [s.split(" ")[0] for s in stages] == ["building", "fusing", "fused", "verified", "done"]
+    assert stages[2].startswith("fused (2 of 2 norm layers folded) after ")
+
+
+def test_half_precision_on_the_cpu_warns(capsys):
+    assert main(["--model", "test_cli:small_net", "--input-shape", "1,3,6,6", "--dtype", "bfloat16", "-q",
+                 "--repeats", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: bfloat16 on the CPU: torch's CPU half-precision kernels are slow" in err
+    assert main(["--model", "test_cli:small_net", "--input-shape", "1,3,6,6", "-q", "--repeats", "1"]) == 0
+    assert "warning" not in capsys.readouterr().err

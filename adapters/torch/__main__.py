@@ -1,6 +1,8 @@
 """Command line: ``python -m adapters.torch [options]``, ``... verify ...``, ``... audit ...``.
 
-Run with ``--help`` (or ``verify --help``, ``audit --help``) for the full description.
+Run with ``--help`` (or ``verify --help``, ``audit --help``) for the full description. Bad input
+(arguments, files, a model that cannot be built or run) is reported as one ``error:`` line on
+stderr with exit status 2; torch is imported only once the arguments are understood.
 """
 
 from __future__ import annotations
@@ -9,9 +11,39 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from refimpl import MODEL_RATIO
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .suite.demo import ModelRow
+
+PROG = "python -m adapters.torch"
+
+#: What each column of the main job's table means: printed under the table and in --help.
+COLUMN_LEGEND = f"""\
+columns:
+  norms           norm layers found in the model
+  folded          norm layers folded away (replaced by nn.Identity)
+  left (reasons)  norm layers left in place, with the report's reason codes
+  error ratio     the fused model's relative RMS error against the float64 reference run of the original,
+                  divided by the unfused model's own error in the same dtype: at most {MODEL_RATIO:g} passes
+  max |diff|      largest absolute difference of the fused model's output from the float64 reference
+  speedup         forward time of the original / of the fused model (medians of --repeats runs)
+  verdict         ok, or FAILED when the error ratio exceeds {MODEL_RATIO:g}"""
+
+#: Printed after the built-in models' table: the same for one's own model.
+YOUR_MODEL_HINT = """\
+your own model: python -m adapters.torch --model package.module:factory --input-shape 1,3,224,224
+  (or --model path/to/file.py:factory; FACTORY() returns the nn.Module; -o fused.pt saves the fused
+  model, --checkpoint weights.pth loads a state_dict; --help lists every option)"""
 
 _MAIN_DESCRIPTION = """\
 Fold BatchNorm layers into neighbouring conv/linear layers, verify the result against a float64
@@ -20,22 +52,14 @@ reference run of the original model, and time the forward pass.
 With no arguments, runs a built-in selection of small models from adapters/torch/suite/cases.py (every
 fold family -- conv->bn, conv_transpose->bn, linear->bn, bn->conv, bn->linear -- the norm-layer
 variants and traps that registration-order fusers get wrong; random weights, random BatchNorm
-statistics, no downloads) and prints one row per model:
-
-  norms           norm layers found
-  folded          norm layers folded away (replaced by nn.Identity)
-  left (reasons)  norm layers left in place, with the report's reason codes
-  error ratio     the fused model's relative RMS error against the float64 reference, divided by
-                  the unfused model's own error in the same dtype (<= 4 passes)
-  max |diff|      largest absolute difference from the float64 reference
-  speedup         forward-pass time of the original / the fused model (medians of --repeats runs)
-  verdict         ok, or FAILED when the fused model breaks the error model
+statistics, no downloads) and prints one row per model, the columns explained below it.
 
 With --model it works on your model instead. The exit status is 0 when every fused model
 verifies, 1 otherwise, 2 for bad arguments.
 """
 
-_MAIN_EPILOG = """\
+_MAIN_EPILOG = COLUMN_LEGEND + """
+
 subcommands (each has its own --help):
   verify   check a fused model (from any tool) against the float64 reference of the original
   audit    run a third-party fuser MODULE:FUNCTION over the case suite and the model zoo
@@ -43,6 +67,7 @@ subcommands (each has its own --help):
 examples:
   python -m adapters.torch
   python -m adapters.torch --model torchvision.models:resnet18 --input-shape 1,3,224,224 -o fused.pt
+  python -m adapters.torch --model path/to/mynet.py:build --input-shape 8,3,64,64
   python -m adapters.torch --model mypkg.nets:build --checkpoint weights.pth --dtype float16 --device cuda
   python -m adapters.torch verify --model torchvision.models:resnet18 --fuser mmcv.cnn:fuse_conv_bn
   python -m adapters.torch audit torch.fx.experimental.optimization:fuse --no-zoo
@@ -81,8 +106,9 @@ arguments.
 
 def _add_model_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument("--model", metavar="MODULE:FACTORY", required=required,
-                        help="import MODULE and call FACTORY() with no arguments; it must return an nn.Module "
-                             "(e.g. torchvision.models:resnet18 -- random weights unless --checkpoint)")
+                        help="import MODULE (or run path/to/file.py) and call FACTORY() with no arguments; it must "
+                             "return an nn.Module (e.g. torchvision.models:resnet18 -- random weights unless "
+                             "--checkpoint)")
     stats = parser.add_mutually_exclusive_group()
     stats.add_argument("--checkpoint", metavar="PATH",
                        help="a state_dict (or a dict holding one under 'state_dict' or 'model') loaded into the "
@@ -101,8 +127,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, required: bool) -> 
                              "(so its random weights are reproducible) (default: 0)")
 
 
-def _main_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m adapters.torch", description=_MAIN_DESCRIPTION,
+def _main_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=_MAIN_DESCRIPTION,
                                      epilog=_MAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_arguments(parser, required=False)
     parser.add_argument("-o", "--output", metavar="PATH",
@@ -127,8 +153,8 @@ def _main_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _verify_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m adapters.torch verify", description=_VERIFY_DESCRIPTION,
+def _verify_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=_VERIFY_DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_arguments(parser, required=True)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -141,8 +167,8 @@ def _verify_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _audit_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m adapters.torch audit", description=_AUDIT_DESCRIPTION,
+def _audit_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=_AUDIT_DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("fuser", metavar="MODULE:FUNCTION", help="the fuser to audit, called as FUNCTION(model)")
     parser.add_argument("--no-zoo", action="store_true", help="skip the model zoo (torchvision/timm models)")
@@ -173,11 +199,52 @@ def _progress(enabled: bool, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def _main_job(argv: Sequence[str]) -> int:
-    parser = _main_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+def _error(message: str) -> int:
+    """Report bad input as one line; the exit status for it."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _configure_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+
+
+def _output_problem(path: str) -> str | None:
+    """Why ``-o PATH`` cannot be written, found before any work is done; None when it can."""
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        return f"-o {path!r} is a folder; give a file name, e.g. {str(target / 'fused.pt')!r}"
+    if not folder.is_dir():
+        return f"-o {path!r}: the folder {str(folder)!r} does not exist (relative to the working directory " \
+               f"{os.getcwd()})"
+    if not os.access(folder, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        return f"-o {path!r}: {'the file' if target.exists() else 'the folder ' + repr(str(folder))} is not writable"
+    return None
+
+
+def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    import torch
+
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        parser.error(f"--device {name!r}: {error}")
+
+
+def _warn_slow_dtype(dtype: torch.dtype, device: torch.device) -> None:
+    from .suite.demo import slow_half_precision_warning
+
+    warning = slow_half_precision_warning(dtype, device)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The main job: fuse, verify and time the built-in models or the user's model
+
+def _check_main_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.output and not args.model:
         parser.error("-o/--output needs --model (it saves that one fused model)")
     if args.model and (args.case or args.all_cases):
@@ -186,109 +253,177 @@ def _main_job(argv: Sequence[str]) -> int:
         parser.error("--checkpoint/--random-stats apply to --model")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
-
-    import torch
-
-    from .suite import cases as case_suite
-    from .suite.demo import DEFAULT_CASES, DTYPES, default_models, format_table, load_user_model, parse_shape, run_model
-
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
-    threads = args.threads if args.threads is not None else (None if args.model else 1)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    dtype = DTYPES[args.dtype]
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as error:
-        parser.error(f"--device {args.device!r}: {error}")
-    if args.model:
-        try:
-            model, inputs = load_user_model(args.model, input_shape=parse_shape(args.input_shape), dtype=dtype,
-                                            device=device, checkpoint=args.checkpoint,
-                                            random_stats=args.random_stats, seed=args.seed)
-        except (ValueError, TypeError, RuntimeError, OSError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        models = iter([(args.model, model, inputs)])
-        total = 1
+
+
+def _builtin_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:
+    from .suite import cases as case_suite
+    from .suite.demo import DEFAULT_CASES
+
+    if args.all_cases:
+        names = tuple(case.name for case in case_suite.iter_cases())
     else:
-        if args.all_cases:
-            names = tuple(case.name for case in case_suite.iter_cases())
-        else:
-            names = tuple(args.case) or DEFAULT_CASES
-        unknown = [n for n in names if n not in case_suite.CASES]
-        if unknown:
-            parser.error(f"unknown case(s) {unknown}; known: {', '.join(case_suite.CASES)}")
-        models = default_models(names, dtype=dtype, device=device)
-        total = len(names)
+        names = tuple(args.case) or DEFAULT_CASES
+    unknown = [n for n in names if n not in case_suite.CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; known: {', '.join(case_suite.CASES)}")
+    return names
+
+
+def _run_builtin_models(names: tuple[str, ...], args: argparse.Namespace, dtype: torch.dtype,
+                        device: torch.device) -> list[ModelRow]:
+    """One row per built-in case; a built-in model that fails to fuse or run is a bug: it raises."""
+    from .suite.demo import default_models, run_model
 
     rows = []
-    for index, (name, model, inputs) in enumerate(models, 1):
-        _progress(not args.quiet, f"[{index}/{total}] {name}: fusing, verifying, timing")
-        try:
-            row, fused = run_model(name, model, inputs, repeats=args.repeats)
-        except (ValueError, TypeError, RuntimeError) as error:
-            if not args.model:
-                raise  # a built-in model must always fuse and run: that is a bug, show the traceback
-            print(f"error: {name} with input shape {tuple(inputs[0].shape)}: {type(error).__name__}: {error}",
-                  file=sys.stderr)
-            return 2
-        rows.append(row)
+    for index, (name, model, inputs) in enumerate(default_models(names, dtype=dtype, device=device), 1):
+        _progress(not args.quiet, f"[{index}/{len(names)}] {name}: fusing, verifying, timing")
+        row, _ = run_model(name, model, inputs, repeats=args.repeats)
         if not row.ok:
             _progress(not args.quiet, row.verdict_text)
-        if args.output:
-            torch.save(fused, args.output)
-            _progress(not args.quiet, f"saved the fused model (whole module) to {args.output}")
+        rows.append(row)
+    return rows
+
+
+def _run_user_model(args: argparse.Namespace, dtype: torch.dtype, device: torch.device
+                    ) -> tuple[list[ModelRow], nn.Module] | str:
+    """The user's model built, fused, verified and timed, stage by stage; a one-line error instead."""
+    from .suite.demo import load_user_model, parse_shape, run_model
+    from .suite.loading import raised_where
+
+    name = args.model
+
+    def stage(text: str) -> None:
+        _progress(not args.quiet, f"[1/1] {name}: {text}")
+
+    try:
+        model, inputs = load_user_model(name, input_shape=parse_shape(args.input_shape), dtype=dtype,
+                                        device=device, checkpoint=args.checkpoint, random_stats=args.random_stats,
+                                        seed=args.seed, progress=stage)
+    except (ValueError, TypeError, RuntimeError, OSError) as error:
+        return str(error)
+    try:
+        row, fused = run_model(name, model, inputs, repeats=args.repeats, progress=stage)
+    except Exception as error:  # the user's model (or its input shape) is at fault: one line, not a traceback
+        where = "" if isinstance(error, (ValueError, TypeError, RuntimeError)) else f" (at {raised_where(error)})"
+        return (f"{name} with input shape {tuple(inputs[0].shape)}: {type(error).__name__}: "
+                + " ".join(str(error).split()) + where)
+    if not row.ok:
+        _progress(not args.quiet, row.verdict_text)
+    return [row], fused
+
+
+def _save(fused: nn.Module, path: str, quiet: bool) -> str | None:
+    """Save the fused model whole; a one-line error (and no partial file) when it cannot be."""
+    import torch
+
+    try:
+        torch.save(fused, path)
+    except Exception as error:  # unpicklable model code (local classes, lambdas), full disk, ...
+        Path(path).unlink(missing_ok=True)
+        return f"cannot save the fused model to {path!r}: {type(error).__name__}: {' '.join(str(error).split())}"
+    _progress(not quiet, f"saved the fused model (whole module) to {path}")
+    return None
+
+
+def _print_rows(rows: list[ModelRow], args: argparse.Namespace, device: torch.device) -> None:
+    import torch
+
+    from .suite.demo import format_table
 
     ok = all(row.ok for row in rows)
     if args.json:
         print(json.dumps(_json_safe({"ok": ok, "dtype": args.dtype, "device": str(device),
                                      "threads": torch.get_num_threads(),
                                      "models": [row.to_dict() for row in rows]}), indent=2))
-    else:
-        print(format_table(rows))
-        failed = [row.name for row in rows if not row.ok]
-        print(f"\n{len(rows) - len(failed)} of {len(rows)} fused models verified"
-              + (f"; FAILED: {', '.join(failed)}" if failed else "")
-              + f" ({args.dtype}, {device}, {torch.get_num_threads()} thread(s); speedup = unfused / fused "
-                f"forward time, medians of {args.repeats} runs)")
-    return 0 if ok else 1
+        return
+    print(format_table(rows))
+    failed = [row.name for row in rows if not row.ok]
+    print(f"\n{len(rows) - len(failed)} of {len(rows)} fused models verified"
+          + (f"; FAILED: {', '.join(failed)}" if failed else "")
+          + f" ({args.dtype}, {device}, {torch.get_num_threads()} thread(s); speedup = unfused / fused "
+            f"forward time, medians of {args.repeats} runs)")
+    print(f"\n{COLUMN_LEGEND}")
+    if not args.model:
+        print(f"\n{YOUR_MODEL_HINT}")
 
 
-def _verify_job(argv: Sequence[str]) -> int:
-    parser = _verify_parser()
+def main_job(argv: Sequence[str], prog: str = PROG) -> int:
+    """Fuse, verify and time the built-in models, or the one named by ``--model``."""
+    parser = _main_parser(prog)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-
-    import copy
+    _configure_logging(args.verbose)
+    _check_main_arguments(parser, args)
+    if args.output and (problem := _output_problem(args.output)):
+        return _error(problem)
+    names = () if args.model else _builtin_names(parser, args)
 
     import torch
+
+    from .suite.demo import DTYPES
+
+    device = _device(parser, args.device)
+    dtype = DTYPES[args.dtype]
+    threads = args.threads if args.threads is not None else (None if args.model else 1)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    _warn_slow_dtype(dtype, device)
+    if args.model:
+        outcome = _run_user_model(args, dtype, device)
+        if isinstance(outcome, str):
+            return _error(outcome)
+        rows, fused = outcome
+        if args.output and (problem := _save(fused, args.output, args.quiet)):
+            return _error(problem)
+    else:
+        rows = _run_builtin_models(names, args, dtype, device)
+    _print_rows(rows, args, device)
+    return 0 if all(row.ok for row in rows) else 1
+
+
+# --------------------------------------------------------------------------------------------------
+# verify and audit
+
+def _fused_by(fuser_spec: str, model: nn.Module) -> nn.Module:
+    import copy
+
     from torch import nn
 
-    from .checking import ModelRunError, verify
-    from .suite.audit import load_object
-    from .suite.demo import DTYPES, load_user_model, parse_shape
+    from .suite.loading import load_callable, raised_where
 
+    fuser = load_callable(fuser_spec, "--fuser")
     try:
-        device = torch.device(args.device)
-        model, inputs = load_user_model(args.model, input_shape=parse_shape(args.input_shape),
-                                        dtype=DTYPES[args.dtype], device=device, checkpoint=args.checkpoint,
-                                        random_stats=args.random_stats, seed=args.seed)
-        if args.fused:
-            fused = torch.load(args.fused, map_location=device, weights_only=False)
-            if not isinstance(fused, nn.Module):
-                raise TypeError(f"--fused {args.fused!r} holds a {type(fused).__name__}, not a whole nn.Module "
-                                f"(save the fused model with torch.save(module, FILE), not its state_dict)")
-        else:
-            fuser = load_object(args.fuser, "--fuser")
-            fused = fuser(copy.deepcopy(model))
-            if not isinstance(fused, nn.Module):
-                raise TypeError(f"--fuser {args.fuser!r} returned {type(fused).__name__}, not an nn.Module")
+        fused = fuser(copy.deepcopy(model))
+    except Exception as error:
+        raise ValueError(f"--fuser {fuser_spec!r} raised {type(error).__name__}: {' '.join(str(error).split())} "
+                         f"(at {raised_where(error)})") from error
+    if not isinstance(fused, nn.Module):
+        raise TypeError(f"--fuser {fuser_spec!r} returned {type(fused).__name__}, not an nn.Module")
+    return fused
+
+
+def verify_job(argv: Sequence[str], prog: str = f"{PROG} verify") -> int:
+    """Check a fused model (a file, or a fuser's result) against the float64 reference of the original."""
+    parser = _verify_parser(prog)
+    args = parser.parse_args(argv)
+    _configure_logging()
+
+    from .checking import ModelRunError, verify
+    from .suite.demo import DTYPES, load_user_model, parse_shape
+    from .suite.loading import load_whole_model
+
+    device = _device(parser, args.device)
+    dtype = DTYPES[args.dtype]
+    _warn_slow_dtype(dtype, device)
+    try:
+        model, inputs = load_user_model(args.model, input_shape=parse_shape(args.input_shape), dtype=dtype,
+                                        device=device, checkpoint=args.checkpoint, random_stats=args.random_stats,
+                                        seed=args.seed)
+        fused = load_whole_model(args.fused, device) if args.fused else _fused_by(args.fuser, model)
         verdict = verify(model, fused, *inputs, per_layer=not args.no_layers)
     except (ValueError, TypeError, OSError, ModelRunError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return _error(str(error))
     if args.json:
         print(json.dumps(_json_safe(verdict.to_dict()), indent=2))
     else:
@@ -296,10 +431,11 @@ def _verify_job(argv: Sequence[str]) -> int:
     return 0 if verdict.ok else 1
 
 
-def _audit_job(argv: Sequence[str]) -> int:
-    parser = _audit_parser()
+def audit_job(argv: Sequence[str], prog: str = f"{PROG} audit") -> int:
+    """Run a fuser over the case suite and the model zoo and judge each result."""
+    parser = _audit_parser(prog)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging()
     if args.no_zoo and args.no_cases:
         parser.error("--no-zoo and --no-cases leave nothing to audit")
 
@@ -339,13 +475,13 @@ def _audit_job(argv: Sequence[str]) -> int:
     return 0 if ok else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "verify":
-        return _verify_job(argv[1:])
+        return verify_job(argv[1:], f"{prog} verify")
     if argv and argv[0] == "audit":
-        return _audit_job(argv[1:])
-    return _main_job(argv)
+        return audit_job(argv[1:], f"{prog} audit")
+    return main_job(argv, prog)
 
 
 if __name__ == "__main__":

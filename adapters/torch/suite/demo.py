@@ -20,10 +20,10 @@ from torch import nn
 
 from ..checking import verify
 from . import cases as case_suite
-from .audit import load_object
+from .loading import call_factory, load_callable, load_checkpoint
 
 __all__ = ["DEFAULT_CASES", "ModelRow", "DTYPES", "default_models", "load_user_model", "parse_shape",
-           "run_model", "time_forward", "format_table"]
+           "run_model", "time_forward", "format_table", "slow_half_precision_warning"]
 
 #: The default run: each fold family, each norm-layer variant that needs care, and traps a
 #: registration-order fuser gets wrong -- small enough to finish in seconds.
@@ -131,19 +131,34 @@ def time_forward(models: Sequence[nn.Module], inputs: tuple, *, repeats: int = 7
 
 
 def run_model(name: str, model: nn.Module, inputs: tuple, *, repeats: int = 7,
-              fuse: Callable[..., tuple[nn.Module, Any]] | None = None) -> tuple[ModelRow, nn.Module]:
+              fuse: Callable[..., tuple[nn.Module, Any]] | None = None,
+              progress: Callable[[str], None] | None = None) -> tuple[ModelRow, nn.Module]:
     """Fuse ``model`` (a copy: it is left as it was), verify the result and time both.
 
-    Returns the row and the fused model.
+    Returns the row and the fused model. ``progress`` is told each stage as it starts, with the
+    time the one before took.
     """
     if fuse is None:
         from .. import fuse as default_fuse
         fuse = default_fuse
+    report_stage = progress or (lambda text: None)
+    start = time.perf_counter()
+
+    def took() -> str:
+        return f"{time.perf_counter() - start:.1f} s"
+
+    report_stage("fusing")
     fused, report = fuse(model, inplace=False, example_inputs=inputs)
+    folded = len({p.norm for p in report.folded})
+    report_stage(f"fused ({folded} of {report.norms_found} norm layers folded) after {took()}; "
+                 "verifying against the float64 reference")
     verdict = verify(model, fused, *inputs)
     reasons = Counter(skip.reason for skip in report.skipped)
+    report_stage(f"verified ({'ok' if verdict.ok else 'FAILED'}, error ratio {verdict.ratio:.3g}) after {took()}; "
+                 f"timing the forward pass ({repeats} runs of each model)")
     unfused_seconds, fused_seconds = time_forward([model, fused], inputs, repeats=repeats)
-    row = ModelRow(name=name, norms_found=report.norms_found, folded=len({p.norm for p in report.folded}),
+    report_stage(f"done after {took()}")
+    row = ModelRow(name=name, norms_found=report.norms_found, folded=folded,
                    left=len(report.skipped), left_reasons=dict(reasons), ok=verdict.ok, ratio=verdict.ratio,
                    max_abs_error=verdict.max_abs_error,
                    unfused_seconds=unfused_seconds, fused_seconds=fused_seconds,
@@ -162,37 +177,46 @@ def default_models(names: tuple[str, ...] = DEFAULT_CASES, *, dtype: torch.dtype
 
 def load_user_model(spec: str, *, input_shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu", checkpoint: str | None = None,
-                    random_stats: bool = False, seed: int = 0) -> tuple[nn.Module, tuple]:
-    """Build ``package.module:factory`` (global RNG seeded with ``seed``), load ``checkpoint``, make a random input.
+                    random_stats: bool = False, seed: int = 0,
+                    progress: Callable[[str], None] | None = None) -> tuple[nn.Module, tuple]:
+    """Build ``package.module:factory`` or ``path/to/file.py:factory`` (global RNG seeded with ``seed``),
+    load ``checkpoint``, make a random input.
 
     A checkpoint may be a state_dict or a dict holding one under ``"state_dict"`` or ``"model"``
     (the common training-script layouts); it is loaded with ``weights_only=True`` and ``strict=True``.
+    Whatever goes wrong raises ``ValueError``/``TypeError`` with a one-line message (see
+    :mod:`.loading`). ``progress`` is told each stage as it starts.
     """
-    factory = load_object(spec, "--model")
-    if not callable(factory):
-        raise TypeError(f"--model {spec!r} is a {type(factory).__name__}, not a callable returning an nn.Module")
+    report = progress or (lambda text: None)
+    factory = load_callable(spec, "--model")
+    report(f"building the model ({spec}())")
     # Seeded, so that the same command builds the same random weights (when no checkpoint replaces
     # them); the caller's global RNG state is left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = factory()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"--model {spec!r} returned {type(model).__name__}, not an nn.Module")
+        model = call_factory(factory, spec, "--model")
     if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if isinstance(state, dict):
-            for key in ("state_dict", "model"):
-                if isinstance(state.get(key), dict):
-                    state = state[key]
-                    break
-        if not isinstance(state, dict):
-            raise TypeError(f"--checkpoint {checkpoint!r} holds a {type(state).__name__}, not a state_dict")
-        model.load_state_dict(state)
+        report(f"loading the checkpoint {checkpoint}")
+        state = load_checkpoint(checkpoint)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(f"--checkpoint {checkpoint!r} does not fit {spec}: "
+                             + " ".join(str(error).split())) from None
     if random_stats:
         case_suite.randomize_norm_stats(model, torch.Generator().manual_seed(seed))
     model = model.to(device=device, dtype=dtype).eval()
     x = torch.randn(input_shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     return model, (x.to(device=device, dtype=dtype),)
+
+
+def slow_half_precision_warning(dtype: torch.dtype, device: torch.device) -> str | None:
+    """The warning for float16/bfloat16 on the CPU, where torch's kernels are slow; None elsewhere."""
+    if device.type != "cpu" or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    name = str(dtype).removeprefix("torch.")
+    return (f"warning: {name} on the CPU: torch's CPU half-precision kernels are slow (a large model can take "
+            "minutes to verify and time); use --device cuda, or float32 on the CPU")
 
 
 def _left_text(row: ModelRow) -> str:
@@ -216,4 +240,3 @@ def format_table(rows: list[ModelRow]) -> str:
                          for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
     return "\n".join([line(header), line(tuple("-" * w for w in widths)), *(line(b) for b in body)])
-
