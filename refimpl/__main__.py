@@ -25,7 +25,8 @@ reference ops within the error model, and the integrity of the committed vectors
 
 subcommands:
   vectors --out DIR        write the conformance vectors (one JSON per case + manifest.json)
-  check VECTORS RESULTS    judge another implementation's results file against the vectors
+  check [VECTORS] RESULTS  judge another implementation's results file against the vectors
+                           (default VECTORS: the committed set, which an installed package ships)
   results --out FILE       write refimpl's own results file (a working example of the format)
 
 The vector and results formats and the tolerance policy are documented in spec/conformance.md.
@@ -81,7 +82,8 @@ def _self_check() -> int:
               + ("match a fresh regeneration byte for byte" if not stale else f"differ: {', '.join(stale)}"))
         vectors = conformance.load_vectors(directory)
     else:
-        print(f"  skip committed vectors: {directory} not found (not a source checkout)")
+        print(f"  skip committed vectors: {directory} not found (neither a source checkout nor an installed "
+              "package)")
     outcomes, _ = conformance.check_results(vectors, conformance.reference_results(vectors))
     bad = [o.name for o in outcomes if not o.ok]
     failures += bool(bad)
@@ -98,7 +100,7 @@ def _compare_dirs(written: list[Path], committed: Path) -> list[str]:
     return sorted(name for name in fresh.keys() | existing.keys() if fresh.get(name) != existing.get(name))
 
 
-def _check(vectors_dir: str, results_path: str) -> int:
+def _check(vectors_dir: str | Path, results_path: str) -> int:
     try:
         vectors = conformance.load_vectors(vectors_dir)
         results = json.loads(Path(results_path).read_text(encoding="utf-8"))
@@ -128,20 +130,49 @@ def _check(vectors_dir: str, results_path: str) -> int:
     return 1 if failed else 0
 
 
+def _output_file_problem(out: str) -> str | None:
+    """Why the file ``out`` cannot be written, found before any work; None when it can."""
+    target = Path(out)
+    if target.is_dir():
+        return f"--out {out!r} is a folder; give a file name"
+    if not target.parent.is_dir():
+        return f"--out {out!r}: the folder {str(target.parent)!r} does not exist"
+    return None
+
+
+def _vectors(out: str) -> int:
+    try:  # the folder first, so that a bad --out fails before the cases are built
+        Path(out).mkdir(parents=True, exist_ok=True)
+        written = conformance.write_vectors(out)
+    except OSError as error:
+        print(f"error: --out {out!r}: cannot write the vectors there ({error.strerror or error})", file=sys.stderr)
+        return 2
+    print(f"wrote {len(written) - 1} cases and manifest.json to {out}")
+    return 0
+
+
 def _results(vectors_dir: str | None, out: str) -> int:
+    problem = _output_file_problem(out)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         vectors = conformance.load_vectors(vectors_dir) if vectors_dir else conformance.build_all()
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    Path(out).write_text(json.dumps(conformance.reference_results(vectors), indent=1, sort_keys=True) + "\n",
-                         encoding="utf-8")
+    try:
+        Path(out).write_text(json.dumps(conformance.reference_results(vectors), indent=1, sort_keys=True) + "\n",
+                             encoding="utf-8")
+    except OSError as error:
+        print(f"error: --out {out!r}: {error.strerror or error}", file=sys.stderr)
+        return 2
     print(f"wrote refimpl's results for {len(vectors)} cases to {out}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m refimpl", description=DESCRIPTION,
+def build_parser(prog: str = "python -m refimpl") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="{vectors,check,results}")
     vectors = sub.add_parser("vectors", help="write the conformance vectors",
@@ -153,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Judge RESULTS against VECTORS. Prints pass/FAIL per case with its worst "
                                        "element (index, expected, actual, bound, ratio) and a summary. Exit 0 when "
                                        "every case passes, 1 when any fails or is missing, 2 on malformed files.")
-    check.add_argument("vectors", metavar="VECTORS", help="directory holding manifest.json and the case files")
+    check.add_argument("vectors", metavar="VECTORS", nargs="?", default=conformance.VECTORS_DIR,
+                       help="directory holding manifest.json and the case files (default: the committed vectors, "
+                            "%(default)s)")
     check.add_argument("results", metavar="RESULTS", help="results JSON written by the implementation under test")
     results = sub.add_parser("results", help="write refimpl's own results file",
                              description="Fold every case with refimpl (float64, rounded once to the storage dtype) "
@@ -163,14 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m refimpl") -> int:
+    args = build_parser(prog).parse_args(argv)
     if args.command is None:
         return _self_check()
     if args.command == "vectors":
-        written = conformance.write_vectors(args.out)
-        print(f"wrote {len(written) - 1} cases and manifest.json to {args.out}")
-        return 0
+        return _vectors(args.out)
     if args.command == "check":
         return _check(args.vectors, args.results)
     return _results(args.vectors, args.out)

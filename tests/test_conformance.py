@@ -278,6 +278,28 @@ class TestCheck:
         assert "FAIL  bn_linear: missing from the results" in done.stdout
 
 
+class TestOutputs:
+    def test_results_into_a_missing_folder_exits_2_before_the_work(self, tmp_path, capsys, monkeypatch):
+        monkeypatch.setattr(conformance, "build_all", lambda: pytest.fail("built the cases before checking --out"))
+        assert main(["results", "--out", str(tmp_path / "missing" / "results.json")]) == 2
+        assert capsys.readouterr().err == f"error: --out {str(tmp_path / 'missing' / 'results.json')!r}: the " \
+                                          f"folder {str(tmp_path / 'missing')!r} does not exist\n"
+        assert main(["results", "--out", str(tmp_path)]) == 2
+        assert "is a folder" in capsys.readouterr().err
+
+    def test_vectors_into_a_file_exits_2(self, tmp_path, capsys):
+        occupied = tmp_path / "occupied"
+        occupied.write_text("", encoding="utf-8")
+        assert main(["vectors", "--out", str(occupied)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: --out {str(occupied)!r}: cannot write the vectors there")
+
+    def test_check_defaults_to_the_committed_vectors(self, tmp_path, good_results, capsys):
+        path = tmp_path / "results.json"
+        path.write_text(json.dumps(good_results), encoding="utf-8")
+        assert main(["check", str(path)]) == 0
+        assert f"in {conformance.VECTORS_DIR}" in capsys.readouterr().out
+
+
 class TestSelfCheckAndHelp:
     def test_self_check_passes(self, capsys):
         assert main([]) == 0

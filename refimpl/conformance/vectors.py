@@ -19,12 +19,15 @@ from .rounding import LOW_PRECISION
 __all__ = ["VECTORS_DIR", "CHECKOUT_VECTORS_DIR", "SHIPPED_VECTORS_DIR", "manifest", "write_vectors",
            "load_vectors"]
 
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 #: The vectors of a source checkout: ``spec/vectors`` beside the ``refimpl`` package.
-CHECKOUT_VECTORS_DIR = Path(__file__).resolve().parents[2] / "spec" / "vectors"
+CHECKOUT_VECTORS_DIR = _PROJECT_ROOT / "spec" / "vectors"
 #: The copy a wheel ships as package data (absent in a source checkout).
 SHIPPED_VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
-#: The committed vectors: the checkout's when running from one, else the installed copy.
-VECTORS_DIR = CHECKOUT_VECTORS_DIR if (CHECKOUT_VECTORS_DIR / "manifest.json").is_file() else SHIPPED_VECTORS_DIR
+#: The committed vectors: the checkout's when running from one (an editable install included),
+#: else the copy the installed package ships.
+VECTORS_DIR = (CHECKOUT_VECTORS_DIR if (_PROJECT_ROOT / "pyproject.toml").is_file()
+               and (CHECKOUT_VECTORS_DIR / "manifest.json").is_file() else SHIPPED_VECTORS_DIR)
 
 
 def manifest(vectors: dict[str, dict]) -> dict:
