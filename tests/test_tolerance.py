@@ -40,8 +40,12 @@ class TestUnitRoundoff:
         # TF32 stores 10 explicit mantissa bits, like fp16: u = 2^-(10+1).
         assert unit_roundoff("tf32") == unit_roundoff("float16") == 2.0**-11
 
-    def test_table_is_complete(self):
-        assert set(UNIT_ROUNDOFF) == {"float64", "float32", "tf32", "float16", "bfloat16"}
+    def test_every_entry_is_half_its_machine_epsilon(self):
+        # TF32 keeps fp16's 10 explicit mantissa bits; the others come from their libraries' finfo.
+        epsilon = {"float64": np.finfo(np.float64).eps, "float32": np.finfo(np.float32).eps,
+                   "float16": np.finfo(np.float16).eps, "bfloat16": torch.finfo(torch.bfloat16).eps,
+                   "tf32": 2.0**-10}
+        assert {name: u * 2 for name, u in UNIT_ROUNDOFF.items()} == epsilon
 
     @pytest.mark.parametrize("alias, name", [
         (np.float16, "float16"), (np.dtype("float16"), "float16"), (torch.float16, "float16"),
@@ -72,9 +76,10 @@ class TestErrorBound:
         got = float(error_bound(3.0, n, dtype))
         assert abs(Fraction(got) - exact) <= 4 * Fraction(2.0**-53) * exact
 
-    def test_default_safety_is_two(self):
-        assert SAFETY == 2.0
-        assert error_bound(1.0, 5, "float32") == 2 * error_bound(1.0, 5, "float32", safety=1.0)
+    def test_bound_is_linear_in_safety(self):
+        # The default safety itself (2, as spec/folding.md states) is pinned by the exact formula above.
+        assert error_bound(1.0, 5, "float32") == SAFETY * error_bound(1.0, 5, "float32", safety=1.0)
+        assert error_bound(1.0, 5, "float32", safety=3.0) == 3 * error_bound(1.0, 5, "float32", safety=1.0)
 
     def test_monotone_in_n(self):
         bounds = [float(error_bound(1.0, n, "float16")) for n in (1, 2, 10, 100, 1000, 2000)]
