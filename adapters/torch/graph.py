@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from .norms import NormInfo, NormKind, NormRejection, classify_norm
 
 __all__ = ["LayerKind", "ModelIndex", "Region", "CallSite", "ForwardCandidate", "BackwardCandidate",
-           "LeafTracer", "trace_regions", "analyse_sites", "classify_layer"]
+           "LeafTracer", "trace_regions", "analyse_sites", "classify_layer", "value_users"]
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +313,10 @@ def _value_users(node: fx.Node) -> list[fx.Node]:
             continue
         users.append(user)
     return users
+
+
+#: The same notion of "the consumers of a value" for other passes over these graphs (branch merging).
+value_users = _value_users
 
 
 def _sole_input(node: fx.Node, source: fx.Node) -> bool:
@@ -697,7 +701,7 @@ def conv_pads_exactly(conv: nn.Module) -> bool:
         if padding == "valid":
             return True
         # 'same': total padding per dim is dilation * (kernel - 1)
-        return all(d * (k - 1) == 0 for d, k in zip(conv.dilation, conv.kernel_size))
+        return all(d * (k - 1) == 0 for d, k in zip(conv.dilation, conv.kernel_size, strict=False))
     return all(p == 0 for p in padding)
 
 
