@@ -44,6 +44,7 @@ examples:
   python -m adapters.torch
   python -m adapters.torch --model torchvision.models:resnet18 --input-shape 1,3,224,224 -o fused.pt
   python -m adapters.torch --model mypkg.nets:build --checkpoint weights.pth --dtype float16 --device cuda
+  python -m adapters.torch --reparameterize --model timm.models:repvgg_a0 --random-stats --input-shape 1,3,224,224
   python -m adapters.torch verify --model torchvision.models:resnet18 --fuser mmcv.cnn:fuse_conv_bn
   python -m adapters.torch audit torch.fx.experimental.optimization:fuse --no-zoo
 """
@@ -96,7 +97,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser, *, required: bool) -> 
                         help="dtype the model and input are converted to (default: %(default)s)")
     parser.add_argument("--device", default="cpu",
                         help="device to run on: cpu, cuda, cuda:1, ... (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random input and statistics, and of the global RNG while the factory runs "
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random input and statistics, and of the global RNG while the factory runs "
                              "(so its random weights are reproducible) (default: 0)")
 
 
@@ -123,6 +125,9 @@ def _main_parser() -> argparse.ArgumentParser:
                              "fusion report and verdict of each model")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the fuser does (to stderr)")
+    parser.add_argument("--reparameterize", action="store_true",
+                        help="also merge parallel linear branches (RepVGG, MobileOne, ACNet, RepConv, ...) into "
+                             "single convs, as adapters.torch.reparameterize does; the report lists each merge")
     return parser
 
 
@@ -175,7 +180,8 @@ def _progress(enabled: bool, text: str) -> None:
 def _main_job(argv: Sequence[str]) -> int:
     parser = _main_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     if args.output and not args.model:
         parser.error("-o/--output needs --model (it saves that one fused model)")
     if args.model and (args.case or args.all_cases):
@@ -187,6 +193,7 @@ def _main_job(argv: Sequence[str]) -> int:
 
     import torch
 
+    from .reparam import reparameterize
     from .suite import cases as case_suite
     from .suite.demo import DEFAULT_CASES, DTYPES, default_models, format_table, load_user_model, parse_shape, run_model
 
@@ -225,7 +232,8 @@ def _main_job(argv: Sequence[str]) -> int:
     for index, (name, model, inputs) in enumerate(models, 1):
         _progress(not args.quiet, f"[{index}/{total}] {name}: fusing, verifying, timing")
         try:
-            row, fused = run_model(name, model, inputs, repeats=args.repeats)
+            row, fused = run_model(name, model, inputs, repeats=args.repeats,
+                                   fuse=reparameterize if args.reparameterize else None)
         except (ValueError, TypeError, RuntimeError) as error:
             if not args.model:
                 raise  # a built-in model must always fuse and run: that is a bug, show the traceback

@@ -293,7 +293,7 @@ def _merge_block(index: ModelIndex, block: _Block, ranks, sites, calls):
                 lefts.append(SkippedMerge(where, root.node.name, reason, detail))
                 continue
             constants = []  # the first merged group took the sum's constants
-            attr = free_name(block.module, taken, "reparam_linear" if not merged_layer.kernel_size else "reparam_conv")
+            attr = free_name(taken, "reparam_linear" if not merged_layer.kernel_size else "reparam_conv")
             edit.groups.append((group, attr))
             edit.modules[attr] = merged_layer.module
             expressions.append(expr)

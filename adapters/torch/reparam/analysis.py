@@ -455,7 +455,7 @@ class SumFinder:
                        through=through)
         if not root.mergeable_groups and any(layers_in(t, ("conv", "linear")) for _, t in flat.terms) and len(
                 flat.terms) >= 2:
-            root.left = self._left_reason(flat)
+            root.left = self._left_reason(flat, keys)
         return root
 
     def _common_stack(self, nodes: Iterator[fx.Node]) -> list[tuple[str, str]]:
@@ -485,8 +485,11 @@ class SumFinder:
             node = op.input
         return node
 
-    def _left_reason(self, flat: Sum) -> tuple[str, str]:
-        """Why no group of a sum merges: the most specific of the reasons its terms' sources give."""
+    def _left_reason(self, flat: Sum, keys: tuple[str, ...]) -> tuple[str, str]:
+        """Why no group of a sum merges: the most specific of the reasons its terms' sources give.
+
+        A source computed outside the sum's block (``keys``) is one of the block's inputs, whatever
+        computed it: operands that are affine in different inputs have ``different_inputs``."""
         sources = [_find_source(t) for _, t in flat.terms]
         for source in sources:
             if source.stop == "inplace":
@@ -503,7 +506,7 @@ class SumFinder:
             if source.stop == "unsupported":
                 return "unsupported_layer", source.detail
         for source in sources:
-            if source.stop in ("nonlinear", "mixed"):
+            if source.stop in ("nonlinear", "mixed") and _stack_keys(source.node)[:len(keys)] == keys:
                 detail = source.detail or f"'{source.node.name}' ({_describe_node(source.node)}) is not affine"
                 return "nonlinear_branch", detail
         names = sorted({f"'{s.node.name}'" for s in sources})

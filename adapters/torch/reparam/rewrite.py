@@ -159,10 +159,10 @@ def build_block(block: nn.Module, graph: fx.Graph, new_modules: dict[str, nn.Mod
     return module
 
 
-def free_name(block: nn.Module, taken: set[str], base: str) -> str:
-    """An attribute name for a new layer that no child, parameter, buffer or attribute of the block uses."""
+def free_name(taken: set[str], base: str) -> str:
+    """An attribute name for a new layer that no other attribute of the rewritten block uses (``taken``)."""
     name, counter = base, 0
-    while name in taken or hasattr(block, name):
+    while name in taken:
         counter += 1
         name = f"{base}_{counter}"
     taken.add(name)

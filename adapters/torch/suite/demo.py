@@ -122,7 +122,7 @@ def time_forward(models: Sequence[nn.Module], inputs: tuple, *, repeats: int = 7
                 loops *= 2
             samples: list[list[float]] = [[] for _ in models]
             for _ in range(repeats):
-                for model, times in zip(models, samples):
+                for model, times in zip(models, samples, strict=True):
                     times.append(run(model, loops))
     finally:
         for module, flag in training:
@@ -132,14 +132,18 @@ def time_forward(models: Sequence[nn.Module], inputs: tuple, *, repeats: int = 7
 
 def run_model(name: str, model: nn.Module, inputs: tuple, *, repeats: int = 7,
               fuse: Callable[..., tuple[nn.Module, Any]] | None = None) -> tuple[ModelRow, nn.Module]:
-    """Fuse ``model`` (a copy: it is left as it was), verify the result and time both; returns the row and the fused model."""
+    """Fuse ``model`` (a copy: it is left as it was), verify the result and time both.
+
+    Returns the row and the fused model."""
     if fuse is None:
         from .. import fuse
     fused, report = fuse(model, inplace=False, example_inputs=inputs)
     verdict = verify(model, fused, *inputs)
     reasons = Counter(skip.reason for skip in report.skipped)
     unfused_seconds, fused_seconds = time_forward([model, fused], inputs, repeats=repeats)
-    row = ModelRow(name=name, norms_found=report.norms_found, folded=len({p.norm for p in report.folded}),
+    # Norms gone from the model: folded into a layer, or merged with their branches (reparameterize).
+    gone = {p.norm for p in report.folded} | {n for m in getattr(report, "merged", ()) for n in m.norms}
+    row = ModelRow(name=name, norms_found=report.norms_found, folded=len(gone),
                    left=len(report.skipped), left_reasons=dict(reasons), ok=verdict.ok, ratio=verdict.ratio,
                    max_abs_error=verdict.max_abs_error,
                    unfused_seconds=unfused_seconds, fused_seconds=fused_seconds,
@@ -208,8 +212,8 @@ def format_table(rows: list[ModelRow]) -> str:
     numeric = {1, 2, 4, 5, 6}
 
     def line(cells):
-        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
-                         ).rstrip()
+        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
     return "\n".join([line(header), line(tuple("-" * w for w in widths)), *(line(b) for b in body)])
 
