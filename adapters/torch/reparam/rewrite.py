@@ -147,6 +147,9 @@ def build_block(block: nn.Module, graph: fx.Graph, new_modules: dict[str, nn.Mod
         if isinstance(value, nn.Module):
             value = replacements.get(id(value), value)
         attributes[target] = value
+    # Unpickling a GraphModule re-traces its code with the tracer class recorded here, constructed without
+    # arguments; the default tracer keeps every module a call (pickling and torch.save must work).
+    graph._tracer_cls = None
     module = fx.GraphModule(attributes, graph, class_name=f"{type(block).__name__}Reparameterized")
     module.training = block.training
     for child in module.modules():
