@@ -35,7 +35,7 @@ import refimpl
 from .cases import randomize_norm_stats, randomize_parameters
 
 __all__ = ["MergeCase", "MERGE_CASES", "iter_merge_cases", "Pair", "Reference", "RepConv", "LayerScale2d",
-           "count_layer_calls"]
+           "count_layer_calls", "repconv_backbone"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -634,3 +634,11 @@ def _used_outside():
     remove c1. Left with reused_incompatibly."""
     return _CallsBlockLayer()
 
+
+
+def repconv_backbone() -> nn.Module:
+    """A YOLO-style backbone of RepConv blocks (random weights; a factory for ``--model``): 3 -> 16 -> 32
+    channels, each stride-2 RepConv (no identity branch) followed by a stride-1 one (with it), then a
+    classifier. Four sums, each of which merges into one 3x3 conv."""
+    return nn.Sequential(RepConv(3, 16, s=2), RepConv(16, 16), RepConv(16, 32, s=2), RepConv(32, 32),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
