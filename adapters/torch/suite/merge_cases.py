@@ -448,6 +448,17 @@ def _mixed_sum():
                   c1=nn.Conv2d(C, C, 1), c3=nn.Conv2d(C, C, 3, padding=1))
 
 
+@_case("two_groups_in_one_sum", X, merges=2, convs=3, norms=0)
+def _two_groups():
+    """a1(x) + b1(y) + a3(x) + b3(y) with y = tanh(x): one sum, two groups (the x terms and the y terms), each
+    merged into its own 3x3 conv; the sum adds the two. 2 convs in the block + the head."""
+    def forward(m, x):
+        y = torch.tanh(x)
+        return m.a1(x) + m.b1(y) + m.a3(x) + m.b3(y)
+    return _Block(forward, a1=nn.Conv2d(C, C, 1), b1=nn.Conv2d(C, C, 1), a3=nn.Conv2d(C, C, 3, padding=1),
+                  b3=nn.Conv2d(C, C, 3, padding=1))
+
+
 @_case("conv1d_branches", (2, C, 9), merges=1, convs=2, norms=0, dims=1,
        reference=lambda r, b, x: r.bn(r.conv(x, b.c5), b.bn5) + r.conv(x, b.c1) + r.bn(x, b.identity))
 def _conv1d():
