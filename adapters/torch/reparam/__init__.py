@@ -107,6 +107,29 @@ def reparameterize(model: nn.Module, *, inplace: bool = False,
     ValueError
         Lazy or meta tensors; a norm with a negative or non-finite running variance or the wrong
         width. The model is left unchanged.
+
+    Examples
+    --------
+    A RepVGG block, twice: each block's three branches become one 3x3 conv.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> class RepVGGBlock(nn.Module):
+    ...     def __init__(self, c):
+    ...         super().__init__()
+    ...         self.k3, self.bn3 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+    ...         self.k1, self.bn1 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+    ...         self.identity = nn.BatchNorm2d(c)
+    ...     def forward(self, x):
+    ...         return torch.relu(self.bn3(self.k3(x)) + self.bn1(self.k1(x)) + self.identity(x))
+    >>> model = nn.Sequential(RepVGGBlock(4), RepVGGBlock(4)).eval()
+    >>> merged, report = reparameterize(model)
+    >>> [(m.block, m.layer, m.kernel_size, len(m.norms)) for m in report.merged]
+    [('0', '0.reparam_conv', (3, 3), 3), ('1', '1.reparam_conv', (3, 3), 3)]
+    >>> merged[0]
+    RepVGGBlockReparameterized(
+      (reparam_conv): Conv2d(4, 4, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
+    )
     """
     check_model(model)
     if not inplace:

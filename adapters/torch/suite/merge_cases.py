@@ -511,15 +511,16 @@ def _mobileone():
 
 @_case("trap_even_kernel_misaligned", X, merges=0, convs=3, norms=0, left=("padding_misaligned",))
 def _even_kernel():
-    """conv2x2 s2 p0 + conv1x1 s2 p0: both give 4x4 from 8x8, but a 2-tap kernel has no centre: merging would
-    shift one branch by half a tap. Left; 2 convs + the head."""
+    """conv2x2 s2 p0 + conv1x1 s2 p0: both give 4x4 from 8x8 (not from 9x9: 4x4 and 5x5), and a 2-tap kernel
+    has no centre to put the 1x1 kernel at. Only sums exact at every input size merge: left; 2 convs + the
+    head."""
     return _Block(lambda m, x: m.c2(x) + m.c1(x), c2=nn.Conv2d(C, C, 2, 2), c1=nn.Conv2d(C, C, 1, 2))
 
 
 @_case("trap_padding_misaligned_stride4", X, merges=0, convs=3, norms=0, left=("padding_misaligned",))
 def _stride4():
-    """conv5x5 s4 p2 + conv3x3 s4 p0: 2x2 outputs from 8x8 both, but the 3x3 centred in 5x5 needs padding
-    2 - 1 = 1, not 0: it reads other positions. Left."""
+    """conv5x5 s4 p2 + conv3x3 s4 p0: 2x2 outputs from 8x8 both (from 10x10: 3x3 and 2x2), but the 3x3 centred
+    in 5x5 needs padding 2 - 1 = 1, not 0: centred, it would read other positions. Left."""
     return _Block(lambda m, x: m.c5(x) + m.c3(x), c5=nn.Conv2d(C, C, 5, 4, 2), c3=nn.Conv2d(C, C, 3, 4, 0))
 
 
