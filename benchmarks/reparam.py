@@ -11,15 +11,16 @@ the model's own re-parameterisation (``timm.utils.reparameterize_model``, which 
 hand-written ``reparameterize``/``fuse``; the RepConv backbone has none, so that column repeats unfused).
 
 Time (CPU, fp32, batch 1). The variants run interleaved -- one forward pass of each in turn, ``--rounds``
-times -- and each cell is the median. With one thread the time is the process's CPU time
-(``time.process_time``), which other processes on a shared machine do not inflate; with more threads it is
-wall time (``time.perf_counter``), since CPU time would add up the threads.
+times -- and each cell is the median. With one thread (the default) the time is the process's CPU time
+(``time.process_time``), which other processes on a shared machine do not inflate; with more threads
+(``--threads-list 1,2``) it is wall time (``time.perf_counter``), since CPU time would add up the threads.
 
 Accuracy. The relative RMS error of the output against a float64 run of the original, divided by the
 unfused model's own error in the same dtype (fp32 and fp16), for ours and BN folding alone on the model
 converted to the dtype, and for ours and timm's re-parameterisation done on the float32 model and then
 converted (what a user of timm deploys), plus timm's done directly on the fp16 model. Batch 8 at
-``--accuracy-size``.
+``--accuracy-size``; each cell is the mean (and worst) ratio over ``--seeds`` models with different weights
+and statistics, since one model's rounding pattern makes a single ratio noisy.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import Report, Table, base_parser, machine_info, parse_models, short_error  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Report,
+    Table,
+    base_parser,
+    format_float,
+    machine_info,
+    parse_models,
+    short_error,
+)
 
 log = logging.getLogger("bnfold.benchmarks.reparam")
 
@@ -61,14 +71,14 @@ def build(name: str, seed: int) -> nn.Module:
 
 
 def variants(model: nn.Module, example: torch.Tensor) -> dict[str, nn.Module]:
-    import timm
+    from timm.utils import reparameterize_model
 
     from adapters.torch import fuse, reparameterize
 
     return {"unfused": model,
             "fuse": fuse(model, example_inputs=(example,))[0],
             "ours": reparameterize(model, example_inputs=(example,))[0],
-            "timm": timm.utils.reparameterize_model(copy.deepcopy(model))}
+            "timm": reparameterize_model(copy.deepcopy(model))}
 
 
 def _clock(threads: int) -> Callable[[], float]:
@@ -97,30 +107,81 @@ def count_calls(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return count_layer_calls(model, x), count_norm_calls(model, x)
 
 
+ACCURACY_VARIANTS = ("ours", "fuse", "ours (fp32, then converted)", "timm (fp32, then converted)",
+                     "timm (in the dtype)")
+
+
 def accuracy(model: nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
-    import timm
+    """Per dtype, the unfused model's relative RMS error and each variant's error over it (or why it failed)."""
+    from timm.utils import reparameterize_model
 
     from adapters.torch import fuse, reparameterize
     from refimpl import relative_rms_error
 
     with torch.no_grad():
         reference = copy.deepcopy(model).double()(x.double())
-    timm_fp32 = timm.utils.reparameterize_model(copy.deepcopy(model))
-    ours_fp32 = reparameterize(model, example_inputs=(x,))[0]
     records = []
     for dtype_name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
         low = copy.deepcopy(model).to(dtype)
         xd = x.to(dtype)
-        prepared = {"ours": reparameterize(low, example_inputs=(xd,))[0], "fuse": fuse(low, example_inputs=(xd,))[0],
-                    "timm (fp32, then converted)": copy.deepcopy(timm_fp32).to(dtype)}
-        if dtype != torch.float32:
-            prepared["ours (fp32, then converted)"] = copy.deepcopy(ours_fp32).to(dtype)
-            prepared["timm (in the dtype)"] = timm.utils.reparameterize_model(copy.deepcopy(low))
+        makers: dict[str, Callable[[], nn.Module]] = {
+            "ours": partial(lambda m, x: reparameterize(m, example_inputs=(x,))[0], low, xd),
+            "fuse": partial(lambda m, x: fuse(m, example_inputs=(x,))[0], low, xd),
+            "timm (fp32, then converted)": partial(lambda d: reparameterize_model(copy.deepcopy(model)).to(d), dtype)}
+        if dtype != torch.float32:  # in fp32 these are the rows above
+            makers["ours (fp32, then converted)"] = partial(lambda d: reparameterize(model)[0].to(d), dtype)
+            makers["timm (in the dtype)"] = partial(lambda m: reparameterize_model(copy.deepcopy(m)), low)
         with torch.no_grad():
             unfused = relative_rms_error(low(xd).double(), reference)
-            errors = {name: relative_rms_error(m(xd).double(), reference) for name, m in prepared.items()}
-        records.append({"dtype": dtype_name, "unfused_error": unfused, **{f"{k} error": v for k, v in errors.items()}})
+            record: dict[str, Any] = {"dtype": dtype_name, "unfused_error": unfused}
+            for name, make in makers.items():
+                try:
+                    record[name] = relative_rms_error(make()(xd).double(), reference) / unfused
+                except Exception as exc:  # the model's own code may fail in fp16: a result, not a crash
+                    record[name] = f"fails: {short_error(exc, 60)}"
+        records.append(record)
     return records
+
+
+def timing_rows(name: str, args, rounds: int, thread_counts: list[int], table: Table) -> None:
+    torch.set_num_threads(1)
+    model = build(name, args.seed)
+    x = torch.randn((1, 3, args.size, args.size), generator=torch.Generator().manual_seed(args.seed + 1))
+    prepared = variants(model, x)
+    calls = {v: count_calls(m, x) for v, m in prepared.items()}
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        medians = time_variants(prepared, x, rounds=rounds, threads=threads)
+        ms = {v: medians[v] * 1e3 for v in VARIANTS}
+        row = [name, threads, "CPU" if threads == 1 else "wall", f"{ms['unfused']:.1f}"]
+        row += [f"{ms[v]:.1f} ({ms['unfused'] / ms[v]:.2f}×)" for v in ("fuse", "ours", "timm")]
+        row += [f"{ms['ours'] / ms['timm']:.3f}", "/".join(str(calls[v][0]) for v in VARIANTS),
+                "/".join(str(calls[v][1]) for v in ("fuse", "ours", "timm"))]
+        table.rows.append(row)
+        table.records.append({"model": name, "threads": threads, "ms": ms, "calls": calls})
+    torch.set_num_threads(1)
+
+
+def accuracy_rows(name: str, args, table: Table) -> None:
+    torch.set_num_threads(1)
+    per_seed = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        xa = torch.randn((8, 3, args.accuracy_size, args.accuracy_size),
+                         generator=torch.Generator().manual_seed(seed + 2))
+        per_seed.append(accuracy(build(name, seed), xa))
+    for rows in zip(*per_seed, strict=True):
+        cells = [name, rows[0]["dtype"], format_float(statistics.mean(r["unfused_error"] for r in rows))]
+        for variant in ACCURACY_VARIANTS:
+            values = [r.get(variant) for r in rows]
+            failed = next((v for v in values if isinstance(v, str)), None)
+            if failed:
+                cells.append(failed)
+            elif values[0] is None:
+                cells.append("—")
+            else:
+                cells.append(f"{statistics.mean(values):.2f}× ({max(values):.2f}×)")
+        table.rows.append(cells)
+        table.records.append({"model": name, "seeds": list(rows)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224, help="input height and width for timing (default 224)")
     parser.add_argument("--accuracy-size", type=int, default=64, help="input size for accuracy (default 64)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per timing (default 15)")
-    parser.add_argument("--threads-list", default="1,2", help="torch thread counts to time with (default 1,2)")
+    parser.add_argument("--threads-list", default="1",
+                        help="torch thread counts to time with (default 1: CPU time, which other processes on a "
+                             "shared machine do not inflate; more threads are timed by the wall clock)")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="models (weights and statistics) per accuracy cell: mean (worst) ratio (default 3)")
+    parser.add_argument("--only", choices=("timing", "accuracy"), default=None, help="measure only this")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.device != "cpu":
@@ -141,58 +207,36 @@ def main(argv: list[str] | None = None) -> int:
     timing = Table("Inference time, fp32, batch 1 (median ms per forward pass; speed-up over unfused)",
                    ["model", "threads", "clock", "unfused ms", "BN folding alone ms", "ours ms", "timm's own ms",
                     "ours / timm", "convs+linears (unfused/fuse/ours/timm)", "norms left (fuse/ours/timm)"])
-    accuracy_table = Table("Accuracy: relative RMS error vs the float64 original, divided by the unfused model's "
-                           "own error (batch 8)",
-                           ["model", "dtype", "unfused error", "ours on the model in the dtype", "BN folding alone",
-                            "ours in fp32, then converted", "timm in fp32, then converted", "timm on the model in the "
-                            "dtype"])
-    for name in models:
-        try:
-            torch.set_num_threads(1)
-            model = build(name, args.seed)
-            x = torch.randn((1, 3, args.size, args.size), generator=torch.Generator().manual_seed(args.seed + 1))
-            prepared = variants(model, x)
-            calls = {v: count_calls(m, x) for v, m in prepared.items()}
-            for threads in thread_counts:
-                torch.set_num_threads(threads)
-                medians = time_variants(prepared, x, rounds=rounds, threads=threads)
-                ms = {v: medians[v] * 1e3 for v in VARIANTS}
-                row = [name, threads, "CPU" if threads == 1 else "wall"]
-                row += [f"{ms['unfused']:.1f}"] + [f"{ms[v]:.1f} ({ms['unfused'] / ms[v]:.2f}×)"
-                                                   for v in ("fuse", "ours", "timm")]
-                row += [f"{ms['ours'] / ms['timm']:.3f}",
-                        "/".join(str(calls[v][0]) for v in VARIANTS),
-                        "/".join(str(calls[v][1]) for v in ("fuse", "ours", "timm"))]
-                timing.rows.append(row)
-                timing.records.append({"model": name, "threads": threads, "ms": ms, "calls": calls})
-            torch.set_num_threads(1)
-            xa = torch.randn((8, 3, args.accuracy_size, args.accuracy_size),
-                             generator=torch.Generator().manual_seed(args.seed + 2))
-            for record in accuracy(model, xa):
-                base = record["unfused_error"]
-
-                def ratio(key: str, rec: dict = record, unfused: float = base) -> str:
-                    return f"{rec[key] / unfused:.2f}×" if key in rec else "—"
-
-                accuracy_table.rows.append([name, record["dtype"], f"{base:.3g}", ratio("ours error"),
-                                            ratio("fuse error"), ratio("ours (fp32, then converted) error"),
-                                            ratio("timm (fp32, then converted) error"),
-                                            ratio("timm (in the dtype) error")])
-                accuracy_table.records.append({"model": name, **record})
-        except Exception as exc:  # keep the other models' numbers
-            log.exception("%s: not measured", name)
-            timing.rows.append([name, "—", "—", f"fails: {short_error(exc)}"] + ["—"] * 6)
     timing.notes.append("ours / timm < 1 means ours is faster; CPU time with 1 thread, wall time with more.")
+    accuracy_table = Table(
+        f"Accuracy: relative RMS error vs the float64 original over the unfused model's own, mean (worst) of "
+        f"{args.seeds} seeds, batch 8",
+        ["model", "dtype", "unfused error", "ours on the model in the dtype", "BN folding alone",
+         "ours in fp32, then converted", "timm in fp32, then converted", "timm on the model in the dtype"])
     accuracy_table.notes.append(
         "In fp32 the three re-parameterisations are the same computation. In fp16, 'ours on the model in the dtype' "
         "merges parameters already rounded to fp16 (float64 merge, one more rounding) and compares with 'timm on the "
         "model in the dtype' (the model's own code in fp16 arithmetic); 'in fp32, then converted' merges the fp32 "
         "parameters and rounds the result to fp16, for ours and timm alike.")
+    tables = []
+    for name in models if args.only != "accuracy" else ():
+        try:
+            timing_rows(name, args, rounds, thread_counts, timing)
+        except Exception as exc:  # keep the other models' numbers
+            log.exception("%s: not timed", name)
+            timing.rows.append([name, "—", "—", f"fails: {short_error(exc)}"] + ["—"] * 6)
+    for name in models if args.only != "timing" else ():
+        try:
+            accuracy_rows(name, args, accuracy_table)
+        except Exception as exc:
+            log.exception("%s: accuracy not measured", name)
+            accuracy_table.rows.append([name, "—", f"fails: {short_error(exc)}"] + ["—"] * 5)
+    tables = [t for t, skip in ((timing, args.only == "accuracy"), (accuracy_table, args.only == "timing")) if not skip]
     report = Report("Structural re-parameterisation", machine_info(torch.device("cpu")),
                     {"timing input": f"1x3x{args.size}x{args.size}", "rounds": rounds, "threads": args.threads_list,
-                     "accuracy input": f"8x3x{args.accuracy_size}x{args.accuracy_size}",
+                     "accuracy input": f"8x3x{args.accuracy_size}x{args.accuracy_size}", "seeds": args.seeds,
                      "wall_s": round(time.perf_counter() - started, 1)},
-                    [timing, accuracy_table],
+                    tables,
                     [f"Subnormals flushed to zero (torch.set_flush_denormal: {'on' if flushed else 'unsupported'})."])
     report.emit(args.json)
     return 0
