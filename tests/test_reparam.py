@@ -62,12 +62,19 @@ def test_case(case):
     assert count_norm_calls(merged, x) == case.norms, report
     assert tuple(sorted(s.reason for s in report.merges_skipped)) == case.left, report
     assert all(s.reason in REASONS for s in report.merges_skipped)
-    # The model keeps its class; only the blocks named in the report became GraphModules.
+    # The model keeps its class; each block named in the report became a GraphModule of its rewritten forward,
+    # or, when that forward is the merged layer alone, the merged layer itself; nothing else changed class.
     assert type(merged) is type(model) and not isinstance(merged, fx.GraphModule)
     rewritten = {name for name, m in merged.named_modules() if isinstance(m, fx.GraphModule)}
-    assert rewritten == {m.block for m in report.merged}
+    assert rewritten == {m.block for m in report.merged if m.layer != m.block}
     for record in report.merged:
         assert isinstance(merged.get_submodule(record.layer), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+        assert record.layer == record.block or record.layer.startswith(record.block + ".reparam_")
+    originals = {name: type(m) for name, m in model.named_modules()}
+    norms = set(norm_module_names(model))  # folded norms become nn.Identity, as with fuse
+    assert all(type(m) is originals[name] for name, m in merged.named_modules()
+               if name in originals and name not in norms and name not in {r.block for r in report.merged}
+               and not any(name.startswith(b + ".") for b in rewritten))
     # Norm accounting: every norm of the original is folded, merged away or reported left.
     folded = {p.norm for p in report.folded} | {n for m in report.merged for n in m.norms}
     assert report.norms_found == len(norm_module_names(model))
@@ -231,7 +238,8 @@ def test_training_flags_hooks_pickling_and_a_second_pass():
     model.block.register_forward_hook(lambda m, args, out: calls.append(out.shape))
     merged, report = reparameterize(model, example_inputs=(x,))
     assert report.training_mode
-    assert merged.training and merged.block.training and merged.block.reparam_conv.training
+    assert report.merged[0].layer == "block"  # bn(sum) alone: the merged conv replaces the block itself
+    assert merged.training and merged.block.training and isinstance(merged.block, nn.Conv2d)
     merged.eval()
     calls.clear()
     with torch.no_grad():
@@ -326,12 +334,12 @@ def test_report_covers_merges():
     _, report = reparameterize(case.build(), example_inputs=(case.make_input(),))
     [record] = report.merged
     assert record == MergedBranches(block="block", node="add_1", branches=("conv.bn(conv.conv(x))", "conv1(x)", "x"),
-                                    layer="block.reparam_conv", kernel_size=(3, 3), norms=record.norms,
+                                    layer="block", kernel_size=(3, 3), norms=record.norms,
                                     block_class="_Block", then=("bn",))
     assert sorted(record.norms) == ["block.bn", "block.conv.bn"]
     data = json.loads(json.dumps(report.to_dict()))
-    assert data["merged"][0]["layer"] == "block.reparam_conv" and data["merges_skipped"] == []
-    assert "block.reparam_conv" in report.table() and ", then bn" in report.table()
+    assert data["merged"][0]["layer"] == "block" and data["merges_skipped"] == []
+    assert "conv.bn(conv.conv(x)) + conv1(x) + x, then bn" in report.table()
     assert "1 merge(s)" in report.summary() and "2 of 2 norm layer(s) folded or merged" in report.summary()
     _, left = reparameterize(MERGE_CASES["trap_groups_incompatible"].build())
     assert "groups_incompatible" in left.table() and "1 sum(s) of branches left" in left.summary()

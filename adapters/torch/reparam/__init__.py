@@ -26,7 +26,7 @@ import contextlib
 import copy
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx, nn
@@ -36,7 +36,7 @@ from ..fusion import check_model, fuse, observe
 from ..graph import ModelIndex, Region, trace_regions
 from .analysis import Apply, Expr, Scale, Sum, SumRoot, describe, find_sums, layers_in
 from .kernels import MergedLayer, Refusal, evaluate_group
-from .rewrite import MergeEdit, build_block, free_name, modules_called, rewrite_graph, trace_block
+from .rewrite import MergeEdit, bare_layer, build_block, free_name, modules_called, rewrite_graph, trace_block
 
 __all__ = ["reparameterize"]
 
@@ -343,6 +343,9 @@ def _merge_block(index: ModelIndex, block: _Block, ranks, sites, calls):
                             for a in accepted for r in a.records]
     new_modules = {attr: module for a in accepted for attr, module in a.edit.modules.items()}
     records = [r for a in accepted for r in a.records]
+    if bare_layer(graph) is not None:
+        # The block's forward is now the merged layer alone: the layer itself replaces the block.
+        records = [replace(r, layer=name) for r in records]
     return graph, new_modules, records, lefts
 
 

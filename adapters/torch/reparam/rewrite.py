@@ -19,7 +19,7 @@ from torch import fx, nn
 from ..graph import LeafTracer, ModelIndex, Region
 from .analysis import Expr, Group, Sum, SumRoot, expression_nodes
 
-__all__ = ["BlockTracer", "trace_block", "MergeEdit", "rewrite_graph", "build_block"]
+__all__ = ["BlockTracer", "trace_block", "MergeEdit", "rewrite_graph", "build_block", "bare_layer"]
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
                "_forward_hooks_always_called")
@@ -132,9 +132,28 @@ def _fetch(root: nn.Module, target: str):
     return functools.reduce(getattr, target.split("."), root)
 
 
+def bare_layer(graph: fx.Graph) -> str | None:
+    """The target of the one module a graph calls, when the graph is just ``output(module(input))``."""
+    nodes = list(graph.nodes)
+    if len(nodes) != 3:
+        return None
+    placeholder, call, output = nodes
+    if (placeholder.op == "placeholder" and call.op == "call_module" and call.args == (placeholder,)
+            and not call.kwargs and output.op == "output" and output.args == (call,)):
+        return str(call.target)
+    return None
+
+
 def build_block(block: nn.Module, graph: fx.Graph, new_modules: dict[str, nn.Module],
-                replacements: dict[int, nn.Module]) -> fx.GraphModule:
-    """A GraphModule running ``graph`` with ``block``'s children (or their replacements) and the new layers."""
+                replacements: dict[int, nn.Module]) -> nn.Module:
+    """What replaces ``block``: the merged layer itself when the block's rewritten forward only calls it (as a
+    model's own re-parameterisation would leave it), else a GraphModule running ``graph`` with ``block``'s
+    children (or their replacements) and the new layers. The block's forward hooks are kept."""
+    target = bare_layer(graph)
+    if target is not None and target in new_modules:
+        layer = new_modules[target]
+        _copy_hooks(block, layer)
+        return layer
     attributes: dict[str, object] = {}
     for node in graph.nodes:
         if node.op not in ("call_module", "get_attr") or node.target in attributes:
@@ -155,11 +174,15 @@ def build_block(block: nn.Module, graph: fx.Graph, new_modules: dict[str, nn.Mod
     for child in module.modules():
         if type(child) is nn.Module:  # containers fx creates for dotted targets
             child.training = block.training
-    for name in _HOOK_DICTS:
-        hooks = getattr(block, name, None)
-        if hooks:
-            getattr(module, name).update(hooks)
+    _copy_hooks(block, module)
     return module
+
+
+def _copy_hooks(source: nn.Module, target: nn.Module) -> None:
+    for name in _HOOK_DICTS:
+        hooks = getattr(source, name, None)
+        if hooks:
+            getattr(target, name).update(hooks)
 
 
 def free_name(taken: set[str], base: str) -> str:
