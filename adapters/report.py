@@ -80,7 +80,8 @@ class MergedBranches:
 
     ``block`` (a qualified module name) was replaced, under the same name, by a ``torch.fx.GraphModule``
     of its own forward with the sum rewritten (``block_class`` is the class it had): the merged layer
-    and whatever followed the sum (activation, SE, ...). ``node`` names the sum's node in that
+    and whatever followed the sum (activation, SE, ...); or, when nothing else was left of that forward,
+    by the merged layer itself (then ``layer == block``). ``node`` names the sum's node in that
     forward (``add``, ``add_1``, ...). ``branches`` are the sum's operands as expressions of its
     input ``x``, with module names relative to the block, and ``then`` the norms and constant scales
     applied to the sum that were merged too; ``kernel_size`` is the merged layer's (empty for a

@@ -15,7 +15,8 @@ The pass:
    group's merged kernel with refimpl in float64 on the parameters' device, rounded once to the
    parameter dtype. Nothing in the model changes here.
 3. **Rewrite** (``rewrite``): build, for each block with a merge, a ``torch.fx.GraphModule`` of its
-   forward with the merged layer in place of the branches; swap the blocks in (same qualified names),
+   forward with the merged layer in place of the branches (or take the merged layer itself when nothing
+   else is left of that forward); swap the blocks in (same qualified names),
    then fold the remaining norms with :func:`~adapters.torch.fuse`. If anything raises, every swap is
    undone.
 """
@@ -84,8 +85,9 @@ def reparameterize(model: nn.Module, *, inplace: bool = False,
     model : nn.Module
         The model. It keeps its class; each block whose forward computes a merged sum is replaced,
         under the same qualified name, by a ``torch.fx.GraphModule`` of its forward with the merged
-        layer (``reparam_conv`` / ``reparam_linear``) in place of the branches; its other children
-        keep their names and classes. Folded norms become ``nn.Identity`` as with ``fuse``.
+        layer (``reparam_conv`` / ``reparam_linear``) in place of the branches, its other children
+        keeping their names and classes -- or by the merged layer itself when the block's forward was
+        the sum alone (RepViT's token mixer). Folded norms become ``nn.Identity`` as with ``fuse``.
     inplace : bool
         Rewrite ``model`` itself; otherwise a deep copy, and ``model`` is untouched.
     example_inputs : tensor or tuple of tensors, optional

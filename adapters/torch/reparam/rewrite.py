@@ -5,7 +5,8 @@ traced on its own -- every child module stays a call (keeping its class) except 
 block and the merged nodes, which are traced through -- the merged parts of the graph are replaced by
 calls of the new layers, and the block is replaced, under the same name, by a ``torch.fx.GraphModule``
 of that graph: it runs the merged layer and whatever the block did around the sum (activation, SE,
-...), with every kept child at its old name.
+...), with every kept child at its old name. When the block did nothing but the sum, the merged layer
+itself takes its place.
 """
 
 from __future__ import annotations
