@@ -1,10 +1,11 @@
-"""What a fusion pass did: every folded pair and every norm layer left unfused, with its reason."""
+"""What a fusion pass did: every folded pair and every norm layer left unfused, with its reason; and, for a
+re-parameterisation, every sum of branches merged into one layer and every such sum left, with its reason."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["FoldedPair", "SkippedNorm", "FusionReport", "REASONS", "FOLD_KINDS"]
+__all__ = ["FoldedPair", "SkippedNorm", "MergedBranches", "SkippedMerge", "FusionReport", "REASONS", "FOLD_KINDS"]
 
 #: Fold kinds, named in dataflow order.
 FOLD_KINDS = ("conv->bn", "conv_transpose->bn", "linear->bn", "bn->conv", "bn->linear")
@@ -23,6 +24,23 @@ REASONS = {
     "parametrized": "the neighbour's weight is parametrized",
     "overflow": "the fused weight or bias does not fit the parameter dtype",
     "unsupported_layer": "the neighbour is quantized or otherwise unsupported",
+    # Merging parallel branches (structural re-parameterisation): why a sum of branches is left as it is.
+    "different_inputs": "the operands of the sum are affine functions of different tensors",
+    "nonlinear_branch": "an operand of the sum is not an affine function of the sum's input (an activation, ...)",
+    "branch_output_used_elsewhere": "a branch's output, or a tensor inside the branch, also feeds something besides "
+                                    "the sum (or an in-place op writes into such a tensor)",
+    "stride_mismatch": "the branches have different strides",
+    "dilation_mismatch": "the branches whose kernels are larger than 1 have different dilations",
+    "padding_misaligned": "a smaller kernel centred in the largest would not read the positions its branch reads",
+    "padding_mode_mismatch": "the branches that pad use different padding modes",
+    "groups_incompatible": "the conv branches have different groups",
+    "channels_mismatch": "the branches have different channel counts (the sum broadcasts, or an identity branch "
+                         "has in != out channels)",
+    "sequential_unsupported": "a branch chains two convs neither of which is 1x1 with stride 1 and no padding",
+    "constant_not_per_channel": "a constant added to or multiplied into the sum varies along more than the channel "
+                                "axis",
+    "sum_in_model_forward": "the sum is computed in the model's own forward, which is kept (merging would have to "
+                            "replace the model itself)",
 }
 
 
@@ -56,6 +74,48 @@ class SkippedNorm:
             raise ValueError(f"SkippedNorm.reason must be one of {sorted(REASONS)}, got {self.reason!r}")
 
 
+@dataclass(frozen=True)
+class MergedBranches:
+    """Parallel branches summed in ``block``'s forward, merged into one conv or linear layer ``layer``.
+
+    ``block`` (a qualified module name) was replaced, under the same name, by a ``torch.fx.GraphModule``
+    of its own forward with the sum rewritten (``block_class`` is the class it had): the merged layer
+    and whatever followed the sum (activation, SE, ...); or, when nothing else was left of that forward,
+    by the merged layer itself (then ``layer == block``). ``node`` names the sum's node in that
+    forward (``add``, ``add_1``, ...). ``branches`` are the sum's operands as expressions of its
+    input ``x``, with module names relative to the block, and ``then`` the norms and constant scales
+    applied to the sum that were merged too; ``kernel_size`` is the merged layer's (empty for a
+    linear layer); ``norms`` the norm layers (qualified names) merged away.
+    """
+
+    block: str
+    node: str
+    branches: tuple[str, ...]
+    layer: str
+    kernel_size: tuple[int, ...]
+    norms: tuple[str, ...] = ()
+    block_class: str = ""
+    then: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SkippedMerge:
+    """A sum of branches left as it is, with a stable reason code (see :data:`REASONS`) and a detail.
+
+    ``block`` is the qualified name of the module whose forward computes the sum ('' for the model
+    itself), ``node`` the sum's node in the traced graph.
+    """
+
+    block: str
+    node: str
+    reason: str
+    detail: str
+
+    def __post_init__(self):
+        if self.reason not in REASONS:
+            raise ValueError(f"SkippedMerge.reason must be one of {sorted(REASONS)}, got {self.reason!r}")
+
+
 def _columns(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     def line(cells):
@@ -65,17 +125,26 @@ def _columns(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
 
 @dataclass
 class FusionReport:
-    """Outcome of :func:`adapters.torch.fuse`."""
+    """Outcome of :func:`adapters.torch.fuse` (and of :func:`adapters.torch.reparameterize`, which also merges)."""
 
     folded: list[FoldedPair] = field(default_factory=list)
     skipped: list[SkippedNorm] = field(default_factory=list)
     training_mode: bool = False
     norms_found: int = 0
+    merged: list[MergedBranches] = field(default_factory=list)
+    merges_skipped: list[SkippedMerge] = field(default_factory=list)
 
     def summary(self) -> str:
         folded_norms = len({p.norm for p in self.folded})
-        text = (f"{len(self.folded)} fold(s): {folded_norms} of {self.norms_found} norm layer(s) folded, "
-                f"{len(self.skipped)} left")
+        if self.merged or self.merges_skipped:
+            merged_norms = len({n for m in self.merged for n in m.norms})
+            blocks = len({m.block for m in self.merged})
+            text = (f"{len(self.folded)} fold(s), {len(self.merged)} merge(s): {folded_norms + merged_norms} of "
+                    f"{self.norms_found} norm layer(s) folded or merged, {len(self.skipped)} left; {blocks} block(s) "
+                    f"rewritten, {len(self.merges_skipped)} sum(s) of branches left")
+        else:
+            text = (f"{len(self.folded)} fold(s): {folded_norms} of {self.norms_found} norm layer(s) folded, "
+                    f"{len(self.skipped)} left")
         if self.training_mode:
             text += "; the model was in training mode: folded with eval semantics (running statistics)"
         return text
@@ -91,6 +160,16 @@ class FusionReport:
             lines += _columns(("skipped norm", "reason", "detail"),
                               [(s.norm, s.reason, s.detail) for s in self.skipped])
             lines.append("")
+        if self.merged:
+            lines += _columns(("merged in block", "sum", "into", "kernel", "branches"),
+                              [(m.block, m.node, m.layer, "x".join(map(str, m.kernel_size)) or "linear",
+                                " + ".join(m.branches) + "".join(f", then {t}" for t in m.then))
+                               for m in self.merged])
+            lines.append("")
+        if self.merges_skipped:
+            lines += _columns(("sum left in block", "sum", "reason", "detail"),
+                              [(m.block or "<model>", m.node, m.reason, m.detail) for m in self.merges_skipped])
+            lines.append("")
         lines.append(self.summary())
         return "\n".join(lines)
 
@@ -104,4 +183,6 @@ class FusionReport:
             "skipped": [asdict(s) for s in self.skipped],
             "training_mode": bool(self.training_mode),
             "norms_found": int(self.norms_found),
+            "merged": [asdict(m) for m in self.merged],
+            "merges_skipped": [asdict(m) for m in self.merges_skipped],
         }

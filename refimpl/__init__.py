@@ -1,4 +1,5 @@
-"""bnfold's reference implementation: the BatchNorm fold math, float64 reference ops, and the error model.
+"""bnfold's reference implementation: the BatchNorm fold math, the branch-merging kernel algebra, float64
+reference ops, and the error model.
 
 The fold functions are written once over the array API namespace of their inputs, so they
 run unchanged on numpy arrays and torch tensors (CPU or CUDA). The reference ops are plain
@@ -6,6 +7,20 @@ float64 numpy transcriptions of their definitions, mirroring ``torch.nn.function
 """
 
 from .fold import bn_scale_shift, fold_bn_conv, fold_bn_linear, fold_conv_bn, fold_linear_bn
+from .merge import (
+                    ConvGeometry,
+                    MergeError,
+                    add_branches,
+                    avg_pool_kernel,
+                    check_padding_shift,
+                    compose_geometry,
+                    compose_kernels,
+                    identity_kernel,
+                    merge_geometry,
+                    pad_kernel,
+                    regroup_kernel,
+                    scale_channels,
+)
 from .ops import batch_norm, conv, conv_transpose, linear
 from .tolerance import (
                         MODEL_RATIO,
@@ -23,6 +38,8 @@ from .tolerance import (
 
 __all__ = [
     "bn_scale_shift", "fold_conv_bn", "fold_linear_bn", "fold_bn_conv", "fold_bn_linear",
+    "ConvGeometry", "MergeError", "pad_kernel", "identity_kernel", "avg_pool_kernel", "scale_channels",
+    "regroup_kernel", "add_branches", "compose_kernels", "merge_geometry", "compose_geometry", "check_padding_shift",
     "conv", "conv_transpose", "batch_norm", "linear",
     "UNIT_ROUNDOFF", "SAFETY", "MODEL_RATIO", "unit_roundoff", "error_bound", "Comparison", "compare", "assert_within",
     "relative_rms_error", "ModelComparison", "compare_models",

@@ -10,9 +10,10 @@
 'Identity'
 """
 
-from ..report import FOLD_KINDS, REASONS, FoldedPair, FusionReport, SkippedNorm
+from ..report import FOLD_KINDS, REASONS, FoldedPair, FusionReport, MergedBranches, SkippedMerge, SkippedNorm
 from .checking import Verdict, rounded_copy, verify
 from .fusion import FoldedNormAct, fuse, fuse_conv_bn
+from .reparam import reparameterize
 
-__all__ = ["fuse", "fuse_conv_bn", "verify", "Verdict", "rounded_copy", "FusionReport", "FoldedPair", "SkippedNorm",
-           "FoldedNormAct", "REASONS", "FOLD_KINDS"]
+__all__ = ["fuse", "fuse_conv_bn", "reparameterize", "verify", "Verdict", "rounded_copy", "FusionReport", "FoldedPair",
+           "SkippedNorm", "MergedBranches", "SkippedMerge", "FoldedNormAct", "REASONS", "FOLD_KINDS"]

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +69,7 @@ examples:
   python -m adapters.torch --model torchvision.models:resnet18 --input-shape 1,3,224,224 -o fused.pt
   python -m adapters.torch --model path/to/mynet.py:build --input-shape 8,3,64,64
   python -m adapters.torch --model mypkg.nets:build --checkpoint weights.pth --dtype float16 --device cuda
+  python -m adapters.torch --reparameterize --model timm.models:repvgg_a0 --random-stats --input-shape 1,3,224,224
   python -m adapters.torch verify --model torchvision.models:resnet18 --fuser mmcv.cnn:fuse_conv_bn
   python -m adapters.torch audit torch.fx.experimental.optimization:fuse --no-zoo
 """
@@ -150,6 +151,9 @@ def _main_parser(prog: str) -> argparse.ArgumentParser:
                              "fusion report and verdict of each model")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the fuser does (to stderr)")
+    parser.add_argument("--reparameterize", action="store_true",
+                        help="also merge parallel linear branches (RepVGG, MobileOne, ACNet, RepConv, ...) into "
+                             "single convs, as adapters.torch.reparameterize does; the report lists each merge")
     return parser
 
 
@@ -257,6 +261,15 @@ def _check_main_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error(f"--threads must be >= 1, got {args.threads}")
 
 
+def _fuser(args: argparse.Namespace) -> Callable[..., tuple[nn.Module, Any]] | None:
+    """``reparameterize`` with --reparameterize; None (the demo's default, ``fuse``) otherwise."""
+    if not args.reparameterize:
+        return None
+    from .reparam import reparameterize
+
+    return reparameterize
+
+
 def _builtin_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:
     from .suite import cases as case_suite
     from .suite.demo import DEFAULT_CASES
@@ -279,7 +292,7 @@ def _run_builtin_models(names: tuple[str, ...], args: argparse.Namespace, dtype:
     rows = []
     for index, (name, model, inputs) in enumerate(default_models(names, dtype=dtype, device=device), 1):
         _progress(not args.quiet, f"[{index}/{len(names)}] {name}: fusing, verifying, timing")
-        row, _ = run_model(name, model, inputs, repeats=args.repeats)
+        row, _ = run_model(name, model, inputs, repeats=args.repeats, fuse=_fuser(args))
         if not row.ok:
             _progress(not args.quiet, row.verdict_text)
         rows.append(row)
@@ -304,7 +317,7 @@ def _run_user_model(args: argparse.Namespace, dtype: torch.dtype, device: torch.
     except (ValueError, TypeError, RuntimeError, OSError) as error:
         return str(error)
     try:
-        row, fused = run_model(name, model, inputs, repeats=args.repeats, progress=stage)
+        row, fused = run_model(name, model, inputs, repeats=args.repeats, fuse=_fuser(args), progress=stage)
     except Exception as error:  # the user's model (or its input shape) is at fault: one line, not a traceback
         where = "" if isinstance(error, (ValueError, TypeError, RuntimeError)) else f" (at {raised_where(error)})"
         return (f"{name} with input shape {tuple(inputs[0].shape)}: {type(error).__name__}: "

@@ -102,6 +102,10 @@ def _check_model(model: Any) -> None:
                          f"Meta tensors: {', '.join(meta[:10])}{' ...' if len(meta) > 10 else ''}")
 
 
+#: The same input checks for other passes over a model (branch merging).
+check_model = _check_model
+
+
 # -- observation with example inputs --------------------------------------------------------
 
 @dataclass
@@ -147,6 +151,10 @@ def _observe(model: nn.Module, index: ModelIndex, example_inputs: Any) -> _Obser
         for module, flag in flags:
             module.training = flag
     return _Observation(calls, ranks)
+
+
+#: The same observation for other passes over a model (branch merging).
+observe = _observe
 
 
 # -- planning -------------------------------------------------------------------------------

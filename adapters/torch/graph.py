@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 from .norms import NormInfo, NormKind, NormRejection, classify_norm
 
 __all__ = ["LayerKind", "ModelIndex", "Region", "CallSite", "ForwardCandidate", "BackwardCandidate",
-           "LeafTracer", "trace_regions", "analyse_sites", "classify_layer"]
+           "LeafTracer", "trace_regions", "analyse_sites", "classify_layer", "value_users"]
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +314,10 @@ def _value_users(node: fx.Node) -> list[fx.Node]:
             continue
         users.append(user)
     return users
+
+
+#: The same notion of "the consumers of a value" for other passes over these graphs (branch merging).
+value_users = _value_users
 
 
 def _sole_input(node: fx.Node, source: fx.Node) -> bool:
