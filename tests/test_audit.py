@@ -382,6 +382,17 @@ def test_aimet_peer():
     assert outcomes["trap_linear_bn1d_on_sequence"].status == "WRONG"
 
 
+def test_aimet_logs_stay_out_of_the_json(capsys):
+    if peers.peer_unavailable(peers.PEERS["aimet"]) is not None:
+        pytest.skip("aimet-torch is not installed (the 'aimet' extra)")
+    # AIMET logs a warning ("Unable to isolate model outputs") on these two models, to stdout unless redirected.
+    assert main(["audit", "adapters.torch.suite.peers:aimet_fold", "--with-inputs", "--no-zoo", "--only",
+                 "conv_identity_bn", "--only", "sync_bn_eval", "--json"]) in (0, 1)
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert data["with_inputs"] is True and len(data["results"]) == 2
+
+
 def test_cli_refuses_a_peer_that_does_not_import(capsys):
     if peers.peer_unavailable(peers.PEERS["aimet"]) is None:
         pytest.skip("aimet-torch is installed here")

@@ -78,10 +78,16 @@ def _aimet_logs_to_stderr() -> None:
     """
     from aimet_torch.common.utils import AimetLogger
 
+    # AIMET's own console handlers, whatever they write to now: they were made with whatever sys.stdout was when
+    # AIMET was first imported, which need not be today's (a caller may have redirected it since). Handlers that
+    # others attached (a test runner's log capture) are left alone.
     for area in AimetLogger.LogAreas:
         for handler in logging.getLogger(area.value).handlers:
-            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
-                handler.setStream(sys.stderr)
+            if isinstance(handler, logging.StreamHandler) and type(handler).__module__.startswith("aimet_torch."):
+                try:
+                    handler.setStream(sys.stderr)
+                except ValueError:  # its old stream is closed (setStream flushes it first): nothing to flush
+                    handler.stream = sys.stderr
 
 
 @dataclass(frozen=True)
