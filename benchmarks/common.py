@@ -264,15 +264,16 @@ def short_error(exc: BaseException, limit: int = 90) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# The fusers compared side by side. Each takes a model and returns ``(fused_model, report_or_None)``
-# without modifying its argument, so one prepared model can be handed to all of them in turn.
+# The fusers compared side by side. Each takes a model and its example inputs (a tuple of input tensors,
+# used only by fusers that trace the model on them: AIMET) and returns ``(fused_model, report_or_None)``
+# without modifying the model, so one prepared model can be handed to all of them in turn.
 
 @dataclass(frozen=True)
 class Fuser:
     """A BatchNorm fuser under comparison; ``unavailable`` says why it cannot run here (None: it can)."""
 
     name: str
-    fuse: Callable[[torch.nn.Module], tuple[torch.nn.Module, Any]] | None
+    fuse: Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], tuple[torch.nn.Module, Any]] | None
     unavailable: str | None = None
 
 
@@ -281,34 +282,32 @@ def _ours() -> Fuser:
         from adapters.torch import fuse
     except ImportError as exc:
         return Fuser("ours", None, f"adapters.torch not importable ({short_error(exc)})")
-    return Fuser("ours", lambda model: fuse(model, inplace=False))
+    return Fuser("ours", lambda model, inputs: fuse(model, inplace=False))
 
 
-def _mmcv() -> Fuser:
-    try:
-        from mmcv.cnn import fuse_conv_bn as mmcv_fuse_conv_bn
-    except Exception as exc:  # mmcv's import can fail on any of its many dependencies, not only ImportError
-        return Fuser("mmcv", None, f"mmcv.cnn not importable ({short_error(exc)})")
+def _peer(name: str) -> Fuser:
+    """A peer of adapters/torch/suite/peers.py, given a deep copy (peers fold the model they get in place)."""
     import copy
-    # mmcv fuses in place and returns the same object: give it a copy so the prepared model survives.
-    return Fuser("mmcv", lambda model: (mmcv_fuse_conv_bn(copy.deepcopy(model)), None))
+
+    from adapters.torch.suite.peers import PEERS, peer_unavailable
+
+    peer = PEERS[name]
+    missing = peer_unavailable(peer)
+    if missing is not None:
+        return Fuser(name, None, missing)
+    return Fuser(name, lambda model, inputs: (peer(copy.deepcopy(model), inputs), None))
 
 
-def _torch_fx() -> Fuser:
-    from torch.fx.experimental.optimization import fuse as fx_fuse
-    return Fuser("torch.fx", lambda model: (fx_fuse(model, inplace=False), None))
-
-
-FUSER_NAMES = ("ours", "mmcv", "torch.fx")
+#: Ours first, then every peer of adapters/torch/suite/peers.py.
+FUSER_NAMES = ("ours", "mmcv", "torch.fx", "aimet")
 
 
 def make_fusers(names: Sequence[str] = FUSER_NAMES) -> list[Fuser]:
     """The fusers by name, in the order given; one that cannot be imported comes back with ``unavailable`` set."""
-    factories = {"ours": _ours, "mmcv": _mmcv, "torch.fx": _torch_fx}
-    unknown = [n for n in names if n not in factories]
+    unknown = [n for n in names if n not in FUSER_NAMES]
     if unknown:
-        raise ValueError(f"unknown fuser(s) {unknown}; known: {sorted(factories)}")
-    fusers = [factories[n]() for n in names]
+        raise ValueError(f"unknown fuser(s) {unknown}; known: {', '.join(FUSER_NAMES)}")
+    fusers = [_ours() if n == "ours" else _peer(n) for n in names]
     for f in fusers:
         if f.unavailable:
             log.warning("%s skipped: %s", f.name, f.unavailable)

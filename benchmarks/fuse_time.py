@@ -1,9 +1,11 @@
-"""Fuse time: ours against mmcv's ``fuse_conv_bn`` and ``torch.fx.experimental.optimization.fuse``.
+"""Fuse time: ours against mmcv's ``fuse_conv_bn``, ``torch.fx.experimental.optimization.fuse`` and AIMET.
 
 Each fuser folds a fresh deep copy of the same prepared model in place; the deep copy is made
 before the clock starts, so only the fusing is timed (ours runs as ``fuse(model, inplace=True)``,
-fx's as ``fuse(model, inplace=True)``, mmcv's fuses in place anyway). Median of ``--reps`` runs
-after one untimed warm-up run, on CPU with one thread by default.
+fx's as ``fuse(model, inplace=True)``, mmcv's and AIMET's fuse in place anyway; the peers are the
+functions of ``adapters/torch/suite/peers.py``). AIMET traces the model on an example input, so it
+is handed one (untimed to make, timed to use); a peer that does not import here is left out with a
+note. Median of ``--reps`` runs after one untimed warm-up run, on CPU with one thread by default.
 
 Two tables:
 
@@ -15,7 +17,8 @@ Two tables:
 
 ``--profile`` adds a cProfile of our fuser on the first model (top functions by cumulative time).
 
-Command: ``python benchmarks/fuse_time.py [--json [PATH]] [--models ...] [--reps 5] [--chains 200,2000]``
+Command: ``python benchmarks/fuse_time.py [--json [PATH]] [--models ...] [--reps 5] [--chains 200,2000]
+[--clock wall|process]``
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ log = logging.getLogger("bnfold.benchmarks.fuse_time")
 
 DEFAULT_MODELS = ("torchvision/resnet50", "torchvision/mobilenet_v3_large", "torchvision/regnet_y_800mf")
 QUICK_MODELS = ("torchvision/resnet50",)
-FUSER_NAMES = ("ours", "mmcv", "torch.fx")
+FUSER_NAMES = ("ours", "mmcv", "torch.fx", "aimet")
 
 #: Targets from the adapter issue: our time over the peer's time.
 TARGET_VS = {"mmcv": 2.5, "torch.fx": 0.75}
@@ -66,43 +69,46 @@ TARGET_GROWTH = 15.0
 
 @dataclass(frozen=True)
 class InPlaceFuser:
-    """A fuser that folds ``model`` in place (or returns a new model built from it); ``None`` when unavailable."""
+    """A fuser that folds ``model`` in place (or returns a new model built from it); ``None`` when unavailable.
+
+    Called as ``fuse(model, example_inputs)``; fusers that do not trace the model ignore the inputs.
+    """
 
     name: str
-    fuse: Callable[[nn.Module], nn.Module] | None
+    fuse: Callable[[nn.Module, tuple[torch.Tensor, ...]], nn.Module] | None
     unavailable: str | None = None
 
 
 def in_place_fusers() -> list[InPlaceFuser]:
-    """Ours, mmcv's and torch.fx's fusers, each working on the model it is given (no copy of its own)."""
+    """Ours and the peers (mmcv, torch.fx, AIMET), each working on the model it is given (no copy of its own)."""
     from adapters.torch import fuse as ours
+    from adapters.torch.suite.peers import PEERS, peer_unavailable
 
-    fusers = [InPlaceFuser("ours", lambda model: ours(model, inplace=True)[0])]
-    try:
-        from mmcv.cnn import fuse_conv_bn as mmcv_fuse_conv_bn
-    except Exception as exc:  # mmcv's import can fail on any of its dependencies, not only ImportError
-        print(f"mmcv unavailable, continuing without it: {short_error(exc)}", file=sys.stderr)
-        fusers.append(InPlaceFuser("mmcv", None, short_error(exc)))
-    else:
-        fusers.append(InPlaceFuser("mmcv", mmcv_fuse_conv_bn))
-    from torch.fx.experimental.optimization import fuse as fx_fuse
-    fusers.append(InPlaceFuser("torch.fx", lambda model: fx_fuse(model, inplace=True)))
+    fusers = [InPlaceFuser("ours", lambda model, inputs: ours(model, inplace=True)[0])]
+    for peer in PEERS.values():
+        missing = peer_unavailable(peer)
+        if missing is not None:
+            print(f"{peer.name} unavailable, continuing without it: {missing}", file=sys.stderr)
+        fusers.append(InPlaceFuser(peer.name, None if missing else peer, missing))
     return fusers
 
 
-def time_fuse(fuse: Callable[[nn.Module], nn.Module], prepared: nn.Module, *, reps: int, device: torch.device
-              ) -> tuple[float, list[float], nn.Module]:
-    """Median seconds of ``fuse(deepcopy(prepared))`` over ``reps`` runs (copy untimed), the times, the last result."""
-    result = fuse(copy.deepcopy(prepared))  # warm-up: first-call imports and caches are not the fuser's cost
+def time_fuse(fuse: Callable[[nn.Module, tuple[torch.Tensor, ...]], nn.Module], prepared: nn.Module,
+              inputs: tuple[torch.Tensor, ...], *, reps: int, device: torch.device,
+              clock: Callable[[], float] = time.perf_counter) -> tuple[float, list[float], nn.Module]:
+    """Median seconds of ``fuse(deepcopy(prepared), inputs)`` over ``reps`` runs (copy untimed), the times, the
+    last result. ``clock``: wall time, or ``time.process_time`` (this process's CPU time: on one thread, steady
+    on a machine shared with other work)."""
+    result = fuse(copy.deepcopy(prepared), inputs)  # warm-up: first-call imports and caches are not the fuser's cost
     times = []
     for _ in range(reps):
         model = copy.deepcopy(prepared)
         gc.collect()
         synchronize(device)
-        start = time.perf_counter()
-        result = fuse(model)
+        start = clock()
+        result = fuse(model, inputs)
         synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times), times, result
 
 
@@ -137,14 +143,18 @@ def norms_left(fused: nn.Module, inputs: torch.Tensor, original: nn.Module) -> i
 
 
 def measure(prepared: nn.Module, inputs: torch.Tensor | None, fusers: list[InPlaceFuser], *, reps: int,
-            device: torch.device) -> dict[str, dict[str, Any]]:
+            device: torch.device, trace_input: torch.Tensor | None = None,
+            clock: Callable[[], float] = time.perf_counter) -> dict[str, dict[str, Any]]:
+    """``trace_input``: the example input for fusers that trace the model (default: ``inputs``)."""
     results: dict[str, dict[str, Any]] = {}
+    example = trace_input if trace_input is not None else inputs
     for fuser in fusers:
         if fuser.fuse is None:
             results[fuser.name] = {"error": f"unavailable: {fuser.unavailable}"}
             continue
         try:
-            median, times, fused = time_fuse(fuser.fuse, prepared, reps=reps, device=device)
+            median, times, fused = time_fuse(fuser.fuse, prepared, () if example is None else (example,), reps=reps,
+                                             device=device, clock=clock)
         except Exception as exc:  # a peer that cannot fuse this model is a result, not a crash
             log.warning("%s failed: %s", fuser.name, short_error(exc))
             results[fuser.name] = {"error": short_error(exc)}
@@ -159,10 +169,12 @@ def _ms(record: dict[str, Any]) -> str:
     return f"{record['median_s'] * 1e3:.1f}" if "median_s" in record else "fails"
 
 
-def _vs(ours: dict[str, Any], peer: dict[str, Any], target: float) -> tuple[str, float | None]:
+def _vs(ours: dict[str, Any], peer: dict[str, Any], target: float | None) -> tuple[str, float | None]:
     if "median_s" not in ours or "median_s" not in peer:
         return "—", None
     ratio = ours["median_s"] / peer["median_s"]
+    if target is None:
+        return format_ratio(ratio), ratio
     return f"{format_ratio(ratio)} ({'meets' if ratio <= target else 'MISSES'} ≤ {target:g}×)", ratio
 
 
@@ -170,16 +182,16 @@ def model_table(results: dict[str, dict[str, dict[str, Any]]], fuser_names: list
                 norms: dict[str, tuple[int, int]]) -> Table:
     """``norms``: per model, (norm layers, norm evaluations that cannot be folded)."""
     headers = ["model", "norms", "cannot fold"] + [f"{f} ms" for f in fuser_names] + \
-              [f"ours / {peer}" for peer in TARGET_VS if peer in fuser_names] + \
+              [f"ours / {peer}" for peer in fuser_names if peer != "ours"] + \
               ["norms left (" + "/".join(fuser_names) + ")"]
     table = Table("Fuse time per model (median; deep copy excluded)", headers)
     for model, per_fuser in results.items():
         total, unfoldable = norms[model]
         row: list[Any] = [model, total, unfoldable] + [_ms(per_fuser[f]) for f in fuser_names]
         record: dict[str, Any] = {"model": model, "norms": total, "cannot_fold": unfoldable, "fusers": per_fuser}
-        for peer, target in TARGET_VS.items():
-            if peer in fuser_names:
-                cell, ratio = _vs(per_fuser["ours"], per_fuser[peer], target)
+        for peer in fuser_names:
+            if peer != "ours":
+                cell, ratio = _vs(per_fuser["ours"], per_fuser[peer], TARGET_VS.get(peer))
                 row.append(cell)
                 record[f"ours_over_{peer}"] = ratio
         row.append("/".join("—" if per_fuser[f].get("norms_left") is None else str(per_fuser[f]["norms_left"])
@@ -193,9 +205,8 @@ def model_table(results: dict[str, dict[str, dict[str, Any]]], fuser_names: list
     table.notes.append("'cannot fold': norm evaluations no dataflow-correct fuser can remove, worked out by hand "
                        "(adapters/torch/suite/zoo.py); 'norms left': norm module calls in one forward pass of each "
                        "fused model, so a fuser that did less work shows. Fewer left than 'cannot fold' is a wrong "
-                       "model: mmcv "
-                       "replaces timm's BatchNormAct2d, activation included, by nn.Identity (benchmarks/accuracy.py "
-                       "measures the damage).")
+                       "model: mmcv replaces timm's BatchNormAct2d, activation included, by nn.Identity "
+                       "(benchmarks/accuracy.py measures the damage).")
     return table
 
 
@@ -239,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chains", default=None,
                         help="comma-separated chain lengths in conv->BN pairs (default 200,2000; --quick 20,200)")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of ours on the first model")
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
+                        help="what is timed: wall time (default), or this process's CPU time (time.process_time: "
+                             "on CPU with one thread, steady on a machine shared with other work; not for cuda)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     configure_threads(args.threads)
@@ -254,8 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(chains) < 2 or min(chains) < 1:
         raise SystemExit(f"--chains needs at least two positive lengths, got {args.chains!r}")
 
-    fusers = in_place_fusers()
+    all_fusers = in_place_fusers()
+    fusers = [f for f in all_fusers if f.fuse is not None]
+    left_out = [f"{f.name} left out: {f.unavailable}." for f in all_fusers if f.fuse is None]
     names = [f.name for f in fusers]
+    if args.clock == "process" and device.type == "cuda":
+        raise SystemExit("--clock process times the CPU only: use --clock wall with --device cuda")
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     started = time.perf_counter()
     per_model: dict[str, dict[str, dict[str, Any]]] = {}
     norms: dict[str, tuple[int, int]] = {}
@@ -267,21 +286,24 @@ def main(argv: list[str] | None = None) -> int:
             first_prepared = prepared
         norms[name] = (entry.norm_layers, entry.unfoldable)
         per_model[name] = measure(prepared, entry.example_input(batch=1, seed=args.seed).to(device), fusers,
-                                  reps=reps, device=device)
+                                  reps=reps, device=device, clock=clock)
     per_chain: dict[int, dict[str, dict[str, Any]]] = {}
+    chain_input = torch.randn(1, 8, 8, 8, generator=torch.Generator().manual_seed(args.seed)).to(device)
     for pairs in chains:
         per_chain[pairs] = measure(conv_bn_chain(pairs, seed=args.seed).to(device), None, fusers, reps=reps,
-                                   device=device)
+                                   device=device, trace_input=chain_input, clock=clock)
 
     report = Report(
         "Fuse time",
         machine_info(device),
-        {"device": str(device), "reps": reps, "chains": ",".join(map(str, chains)),
+        {"device": str(device), "reps": reps, "chains": ",".join(map(str, chains)), "clock": args.clock,
          "wall_s": round(time.perf_counter() - started, 1)},
         [model_table(per_model, names, norms), growth_table(per_chain, names)],
         [f"Median of {reps} runs after one warm-up run; each run fuses a fresh deep copy, made before the clock "
          "starts. ours: adapters.torch.fuse(model, inplace=True); mmcv: mmcv.cnn.fuse_conv_bn; torch.fx: "
-         "torch.fx.experimental.optimization.fuse(model, inplace=True)."])
+         "torch.fx.experimental.optimization.fuse(model, inplace=True); aimet: "
+         "aimet_torch.batch_norm_fold.fold_all_batch_norms(model, input_shapes, dummy_input) on the model's example "
+         "input (batch 1), where aimet-torch imports.", *left_out])
     report.emit(args.json)
     if args.profile and first_prepared is not None:
         print(f"\ncProfile of ours on {models[0]}:\n" + profile_ours(first_prepared), file=sys.stderr)

@@ -6,14 +6,18 @@
 #
 # Writes into OUT_DIR: gpu.txt (nvidia-smi -L), cuda_tests.log, accuracy.md/.json/.log,
 # latency.md/.json/.log and summary.md (every step's status and tables). Each step runs under
-# `timeout` with its own log (a table's .md is its stdout; its .log the rest), and a failing step does not stop the next. About 5 minutes on one
-# GPU. Installs nothing: the project runs from this checkout (PYTHONPATH=.), and the packages it
-# needs beyond torch/torchvision/timm/numpy/pytest (array-api-compat; mmcv-lite, optional) must
-# already be importable, e.g. through PYTHONPATH. Without a GPU every step says so and is skipped.
+# `timeout` with its own log (a table's .md is its stdout; its .log the rest), and a failing step
+# does not stop the next. The accuracy step is the longest (8 models x 3 seeds x 3 dtypes, 8
+# batches of 16 at 224x224; its one-seed, one-batch predecessor took about a minute on an H200,
+# hence the 420 s default limit, not yet measured). Installs nothing: the project runs from this checkout
+# (PYTHONPATH=.), and the packages it needs beyond torch/torchvision/timm/numpy/pytest
+# (array-api-compat; mmcv-lite and aimet-torch, optional: a peer that does not import is left out
+# of the tables with a note) must already be importable, e.g. through PYTHONPATH. Without a GPU
+# every step says so and is skipped.
 #
 # Environment: PYTHON (default python3); BENCH_DEVICE (default cuda; cpu runs the same steps on the
 # CPU, to try the script on a machine without a GPU -- the cuda tests then skip); ACCURACY_ARGS, LATENCY_ARGS (extra arguments);
-# TESTS_TIMEOUT, ACCURACY_TIMEOUT, LATENCY_TIMEOUT (seconds; defaults 90, 150, 120).
+# TESTS_TIMEOUT, ACCURACY_TIMEOUT, LATENCY_TIMEOUT (seconds; defaults 90, 420, 120).
 
 set -u
 if [ $# -ne 1 ] || [ -z "$1" ]; then
@@ -71,7 +75,7 @@ elif [ "$HAS_CUDA" != "1" ]; then
     exit 0
 fi
 note "$("$PYTHON" -c 'import torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, device " + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"))' 2>&1 | tail -n 1)"
-for module in array_api_compat mmcv timm torchvision; do
+for module in array_api_compat mmcv aimet_torch timm torchvision; do
     if "$PYTHON" -c "import $module" >/dev/null 2>&1; then
         note "- $module: importable"
     else
@@ -84,7 +88,7 @@ note "## Steps"
 # No path: pytest's configured testpaths (tests, spec, refimpl); -m cuda keeps only the CUDA-marked tests.
 run_step cuda_tests "${TESTS_TIMEOUT:-90}" "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider
 if [ -s "$OUT_DIR/cuda_tests.log" ]; then note "  $(tail -n 1 "$OUT_DIR/cuda_tests.log")"; fi
-run_step accuracy "${ACCURACY_TIMEOUT:-150}" sh -c \
+run_step accuracy "${ACCURACY_TIMEOUT:-420}" sh -c \
     "\"$PYTHON\" benchmarks/accuracy.py --device $DEVICE --json \"$OUT_DIR/accuracy.json\" ${ACCURACY_ARGS:-} >\"$OUT_DIR/accuracy.md\""
 run_step latency "${LATENCY_TIMEOUT:-120}" sh -c \
     "\"$PYTHON\" benchmarks/latency.py --device $DEVICE --json \"$OUT_DIR/latency.json\" ${LATENCY_ARGS:-} >\"$OUT_DIR/latency.md\""

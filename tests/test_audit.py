@@ -7,16 +7,29 @@ order (mmcv's walk), losing activations, raising, returning the wrong thing. The
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 import torch
 from torch import nn
 
-from adapters.torch import fuse_conv_bn
+from adapters.torch import fuse, fuse_conv_bn
 from adapters.torch.__main__ import main
 from adapters.torch.suite import cases as case_suite
-from adapters.torch.suite.audit import AuditTarget, audit_one, audit_targets, format_result, load_object, run_audit
+from adapters.torch.suite import peers
+from adapters.torch.suite.audit import (
+    AuditProgress,
+    AuditResult,
+    AuditTarget,
+    audit_one,
+    audit_targets,
+    estimate_seconds_left,
+    format_duration,
+    format_result,
+    load_object,
+    run_audit,
+)
 from refimpl import fold_conv_bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -240,3 +253,152 @@ def test_norms_inlined_by_fx_are_counted_as_left():
     outcome = audit_one(fuse, target)
     # No module call of the norm survives in the GraphModule, but the norm still runs, unfolded.
     assert outcome.status == "missed" and outcome.left == 1, format_result(outcome)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fusers that take example inputs: FUNCTION(model, example_inputs), audited with with_inputs / --with-inputs
+
+
+def inputs_fuser(model: nn.Module, example_inputs: tuple) -> nn.Module:
+    """Our fuser given the example inputs, which prove the rank of a Linear <-> BatchNorm1d pair's input."""
+    assert isinstance(example_inputs, tuple) and all(isinstance(x, torch.Tensor) for x in example_inputs)
+    return fuse(model, inplace=True, example_inputs=example_inputs)[0]
+
+
+def chatty_inputs_fuser(model: nn.Module, example_inputs: tuple) -> nn.Module:
+    print("tracing the model ...")  # a fuser's own chatter must not end up inside the report on stdout
+    return inputs_fuser(model, example_inputs)
+
+
+class TestWithInputs:
+    def test_fuser_gets_the_inputs_and_uses_them(self):
+        [target] = _targets("linear_bn1d_2d_input")
+        # Without inputs our fuser cannot prove the Linear's input is 2-D: the pair is left (allowed).
+        without = audit_one(fuse_conv_bn, target)
+        assert without.status == "ok" and without.left == 1, format_result(without)
+        # With them it can, so the hand-worked count of the case (nothing left) is reached.
+        with_inputs = audit_one(inputs_fuser, target, with_inputs=True)
+        assert with_inputs.status == "ok" and with_inputs.left == 0 == target.expected_left, format_result(with_inputs)
+
+    def test_inputs_fuser_called_without_inputs_is_a_crash_with_a_note(self):
+        [outcome] = run_audit(inputs_fuser, _targets("conv1d_bn"))
+        assert outcome.status == "CRASH"
+        assert outcome.detail.startswith("fuser raised TypeError: inputs_fuser() missing 1 required positional")
+        assert "FUNCTION(model, example_inputs) with --with-inputs" in outcome.detail
+
+    def test_model_only_fuser_called_with_inputs_is_a_crash_with_a_note(self):
+        [outcome] = run_audit(fuse_conv_bn, _targets("conv1d_bn"), with_inputs=True)
+        assert outcome.status == "CRASH"
+        assert "takes the model only: audit it without --with-inputs" in outcome.detail, outcome.detail
+
+    def test_cli_json_stays_clean(self, capsys):
+        assert main(["audit", "test_audit:chatty_inputs_fuser", "--with-inputs", "--no-zoo", "--only",
+                     "linear_bn1d_2d_input", "--only", "conv1d_bn", "--json"]) == 0
+        captured = capsys.readouterr()
+        data = json.loads(captured.out)  # the whole of stdout is the JSON document
+        assert data["with_inputs"] is True and data["summary"]["ok"] == 2
+        assert [r["left"] for r in data["results"]] == [0, 0]
+        assert "tracing the model ..." in captured.err
+        assert "[2/2] ok      linear_bn1d_2d_input" in captured.err
+
+    def test_cli_text_report_and_progress_are_separate(self, capsys):
+        assert main(["audit", "test_audit:inputs_fuser", "--with-inputs", "--no-zoo", "--only", "trap"]) == 0
+        captured = capsys.readouterr()
+        lines = captured.out.splitlines()
+        trap_cases = [c.name for c in case_suite.iter_cases("trap")]
+        assert len(lines) == len(trap_cases) + 2  # header, one line per case, summary: no progress
+        assert lines[-1].endswith("-- fuser test_audit:inputs_fuser (called with example inputs)")
+        progress = captured.err.splitlines()
+        assert [line.split()[0] for line in progress] == [f"[{i}/{len(trap_cases)}]"
+                                                          for i in range(1, len(trap_cases) + 1)]
+        assert all(line.endswith(" left") for line in progress[:-1]), progress
+        assert progress[-1].endswith("; done")
+
+    def test_quiet_prints_no_progress(self, capsys):
+        assert main(["audit", "adapters.torch:fuse_conv_bn", "--no-zoo", "--only", "conv1d_bn", "-q"]) == 0
+        assert capsys.readouterr().err == ""
+
+
+class TestProgress:
+    def test_estimate_uses_each_familys_mean(self):
+        done = [("trap", 1.0), ("trap", 3.0), ("zoo", 10.0)]
+        # trap: mean 2 s; zoo: 10 s.
+        assert estimate_seconds_left(done, ["trap", "zoo", "zoo"]) == (22.0, True)
+        # A family not timed yet counts at the mean of all finished targets, (1 + 3 + 10) / 3.
+        seconds, sure = estimate_seconds_left(done, ["norms", "trap"])
+        assert seconds == pytest.approx(14 / 3 + 2) and sure is False
+        assert estimate_seconds_left(done, []) == (0.0, True)
+
+    def test_format_duration(self):
+        assert [format_duration(s) for s in (0.4, 42, 185, 3720)] == ["<1 s", "42 s", "3 min 05 s", "1 h 02 min"]
+        assert format_duration(float("nan")) == "?"
+
+    def test_lines_on_a_log_and_in_place_on_a_terminal(self):
+        targets = [AuditTarget(name, family, nn.Identity, lambda: torch.zeros(1), 0)
+                   for name, family in (("a", "trap"), ("b", "trap"), ("c", "zoo"))]
+
+        def finished(name: str, family: str, seconds: float) -> AuditResult:
+            return AuditResult(name, family, "ok", 0, 0, 1.0, 0.0, "", seconds)
+
+        log = io.StringIO()
+        progress = AuditProgress(targets, log)
+        progress.update(finished("a", "trap", 2.0))
+        progress.update(finished("b", "trap", 4.0))
+        progress.update(finished("c", "zoo", 30.0))
+        assert log.getvalue().splitlines() == [
+            "[1/3] ok      a (2 s); about 4 s left (not timed yet: zoo)",
+            "[2/3] ok      b (4 s); about 3 s left (not timed yet: zoo)",
+            "[3/3] ok      c (30 s); done"]
+        terminal = io.StringIO()
+        progress = AuditProgress(targets, terminal, transient=True)
+        progress.update(finished("a", "trap", 2.0))
+        progress.clear()
+        assert terminal.getvalue() == "\r\033[K[1/3] ok      a (2 s); about 4 s left (not timed yet: zoo)\r\033[K"
+
+
+# --------------------------------------------------------------------------------------------------
+# The peers as named functions (adapters/torch/suite/peers.py)
+
+
+def test_peer_functions_run_through_the_audit():
+    outcomes = {o.name: o for o in run_audit(peers.fx_fuse, _targets("trap_untraceable_parent", "conv_bn_bn"))}
+    assert outcomes["trap_untraceable_parent"].status == "CRASH" and "TraceError" in outcomes[
+        "trap_untraceable_parent"].detail
+    assert outcomes["conv_bn_bn"].status == "ok"
+    pytest.importorskip("mmcv.cnn")
+    [outcome] = run_audit(peers.mmcv_fuse, _targets("trap_bn_before_conv_valid"))
+    assert outcome.status == "WRONG"  # registration order: the BN is folded after a conv it runs before
+
+
+def test_aimet_peer():
+    if peers.peer_unavailable(peers.PEERS["aimet"]) is not None:
+        pytest.skip("aimet-torch is not installed (the 'aimet' extra)")
+    outcomes = {o.name: o for o in run_audit(peers.aimet_fold, _targets("conv2d_bn_pad_zeros", "bn_conv2d_valid",
+                                                                        "trap_linear_bn1d_on_sequence"),
+                                             with_inputs=True)}
+    assert outcomes["conv2d_bn_pad_zeros"].status == "ok", format_result(outcomes["conv2d_bn_pad_zeros"])
+    assert outcomes["bn_conv2d_valid"].status == "ok", format_result(outcomes["bn_conv2d_valid"])
+    # AIMET folds a BatchNorm1d over a (N, L, C) sequence into the Linear as if it normalised C.
+    assert outcomes["trap_linear_bn1d_on_sequence"].status == "WRONG"
+
+
+def test_aimet_logs_stay_out_of_the_json(capsys):
+    if peers.peer_unavailable(peers.PEERS["aimet"]) is not None:
+        pytest.skip("aimet-torch is not installed (the 'aimet' extra)")
+    # AIMET logs a warning ("Unable to isolate model outputs") on these two models, to stdout unless redirected.
+    assert main(["audit", "adapters.torch.suite.peers:aimet_fold", "--with-inputs", "--no-zoo", "--only",
+                 "conv_identity_bn", "--only", "sync_bn_eval", "--json"]) in (0, 1)
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert data["with_inputs"] is True and len(data["results"]) == 2
+
+
+def test_cli_refuses_a_peer_that_does_not_import(capsys):
+    if peers.peer_unavailable(peers.PEERS["aimet"]) is None:
+        pytest.skip("aimet-torch is installed here")
+    with pytest.raises(SystemExit) as info:
+        main(["audit", "adapters.torch.suite.peers:aimet_fold", "--with-inputs", "--no-zoo"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "'adapters.torch.suite.peers:aimet_fold' cannot run here: aimet_torch.batch_norm_fold does not import" in err
+    assert "bnfold[aimet]" in err

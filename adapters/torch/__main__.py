@@ -101,7 +101,16 @@ counted. One line per model:
   CRASH   the fuser or the fused model raised (exception type and message)
 
 then a summary line. Exit status 0 when nothing is WRONG or CRASH, 1 otherwise, 2 for bad
-arguments.
+arguments. Progress (models done, an estimate of the time left) goes to stderr unless --quiet.
+
+A fuser that traces the model on example inputs, such as AIMET's fold_all_batch_norms, is
+audited with --with-inputs and called as FUNCTION(model, example_inputs), example_inputs being a
+tuple of the model's input tensors. The peers come wrapped with their calling conventions in
+adapters/torch/suite/peers.py:
+
+  python -m adapters.torch audit adapters.torch.suite.peers:mmcv_fuse
+  python -m adapters.torch audit adapters.torch.suite.peers:fx_fuse
+  python -m adapters.torch audit adapters.torch.suite.peers:aimet_fold --with-inputs
 """
 
 
@@ -174,16 +183,22 @@ def _verify_parser(prog: str) -> argparse.ArgumentParser:
 def _audit_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=_AUDIT_DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("fuser", metavar="MODULE:FUNCTION", help="the fuser to audit, called as FUNCTION(model)")
+    parser.add_argument("fuser", metavar="MODULE:FUNCTION",
+                        help="the fuser to audit, called as FUNCTION(model) (with --with-inputs: "
+                             "FUNCTION(model, example_inputs))")
     parser.add_argument("--no-zoo", action="store_true", help="skip the model zoo (torchvision/timm models)")
     parser.add_argument("--no-cases", action="store_true", help="skip the case suite (audit the zoo only)")
     parser.add_argument("--only", action="append", default=[], metavar="NAME_OR_FAMILY",
                         help="audit only this case or zoo model, or this family (conv->bn, bn->conv, trap, zoo, "
                              "...); repeatable")
     parser.add_argument("--device", default="cpu", help="device to run on (default: %(default)s)")
+    parser.add_argument("--with-inputs", action="store_true",
+                        help="call the fuser as FUNCTION(model, example_inputs), example_inputs a tuple of the "
+                             "model's input tensors (for fusers that trace the model, e.g. AIMET)")
     parser.add_argument("--json", action="store_true",
-                        help="print one JSON object: {'fuser', 'ok', 'summary', 'results': [...]}; progress goes "
-                             "to stderr")
+                        help="print one JSON object: {'fuser', 'with_inputs', 'ok', 'summary', 'results': [...]}")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress lines (models done, estimated time left) on stderr")
     return parser
 
 
@@ -453,6 +468,7 @@ def audit_job(argv: Sequence[str], prog: str = f"{PROG} audit") -> int:
         parser.error("--no-zoo and --no-cases leave nothing to audit")
 
     from .suite.audit import (
+        AuditProgress,
         audit_targets,
         format_header,
         format_result,
@@ -468,23 +484,38 @@ def audit_job(argv: Sequence[str], prog: str = f"{PROG} audit") -> int:
         parser.error(str(error))
     if not callable(fuser):
         parser.error(f"{args.fuser!r} is a {type(fuser).__name__}, not a callable")
+    from .suite.peers import PEERS, peer_unavailable
+
+    for peer in PEERS.values():
+        if fuser is peer.function and (missing := peer_unavailable(peer)) is not None:
+            parser.error(f"{args.fuser!r} cannot run here: {missing}")
     targets = list(audit_targets(cases=not args.no_cases, zoo=not args.no_zoo, select=args.only,
                                  device=args.device))
     if not targets:
         parser.error(f"no case or zoo model matches --only {args.only}")
 
-    if args.json:
-        results = run_audit(fuser, targets, on_result=lambda r: _progress(True, f"{r.status:<7} {r.name}"))
-        counts = summarize(results)
-        ok = counts["WRONG"] == 0 and counts["CRASH"] == 0
-        print(json.dumps(_json_safe({"fuser": args.fuser, "ok": ok, "summary": counts,
-                                     "results": [r.to_dict() for r in results]}), indent=2))
-    else:
+    progress = None if args.quiet else AuditProgress(targets, sys.stderr)
+
+    def on_result(outcome: Any) -> None:
+        if not args.json:
+            if progress is not None:
+                progress.clear()  # a progress line rewritten in place on a terminal
+            print(format_result(outcome), flush=True)
+        if progress is not None:
+            progress.update(outcome)
+
+    if not args.json:
         print(format_header(), flush=True)
-        results = run_audit(fuser, targets, on_result=lambda r: print(format_result(r), flush=True))
-        counts = summarize(results)
-        ok = counts["WRONG"] == 0 and counts["CRASH"] == 0
-        print(format_summary(results, args.fuser))
+    results = run_audit(fuser, targets, on_result=on_result, with_inputs=args.with_inputs)
+    if progress is not None:
+        progress.clear()
+    counts = summarize(results)
+    ok = counts["WRONG"] == 0 and counts["CRASH"] == 0
+    if args.json:
+        print(json.dumps(_json_safe({"fuser": args.fuser, "with_inputs": args.with_inputs, "ok": ok,
+                                     "summary": counts, "results": [r.to_dict() for r in results]}), indent=2))
+    else:
+        print(format_summary(results, args.fuser + (" (called with example inputs)" if args.with_inputs else "")))
     return 0 if ok else 1
 
 
