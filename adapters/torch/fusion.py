@@ -76,7 +76,7 @@ def _check_model(model: Any) -> None:
         if isinstance(module, torch.jit.ScriptModule):
             raise TypeError(f"submodule '{name}' is a TorchScript module ({type(module).__name__}); fuse the eager "
                             "model before scripting it")
-        for kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers)):
+        for tensors in (module._parameters, module._buffers):
             for tname, tensor in tensors.items():
                 if tensor is None:
                     continue
@@ -187,7 +187,7 @@ class _Planner:
         for module_id, verdict in self.index.norms.items():
             if isinstance(verdict, NormInfo) and module_id in a.sites:
                 norm_sites[module_id] = a.sites[module_id]
-        for module_id, sites in norm_sites.items():
+        for sites in norm_sites.values():
             for site in sites:
                 key = a.site_key(site)
                 cand = self._first_allowed(key, start="forward")
@@ -197,7 +197,7 @@ class _Planner:
         while changed:
             changed = False
             # A norm is removed only if every one of its calls folds.
-            for module_id, sites in norm_sites.items():
+            for sites in norm_sites.values():
                 keys = [a.site_key(s) for s in sites]
                 present = [k for k in keys if k in choice]
                 if present and len(present) != len(keys):
@@ -225,7 +225,7 @@ class _Planner:
                         break
             # A layer folds only if each of its calls gets the same folds.
             per_site: dict[tuple, list[tuple]] = {}
-            for key, (direction, cands) in choice.items():
+            for direction, cands in choice.values():
                 for cand in cands:
                     per_site.setdefault(a.site_key(cand.layer), []).append(
                         (direction, len(cand.between), id(cand.norm.module), cand.channels or ()))
@@ -236,7 +236,7 @@ class _Planner:
                 layers_seen.add(id(layer))
                 signatures = {tuple(sorted(per_site.get(a.site_key(s), []))) for s in a.sites[id(layer)]}
                 if len(signatures) > 1:
-                    for k, (d, cs) in list(choice.items()):
+                    for k, (_, cs) in list(choice.items()):
                         if any(c.layer.module is layer for c in cs):
                             self.note(cs[0].norm.module, "reused_incompatibly", f"{self.index.name(layer)} is "
                                       f"called at {len(a.sites[id(layer)])} sites that are not all followed/preceded "
@@ -361,7 +361,13 @@ def _slot_max_abs(weight: torch.Tensor, unit_shape: tuple[int, ...], dtype: torc
     rows = 1
     for d in unit_shape:
         rows *= d
-    flat = weight.detach().reshape(rows, -1)
+    weight = weight.detach()
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        # CPU reductions over fp16/bf16 are slow; their magnitudes order like their bit patterns
+        # with the sign bit cleared (NaN above inf), so one integer pass and one integer max suffice.
+        magnitude = weight.view(torch.int16).reshape(rows, -1) & 0x7FFF
+        return magnitude.amax(dim=1).view(weight.dtype).to(dtype).reshape(unit_shape)
+    flat = weight.reshape(rows, -1)
     # amax and amin separately: torch.aminmax along a dim is several times slower on CPU.
     return torch.maximum(flat.amax(dim=1), flat.amin(dim=1).neg()).to(dtype).reshape(unit_shape)
 
@@ -392,23 +398,24 @@ def _batched_folds(plans: list[_LayerPlan]) -> dict[int, tuple[torch.Tensor, tor
             continue
         dtype = _fold_dtype(device)
 
-        def cat(parts: list[torch.Tensor]) -> torch.Tensor:
+        def cat(parts: list[torch.Tensor], dtype: torch.dtype = dtype) -> torch.Tensor:
             # cat promotes mixed float dtypes to the widest; widening to float64 is exact.
             return torch.cat(parts).to(dtype)
 
         sizes = [stats.var.numel() for _, stats in members]
-        ones = [torch.ones(n, dtype=stats.var.dtype, device=device) for n, (_, stats) in zip(sizes, members)]
-        zeros = [torch.zeros(n, dtype=stats.var.dtype, device=device) for n, (_, stats) in zip(sizes, members)]
+        ones = [torch.ones(stats.var.numel(), dtype=stats.var.dtype, device=device) for _, stats in members]
+        zeros = [torch.zeros(stats.var.numel(), dtype=stats.var.dtype, device=device) for _, stats in members]
         try:
             factor, bias = refimpl.fold_conv_bn(
                 torch.ones((sum(sizes), 1), dtype=dtype, device=device),
-                cat([z if p.layer.bias is None else p.layer.bias.detach() for z, (p, _) in zip(zeros, members)]),
+                cat([z if p.layer.bias is None else p.layer.bias.detach()
+                     for z, (p, _) in zip(zeros, members, strict=True)]),
                 cat([s.mean for _, s in members]), cat([s.var for _, s in members]), eps,
-                cat([o if s.weight is None else s.weight for o, (_, s) in zip(ones, members)]),
-                cat([z if s.bias is None else s.bias for z, (_, s) in zip(zeros, members)]))
+                cat([o if s.weight is None else s.weight for o, (_, s) in zip(ones, members, strict=True)]),
+                cat([z if s.bias is None else s.bias for z, (_, s) in zip(zeros, members, strict=True)]))
         except (ValueError, TypeError):
             continue
-        for (plan, _), f, b in zip(members, factor.split(sizes), bias.split(sizes)):
+        for (plan, _), f, b in zip(members, factor.split(sizes), bias.split(sizes), strict=True):
             folded[id(plan)] = (f, b)
     return folded
 
@@ -522,17 +529,19 @@ def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelI
         replacements.append((norm, replacement))
     new_biases = {id(plan): nn.Parameter(plan.bias, requires_grad=plan.layer.weight.requires_grad)
                   for plan in plans if plan.layer.bias is None}
-    buffers = {}
+    buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
     for plan in in_place:
         device = plan.layer.weight.device
         if device not in buffers:
-            buffers[device] = torch.empty(scaled_copy_buffer_size(), dtype=plan.factor.dtype, device=device)
+            buffers[device] = (torch.empty(scaled_copy_buffer_size(), dtype=plan.factor.dtype, device=device),
+                               torch.empty(scaled_copy_buffer_size(), dtype=torch.int64, device=device))
 
     with _interrupts_held():
         with torch.no_grad():
             for plan in in_place:
                 weight = plan.layer.weight.detach()
-                scaled_copy(weight, plan.factor, out=weight, buffer=buffers[weight.device])
+                buffer, scratch = buffers[weight.device]
+                scaled_copy(weight, plan.factor, out=weight, buffer=buffer, scratch=scratch)
 
     undo: list = []
     try:
@@ -736,7 +745,7 @@ def _build_report(model, index, traced, analysis, planner, plans, folded_norm_id
              (LayerKind.LINEAR, "forward"): "linear->bn", (LayerKind.CONV, "backward"): "bn->conv",
              (LayerKind.LINEAR, "backward"): "bn->linear"}
     for plan in plans:
-        for step, change in zip(plan.steps, plan.changes):
+        for step, change in zip(plan.steps, plan.changes, strict=True):
             report.folded.append(FoldedPair(norm=index.name(step.norm), layer=index.name(plan.layer),
                                             kind=kinds[(plan.kind, step.direction)], max_rel_change=change))
     for norm in norm_modules:
