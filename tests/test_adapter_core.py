@@ -221,6 +221,15 @@ class TestErrors:
         with pytest.raises(TypeError, match="example_inputs"):
             fuse(ConvBN(), example_inputs={"x": 1})
 
+    def test_example_inputs_of_the_wrong_shape_name_the_model_and_the_shapes(self):
+        model = randomise(ConvBN()).eval()
+        snap = snapshot(model)
+        with pytest.raises(ValueError, match=r"fuse: running ConvBN on example_inputs \(tensor \(2, 5, 8, 8\) "
+                                             r"float32 cpu\) raised RuntimeError: .*expected input\[2, 5, 8, 8\] to "
+                                             "have 3 channels"):
+            fuse(model, inplace=True, example_inputs=torch.randn(2, 5, 8, 8))
+        assert_unchanged(model, snap)
+
     def test_failure_while_mutating_is_undone(self, monkeypatch):
         import adapters.torch.fusion as fusion
 
@@ -727,7 +736,7 @@ class TestConcatFold:
                                                               "bn_other": "reused_incompatibly"}
         x = torch.randn(2, 8, 6, 6)
         with torch.no_grad():
-            for got, want in zip(fused(x), model(x)):
+            for got, want in zip(fused(x), model(x), strict=True):
                 torch.testing.assert_close(got, want)
 
     def test_norm_called_after_concat_and_elsewhere(self):

@@ -283,7 +283,7 @@ def _verify_job(argv: Sequence[str]) -> int:
             fused = fuser(copy.deepcopy(model))
             if not isinstance(fused, nn.Module):
                 raise TypeError(f"--fuser {args.fuser!r} returned {type(fused).__name__}, not an nn.Module")
-        verdict = verify(model, fused, *inputs, per_layer=not args.no_layers)
+        verdict = verify(model, fused, inputs, per_layer=not args.no_layers)
     except (ValueError, TypeError, OSError, ModelRunError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -33,9 +33,19 @@ from torch.nn.parameter import is_lazy
 import refimpl
 
 from ..report import FoldedPair, FusionReport, SkippedNorm
-from .graph import CallSite, LayerKind, ModelIndex, SiteAnalysis, analyse_sites, trace_regions
+from .graph import (
+    CallSite,
+    FoldCandidate,
+    LayerKind,
+    ModelIndex,
+    NormPosition,
+    SiteAnalysis,
+    analyse_sites,
+    trace_regions,
+)
 from .norms import NormInfo, NormRejection, NormStats, norm_stats
 from .precision import round_once, scaled_copy, scaled_copy_buffer_size
+from .running import as_args, describe_inputs, eval_mode, listed, meta_tensors
 
 __all__ = ["fuse", "fuse_conv_bn", "FoldedNormAct"]
 
@@ -71,26 +81,23 @@ def _check_model(model: Any) -> None:
                         "before scripting it")
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse expects a torch.nn.Module, got {type(model).__qualname__}")
-    lazy, meta = [], []
+    lazy = []
     for name, module in model.named_modules():
         if isinstance(module, torch.jit.ScriptModule):
             raise TypeError(f"submodule '{name}' is a TorchScript module ({type(module).__name__}); fuse the eager "
                             "model before scripting it")
         for tensors in (module._parameters, module._buffers):
             for tname, tensor in tensors.items():
-                if tensor is None:
-                    continue
-                qualified = f"{name}.{tname}" if name else tname
-                if is_lazy(tensor):
+                if tensor is not None and is_lazy(tensor):
+                    qualified = f"{name}.{tname}" if name else tname
                     lazy.append(f"{qualified} ({type(module).__name__})")
-                elif tensor.is_meta:
-                    meta.append(f"{qualified} ({type(module).__name__}, shape {tuple(tensor.shape)})")
     if lazy:
         raise ValueError(f"lazy modules are not initialised; run one forward pass first. Uninitialised: "
-                         f"{', '.join(lazy[:10])}{' ...' if len(lazy) > 10 else ''}")
+                         f"{listed(lazy)}")
+    meta = meta_tensors(model)
     if meta:
         raise ValueError(f"the model has tensors on the meta device (no values to fold); materialise it first. "
-                         f"Meta tensors: {', '.join(meta[:10])}{' ...' if len(meta) > 10 else ''}")
+                         f"Meta tensors: {listed(meta)}")
 
 
 # -- observation with example inputs --------------------------------------------------------
@@ -107,13 +114,10 @@ def _observe(model: nn.Module, index: ModelIndex, example_inputs: Any) -> _Obser
     Training flags and running statistics are left exactly as they were: the run is in eval
     mode (no statistics update) under ``no_grad``, and every module's flag is restored.
     """
-    if isinstance(example_inputs, torch.Tensor):
-        args: tuple = (example_inputs,)
-    elif isinstance(example_inputs, (tuple, list)):
-        args = tuple(example_inputs)
-    else:
+    if not isinstance(example_inputs, (torch.Tensor, tuple, list)):
         raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got "
                         f"{type(example_inputs).__qualname__}")
+    args = as_args(example_inputs)
     calls: dict[int, int] = {}
     ranks: dict[int, set[int]] = {}
 
@@ -123,20 +127,21 @@ def _observe(model: nn.Module, index: ModelIndex, example_inputs: Any) -> _Obser
         if inputs and isinstance(inputs[0], torch.Tensor):
             ranks.setdefault(key, set()).add(inputs[0].dim())
 
-    flags = [(m, m.training) for m in index.modules]
     handles = []
     try:
         for module in index.modules:
             if index.is_leaf(module):
                 handles.append(module.register_forward_pre_hook(count))
-        model.eval()
-        with torch.no_grad():
-            model(*args)
+        with eval_mode(model), torch.no_grad():
+            try:
+                model(*args)
+            except Exception as error:  # the user's model on the user's inputs: say which and what shapes
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                raise ValueError(f"fuse: running {type(model).__qualname__} on example_inputs "
+                                 f"{describe_inputs(args)} raised {type(error).__name__}: {first_line}") from error
     finally:
         for handle in handles:
             handle.remove()
-        for module, flag in flags:
-            module.training = flag
     return _Observation(calls, ranks)
 
 
@@ -146,7 +151,7 @@ def _observe(model: nn.Module, index: ModelIndex, example_inputs: Any) -> _Obser
 class _Step:
     norm: nn.Module
     info: NormInfo
-    direction: str  # "forward": the norm runs after the layer; "backward": before it
+    position: str   # a NormPosition: the norm runs after or before the layer
     order: int      # norms between this one and the layer
     channels: tuple[int, int] | None = None  # the norm's channel slice the layer produces (concat); None: all
 
@@ -162,7 +167,15 @@ class _LayerPlan:
     changes: list[float] | None = None
 
 
+#: One norm call site's chosen fold: one candidate, or one per conv of a channel concat (kept or dropped
+#: together); all of the same position.
+_Choice = tuple[FoldCandidate, ...]
+_SiteKey = tuple[int, Any]
+
+
 class _Planner:
+    """Chooses one fold per norm call site such that every module is treated alike at all its calls."""
+
     def __init__(self, index: ModelIndex, analysis: SiteAnalysis):
         self.index = index
         self.analysis = analysis
@@ -173,86 +186,109 @@ class _Planner:
     def note(self, norm: nn.Module, code: str, detail: str) -> None:
         self.reasons.setdefault(id(norm), []).append((code, detail))
 
-    def choose(self) -> dict[tuple, tuple[str, tuple]]:
+    def choose(self) -> dict[_SiteKey, _Choice]:
         """One fold per norm call site, consistent across every module's call sites.
 
-        Each site starts with its forward candidates (conv -> BN is preferred), falls back to its
-        backward candidate, then to nothing; choices only ever move down that list, so the
-        loop ends after at most two downgrades per site. A choice is ``(direction, candidates)``:
-        one candidate, or one per conv of a channel concat, which are kept or dropped together.
+        Each site starts with the fold into the layer it runs after (conv -> BN is preferred),
+        falls back to the fold into the layer it runs before, then to nothing. The three rules
+        below only ever move a site down that list, so the loop ends after at most two
+        downgrades per site.
         """
-        a = self.analysis
-        choice: dict[tuple, tuple[str, tuple]] = {}
-        norm_sites: dict[int, list[CallSite]] = {}
-        for module_id, verdict in self.index.norms.items():
-            if isinstance(verdict, NormInfo) and module_id in a.sites:
-                norm_sites[module_id] = a.sites[module_id]
-        for sites in norm_sites.values():
-            for site in sites:
-                key = a.site_key(site)
-                cand = self._first_allowed(key, start="forward")
-                if cand is not None:
-                    choice[key] = cand
+        norm_sites = self._norm_sites()
+        choice = self._first_choices(norm_sites)
         changed = True
         while changed:
-            changed = False
-            # A norm is removed only if every one of its calls folds.
-            for sites in norm_sites.values():
-                keys = [a.site_key(s) for s in sites]
-                present = [k for k in keys if k in choice]
-                if present and len(present) != len(keys):
-                    norm = sites[0].module
-                    self.note(norm, "reused_incompatibly", f"{self.index.name(norm)} is called at {len(keys)} "
-                              f"sites but only {len(present)} of them can be folded")
-                    for k in present:
-                        del choice[k]
-                    changed = True
-            # Chains: every norm between a norm and its layer must fold into that layer the same way.
-            for key in list(choice):
-                direction, cands = choice[key]
-                cand = cands[0]
-                region = cand.norm.region
-                for node in cand.between:
-                    other = choice.get((id(region), node))
-                    if (other is None or other[0] != direction
-                            or [c.layer.node for c in other[1]] != [c.layer.node for c in cands]):
-                        norm = cand.norm.module
-                        between = self.index.name(region.module(node))
-                        self.note(norm, "no_fusable_neighbour", f"{between}, between "
-                                  f"{self.index.name(norm)} and {self.index.name(cand.layer.module)}, is not folded")
-                        self._downgrade(choice, key)
-                        changed = True
-                        break
-            # A layer folds only if each of its calls gets the same folds.
-            per_site: dict[tuple, list[tuple]] = {}
-            for direction, cands in choice.values():
-                for cand in cands:
-                    per_site.setdefault(a.site_key(cand.layer), []).append(
-                        (direction, len(cand.between), id(cand.norm.module), cand.channels or ()))
-            layers_seen: set[int] = set()
-            for layer in [c.layer.module for _, cands in list(choice.values()) for c in cands]:
-                if id(layer) in layers_seen:
-                    continue
-                layers_seen.add(id(layer))
-                signatures = {tuple(sorted(per_site.get(a.site_key(s), []))) for s in a.sites[id(layer)]}
-                if len(signatures) > 1:
-                    for k, (_, cs) in list(choice.items()):
-                        if any(c.layer.module is layer for c in cs):
-                            self.note(cs[0].norm.module, "reused_incompatibly", f"{self.index.name(layer)} is "
-                                      f"called at {len(a.sites[id(layer)])} sites that are not all followed/preceded "
-                                      "by the same norm layers")
-                            self._downgrade(choice, k)
-                    changed = True
+            changed = self._drop_partly_folded_norms(choice, norm_sites)
+            changed |= self._drop_broken_chains(choice)
+            changed |= self._drop_inconsistent_layers(choice)
         return choice
 
-    def _first_allowed(self, key: tuple, start: str) -> tuple[str, tuple] | None:
+    def _norm_sites(self) -> dict[int, list[CallSite]]:
+        """The call sites of every foldable norm that is called in the traced graphs."""
         a = self.analysis
-        order = ("forward", "backward") if start == "forward" else ("backward",)
-        for direction in order:
-            if direction == "forward":
-                cands = a.forward.get(key)
+        return {module_id: a.sites[module_id] for module_id, verdict in self.index.norms.items()
+                if isinstance(verdict, NormInfo) and module_id in a.sites}
+
+    def _first_choices(self, norm_sites: dict[int, list[CallSite]]) -> dict[_SiteKey, _Choice]:
+        choice: dict[_SiteKey, _Choice] = {}
+        for sites in norm_sites.values():
+            for site in sites:
+                key = self.analysis.site_key(site)
+                cands = self._first_allowed(key, (NormPosition.AFTER, NormPosition.BEFORE))
+                if cands is not None:
+                    choice[key] = cands
+        return choice
+
+    def _drop_partly_folded_norms(self, choice: dict[_SiteKey, _Choice], norm_sites: dict[int, list[CallSite]]
+                                  ) -> bool:
+        """A norm is removed only if every one of its calls folds: otherwise none of them does."""
+        changed = False
+        for sites in norm_sites.values():
+            keys = [self.analysis.site_key(s) for s in sites]
+            present = [k for k in keys if k in choice]
+            if present and len(present) != len(keys):
+                norm = sites[0].module
+                self.note(norm, "reused_incompatibly", f"{self.index.name(norm)} is called at {len(keys)} "
+                          f"sites but only {len(present)} of them can be folded")
+                for k in present:
+                    del choice[k]
+                changed = True
+        return changed
+
+    def _drop_broken_chains(self, choice: dict[_SiteKey, _Choice]) -> bool:
+        """Every norm between a norm and its layer (conv -> BN -> BN) must fold into that layer the same way."""
+        changed = False
+        for key in list(choice):
+            cands = choice[key]
+            cand = cands[0]
+            region = cand.norm.region
+            for node in cand.between:
+                other = choice.get((id(region), node))
+                if (other is None or other[0].position != cand.position
+                        or [c.layer.node for c in other] != [c.layer.node for c in cands]):
+                    norm = cand.norm.module
+                    between = self.index.name(region.module(node))
+                    self.note(norm, "no_fusable_neighbour", f"{between}, between "
+                              f"{self.index.name(norm)} and {self.index.name(cand.layer.module)}, is not folded")
+                    self._downgrade(choice, key)
+                    changed = True
+                    break
+        return changed
+
+    def _drop_inconsistent_layers(self, choice: dict[_SiteKey, _Choice]) -> bool:
+        """A layer folds only if each of its calls gets the same folds (the same norms, in the same places)."""
+        a = self.analysis
+        per_site: dict[_SiteKey, list[tuple]] = {}
+        for cands in choice.values():
+            for cand in cands:
+                per_site.setdefault(a.site_key(cand.layer), []).append(
+                    (cand.position, len(cand.between), id(cand.norm.module), cand.channels or ()))
+        changed = False
+        layers_seen: set[int] = set()
+        for layer in [c.layer.module for cands in list(choice.values()) for c in cands]:
+            if id(layer) in layers_seen:
+                continue
+            layers_seen.add(id(layer))
+            signatures = {tuple(sorted(per_site.get(a.site_key(s), []))) for s in a.sites[id(layer)]}
+            if len(signatures) > 1:
+                for k, cs in list(choice.items()):
+                    if any(c.layer.module is layer for c in cs):
+                        self.note(cs[0].norm.module, "reused_incompatibly", f"{self.index.name(layer)} is "
+                                  f"called at {len(a.sites[id(layer)])} sites that are not all followed/preceded "
+                                  "by the same norm layers")
+                        self._downgrade(choice, k)
+                changed = True
+        return changed
+
+    def _first_allowed(self, key: _SiteKey, positions: tuple[str, ...]) -> _Choice | None:
+        """The site's candidates for the first of ``positions`` that no veto blocks (noting each veto met)."""
+        a = self.analysis
+        for position in positions:
+            cands: _Choice | None
+            if position == NormPosition.AFTER:
+                cands = a.after.get(key)
             else:
-                cands = (a.backward[key],) if key in a.backward else None
+                cands = (a.before[key],) if key in a.before else None
             if not cands:
                 continue
             norm = cands[0].norm.module
@@ -265,20 +301,21 @@ class _Planner:
             if layer_vetoes:
                 self.note(norm, *layer_vetoes[0])
                 continue
-            return (direction, cands)
+            return cands
         return None
 
-    def _downgrade(self, choice: dict, key: tuple) -> None:
-        direction, _ = choice.pop(key)
-        if direction == "forward":
-            cand = self._first_allowed(key, start="backward")
-            if cand is not None:
-                choice[key] = cand
+    def _downgrade(self, choice: dict[_SiteKey, _Choice], key: _SiteKey) -> None:
+        """Drop the site's choice; a fold into the layer it runs after falls back to the one it runs before."""
+        cands = choice.pop(key)
+        if cands[0].position == NormPosition.AFTER:
+            fallback = self._first_allowed(key, (NormPosition.BEFORE,))
+            if fallback is not None:
+                choice[key] = fallback
 
-    def layer_plans(self, choice: dict) -> list[_LayerPlan]:
+    def layer_plans(self, choice: dict[_SiteKey, _Choice]) -> list[_LayerPlan]:
         plans: dict[int, _LayerPlan] = {}
-        seen_sites: set[tuple] = set()
-        for cand, direction in [(c, d) for d, cands in choice.values() for c in cands]:
+        seen_sites: set[_SiteKey] = set()
+        for cand in [c for cands in choice.values() for c in cands]:
             layer = cand.layer.module
             site_key = self.analysis.site_key(cand.layer)
             plan = plans.get(id(layer))
@@ -288,10 +325,10 @@ class _Planner:
             elif site_key not in seen_sites:
                 continue  # another call of the same layer: identical folds (checked), counted once
             info = self.index.norms[id(cand.norm.module)]
-            plan.steps.append(_Step(cand.norm.module, info, direction, len(cand.between), cand.channels))
+            plan.steps.append(_Step(cand.norm.module, info, cand.position, len(cand.between), cand.channels))
         for plan in plans.values():
             # Dataflow order: norms before the layer (nearest first), then norms after it (nearest first).
-            plan.steps.sort(key=lambda s: (s.direction != "backward", s.order))
+            plan.steps.sort(key=lambda s: (s.position != NormPosition.BEFORE, s.order))
         ordered = sorted(plans.values(), key=lambda p: self.index.name(p.layer))
         return ordered
 
@@ -313,7 +350,7 @@ def _fold_step(plan: _LayerPlan, step: _Step, w: torch.Tensor, b: torch.Tensor |
 
     args = (cast(stats.mean), cast(stats.var), stats.eps, cast(stats.weight), cast(stats.bias))
     try:
-        if step.direction == "forward":
+        if step.position == NormPosition.AFTER:
             if plan.kind == LayerKind.LINEAR:
                 return refimpl.fold_linear_bn(w, b, *args)
             return refimpl.fold_conv_bn(w, b, *args, transposed=plan.kind == LayerKind.CONV_TRANSPOSE,
@@ -323,7 +360,8 @@ def _fold_step(plan: _LayerPlan, step: _Step, w: torch.Tensor, b: torch.Tensor |
         return refimpl.fold_bn_conv(w, b, *args, groups=layer.groups)
     except (ValueError, TypeError) as exc:
         layer_name, norm_name = index.name(layer), index.name(step.norm)
-        order = f"{layer_name} -> {norm_name}" if step.direction == "forward" else f"{norm_name} -> {layer_name}"
+        after = step.position == NormPosition.AFTER
+        order = f"{layer_name} -> {norm_name}" if after else f"{norm_name} -> {layer_name}"
         part = "" if step.channels is None else f" channels [{step.channels[0]}, {step.channels[1]})"
         raise type(exc)(f"cannot fold {order} ({type(layer).__name__} weight {tuple(layer.weight.shape)}, "
                         f"{type(step.norm).__name__}({step.info.num_features}){part}): {exc}") from exc
@@ -384,7 +422,8 @@ def _batched_folds(plans: list[_LayerPlan]) -> dict[int, tuple[torch.Tensor, tor
     """
     groups: dict[tuple, list[tuple[_LayerPlan, Any]]] = {}
     for plan in plans:
-        if len(plan.steps) != 1 or plan.steps[0].direction != "forward" or plan.kind == LayerKind.CONV_TRANSPOSE:
+        if (len(plan.steps) != 1 or plan.steps[0].position != NormPosition.AFTER
+                or plan.kind == LayerKind.CONV_TRANSPOSE):
             continue
         step = plan.steps[0]
         stats = _step_stats(step)
@@ -446,7 +485,7 @@ def _compute(plan: _LayerPlan, index: ModelIndex,
     layer_name = index.name(layer)
     changes: list[float] = []
     finfo = torch.finfo(weight.dtype)
-    if any(step.direction == "backward" for step in plan.steps):
+    if any(step.position == NormPosition.BEFORE for step in plan.steps):
         w = weight.detach().to(dtype)
         for step in plan.steps:
             new_w, new_bias = _fold_step(plan, step, w, bias, dtype, index)
@@ -655,16 +694,10 @@ def _fuse(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FusionRepor
     index = ModelIndex(model)
     observation = _observe(model, index, example_inputs) if example_inputs is not None else None
 
-    flags = [(m, m.training) for m in index.modules]
-    try:
-        # Trace in eval mode: folding assumes eval semantics, and modules that branch on
-        # self.training (stochastic depth, ...) must show their eval-mode dataflow.
-        for module in index.modules:
-            module.training = False
+    # Trace in eval mode: folding assumes eval semantics, and modules that branch on
+    # self.training (stochastic depth, ...) must show their eval-mode dataflow.
+    with eval_mode(model):
         traced = trace_regions(model, index)
-    finally:
-        for module, flag in flags:
-            module.training = flag
     analysis = analyse_sites(index, traced.regions, observation.ranks if observation else None)
 
     planner = _Planner(index, analysis)
@@ -686,7 +719,7 @@ def _fuse(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FusionRepor
         if not overflowed:
             break
 
-    folded_norm_ids = {id(cands[0].norm.module) for _, cands in choice.values()}
+    folded_norm_ids = {id(cands[0].norm.module) for cands in choice.values()}
     folded_norms = [m for m in index.modules if id(m) in folded_norm_ids]
     _apply(plans, folded_norms, index)
 
@@ -701,7 +734,7 @@ def _veto_unshareable_layers(planner: _Planner, index: ModelIndex, analysis: Sit
     for layer_id, where in analysis.weight_reads.items():
         planner.vetoed_layers[layer_id] = ("reused_incompatibly", f"a parameter of the layer is read directly at "
                                            f"{where}; folding would change that use")
-    for cand in [c for cands in analysis.forward.values() for c in cands] + list(analysis.backward.values()):
+    for cand in [c for cands in analysis.after.values() for c in cands] + list(analysis.before.values()):
         layer = cand.layer.module
         if id(layer) not in planner.vetoed_layers and index.shares_parameters(layer):
             planner.vetoed_layers[id(layer)] = ("reused_incompatibly", f"{index.name(layer)} shares a parameter "
@@ -741,13 +774,14 @@ def _build_report(model, index, traced, analysis, planner, plans, folded_norm_id
     norm_modules = [m for m in index.modules if id(m) in index.norms]
     report.norms_found = len(norm_modules)
     report.training_mode = bool(model.training or any(m.training for m in norm_modules))
-    kinds = {(LayerKind.CONV, "forward"): "conv->bn", (LayerKind.CONV_TRANSPOSE, "forward"): "conv_transpose->bn",
-             (LayerKind.LINEAR, "forward"): "linear->bn", (LayerKind.CONV, "backward"): "bn->conv",
-             (LayerKind.LINEAR, "backward"): "bn->linear"}
+    after, before = NormPosition.AFTER, NormPosition.BEFORE
+    kinds = {(LayerKind.CONV, after): "conv->bn", (LayerKind.CONV_TRANSPOSE, after): "conv_transpose->bn",
+             (LayerKind.LINEAR, after): "linear->bn", (LayerKind.CONV, before): "bn->conv",
+             (LayerKind.LINEAR, before): "bn->linear"}
     for plan in plans:
         for step, change in zip(plan.steps, plan.changes, strict=True):
             report.folded.append(FoldedPair(norm=index.name(step.norm), layer=index.name(plan.layer),
-                                            kind=kinds[(plan.kind, step.direction)], max_rel_change=change))
+                                            kind=kinds[(plan.kind, step.position)], max_rel_change=change))
     for norm in norm_modules:
         if id(norm) in folded_norm_ids:
             continue
