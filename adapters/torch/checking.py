@@ -24,7 +24,6 @@ mode under ``torch.no_grad()`` with every module's ``training`` flag restored af
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import warnings
@@ -34,12 +33,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from refimpl import MODEL_RATIO, compare_models, unit_roundoff
 
 from .graph import CONCAT_FUNCTIONS
 from .norms import is_norm
-from .running import as_args, describe_inputs, eval_mode, listed, meta_tensors
+from .running import as_args, copy_model, describe_inputs, eval_mode, listed, meta_tensors
 
 __all__ = ["verify", "rounded_copy", "Verdict", "OutputCheck", "LayerDivergence", "ModelRunError"]
 
@@ -161,6 +161,12 @@ class Verdict:
 
 def _changes_with_folding(module: nn.Module) -> bool:
     return isinstance(module, _CONV_LINEAR) or is_norm(module)
+
+
+def _parametrization_modules(modules: dict[str, nn.Module]) -> set[str]:
+    """Names of the modules inside any ``parametrizations`` of a model (torch.nn.utils.parametrize)."""
+    roots = [name for name, module in modules.items() if isinstance(module, parametrize.ParametrizationList)]
+    return {name for name in modules for root in roots if name == root or name.startswith(root + ".")}
 
 
 def _kind(original: nn.Module | None, fused: nn.Module | None) -> str:
@@ -394,7 +400,7 @@ def rounded_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     carry by being rounded to the dtype. Its output is the ``perturbed`` baseline of
     :func:`refimpl.compare_models`.
     """
-    copied = copy.deepcopy(model)
+    copied = copy_model(model)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for tensor in list(copied.parameters()) + list(copied.buffers()):
@@ -481,6 +487,9 @@ def verify(original: nn.Module, fused: nn.Module, example_inputs: Any = None, *m
     originals = dict(original.named_modules())
     fuseds = dict(fused.named_modules())
     kinds = {name: _kind(originals[name], fuseds[name]) for name in originals.keys() & fuseds.keys()}
+    # A parametrization computes a layer's weight (weight_norm's g * v / ||v||): folding changes it too.
+    for name in _parametrization_modules(originals) | _parametrization_modules(fuseds):
+        kinds[name] = "changed"
     # The fused model's own conv/linear/norm layers are never compared (names it added included),
     # but their outputs must be tracked so that what merely hands them on is not compared either.
     kinds.update({name: "changed" for name, m in fuseds.items() if name not in kinds and _changes_with_folding(m)})
@@ -489,7 +498,7 @@ def verify(original: nn.Module, fused: nn.Module, example_inputs: Any = None, *m
 
     device = _reference_device(original)
     try:
-        reference_model = copy.deepcopy(original)
+        reference_model = copy_model(original)
     except Exception as error:
         raise TypeError(f"verify: cannot deep-copy the original model for the float64 reference: "
                         f"{type(error).__name__}: {error}") from error

@@ -16,7 +16,6 @@ The pass runs in three stages:
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import logging
 import math
@@ -40,12 +39,13 @@ from .graph import (
     ModelIndex,
     NormPosition,
     SiteAnalysis,
+    WeightNormed,
     analyse_sites,
     trace_regions,
 )
 from .norms import NormInfo, NormRejection, NormStats, norm_stats
 from .precision import round_once, scaled_copy, scaled_copy_buffer_size
-from .running import as_args, describe_inputs, eval_mode, listed, meta_tensors
+from .running import as_args, copy_model, describe_inputs, eval_mode, listed, meta_tensors
 
 __all__ = ["fuse", "fuse_conv_bn", "FoldedNormAct"]
 
@@ -161,7 +161,9 @@ class _LayerPlan:
     layer: nn.Module
     kind: str
     steps: list[_Step]
-    weight: torch.Tensor | None = None   # the new weight, or None when ``factor`` scales it in place
+    target: torch.Tensor                 # the parameter the folds rewrite: the weight, or weight_norm's g
+    normed: WeightNormed | None = None   # the layer's weight_norm, when ``target`` is its g
+    weight: torch.Tensor | None = None   # the new ``target``, or None when ``factor`` scales it in place
     factor: torch.Tensor | None = None   # W' = W * factor, applied to the weight's own storage
     bias: torch.Tensor | None = None
     changes: list[float] | None = None
@@ -320,7 +322,9 @@ class _Planner:
             site_key = self.analysis.site_key(cand.layer)
             plan = plans.get(id(layer))
             if plan is None:
-                plan = plans[id(layer)] = _LayerPlan(layer, self.index.layer(layer)[0], [])
+                normed = self.index.weight_normed(layer)
+                target = normed.magnitude if normed is not None else layer.weight
+                plan = plans[id(layer)] = _LayerPlan(layer, self.index.layer(layer)[0], [], target, normed)
                 seen_sites.add(site_key)
             elif site_key not in seen_sites:
                 continue  # another call of the same layer: identical folds (checked), counted once
@@ -384,10 +388,11 @@ def _step_stats(step: _Step) -> NormStats:
 def _unit_shape(plan: _LayerPlan) -> tuple[int, ...]:
     """Shape of the smallest kernel whose folds carry the per-slot factor of the layer's weight.
 
-    Forward folds scale a conv/linear weight per output channel (axis 0) and a transposed conv
-    weight per (input channel, output channel in group) pair (axes 0 and 1).
+    Folds of norms after the layer scale a conv/linear weight per output channel (axis 0) and a
+    transposed conv weight per (input channel, output channel in group) pair (axes 0 and 1). A
+    weight_norm's g has exactly that shape already (a transposed conv's: ``[1, out, 1, ...]``).
     """
-    weight = plan.layer.weight
+    weight = plan.target
     tail = (1,) * (weight.dim() - 1)
     if plan.kind == LayerKind.CONV_TRANSPOSE:
         return tuple(weight.shape[:2]) + tail[1:]
@@ -410,6 +415,14 @@ def _slot_max_abs(weight: torch.Tensor, unit_shape: tuple[int, ...], dtype: torc
     return torch.maximum(flat.amax(dim=1), flat.amin(dim=1).neg()).to(dtype).reshape(unit_shape)
 
 
+def _slot_max_abs_of_computed(weight: torch.Tensor, unit_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """max |W| over each slot of ``unit_shape`` for a weight of another shape (a weight_norm's computed
+    weight, whose g holds one entry per slot): the maximum over every axis where the slot is 1 wide."""
+    axes = [d for d, size in enumerate(unit_shape) if size == 1]
+    magnitude = weight.detach().abs()
+    return (magnitude.amax(dim=axes, keepdim=True) if axes else magnitude).to(dtype)
+
+
 def _batched_folds(plans: list[_LayerPlan]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """refimpl's fold for many layers in one call: ``{id(plan): (factor per output channel, bias)}``.
 
@@ -427,8 +440,8 @@ def _batched_folds(plans: list[_LayerPlan]) -> dict[int, tuple[torch.Tensor, tor
             continue
         step = plan.steps[0]
         stats = _step_stats(step)
-        device = plan.layer.weight.device
-        if stats.var.device != device or stats.var.numel() != plan.layer.weight.shape[0]:
+        device = plan.target.device
+        if stats.var.device != device or stats.var.numel() != plan.target.shape[0]:
             continue
         groups.setdefault((device, stats.eps), []).append((plan, stats))
     folded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -478,7 +491,7 @@ def _compute(plan: _LayerPlan, index: ModelIndex,
     norms *before* the layer add ``W @ t`` to the bias, so they run on the full weight.
     """
     layer = plan.layer
-    weight = layer.weight
+    weight = plan.target
     dtype = _fold_dtype(weight.device)
     bias = None if layer.bias is None else layer.bias.detach().to(dtype)
     bias_dtype = weight.dtype if layer.bias is None else layer.bias.dtype
@@ -498,7 +511,11 @@ def _compute(plan: _LayerPlan, index: ModelIndex,
     else:
         unit_shape = _unit_shape(plan)
         factor = torch.ones(unit_shape, dtype=dtype, device=weight.device)
-        slot_max = _slot_max_abs(weight, unit_shape, dtype)
+        if plan.normed is None:
+            slot_max = _slot_max_abs(weight, unit_shape, dtype)
+        else:
+            # The changes and the overflow test concern the weight the layer computes, g * v / ||v||.
+            slot_max = _slot_max_abs_of_computed(plan.normed.weight(layer), unit_shape, dtype)
         weight_max = float(slot_max.max()) if slot_max.numel() else 0.0
         for step in plan.steps:
             if folded is not None:  # computed by refimpl together with other layers' folds
@@ -511,8 +528,11 @@ def _compute(plan: _LayerPlan, index: ModelIndex,
             factor, bias = new_factor, new_bias
         # Rounding is monotone, so the slot maxima times |S| decide whether any element overflows.
         peak = float((slot_max * factor.abs()).max()) if slot_max.numel() else 0.0
+        if plan.normed is not None and weight.numel():
+            peak = max(peak, float((weight.detach().to(dtype).abs() * factor.abs()).max()))  # g' itself
         new_weight = None
         plan.factor = factor
+    assert bias is not None  # every plan has a step, and every fold returns a bias
     new_bias = round_once(bias, bias_dtype)
     weight_fits = math.isfinite(peak) and bool(round_once(torch.tensor(peak, dtype=torch.float64),
                                                           weight.dtype).isfinite())
@@ -555,7 +575,7 @@ def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelI
     for plan in plans:
         if plan.factor is None:
             continue
-        weight = plan.layer.weight.detach()
+        weight = plan.target.detach()
         if _owns_storage(weight, storage_users):
             in_place.append(plan)
         else:
@@ -566,11 +586,11 @@ def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelI
         replacement: nn.Module = FoldedNormAct(norm.drop, norm.act) if verdict.has_act else nn.Identity()
         replacement.training = norm.training
         replacements.append((norm, replacement))
-    new_biases = {id(plan): nn.Parameter(plan.bias, requires_grad=plan.layer.weight.requires_grad)
+    new_biases = {id(plan): nn.Parameter(plan.bias, requires_grad=plan.target.requires_grad)
                   for plan in plans if plan.layer.bias is None}
     buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
     for plan in in_place:
-        device = plan.layer.weight.device
+        device = plan.target.device
         if device not in buffers:
             buffers[device] = (torch.empty(scaled_copy_buffer_size(), dtype=plan.factor.dtype, device=device),
                                torch.empty(scaled_copy_buffer_size(), dtype=torch.int64, device=device))
@@ -578,7 +598,7 @@ def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelI
     with _interrupts_held():
         with torch.no_grad():
             for plan in in_place:
-                weight = plan.layer.weight.detach()
+                weight = plan.target.detach()
                 buffer, scratch = buffers[weight.device]
                 scaled_copy(weight, plan.factor, out=weight, buffer=buffer, scratch=scratch)
 
@@ -586,7 +606,7 @@ def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelI
     try:
         for plan in plans:
             layer = plan.layer
-            old_weight = layer.weight
+            old_weight = plan.target
             if plan.weight is not None:
                 # Assigning .data keeps the Parameter object (optimisers and hooks that hold it stay
                 # valid) and its requires_grad.
@@ -598,6 +618,11 @@ def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelI
             else:
                 undo.append(("bias", layer, None))
                 layer.bias = new_biases[id(plan)]
+            if plan.normed is not None and plan.normed.hook is not None:
+                # torch.nn.utils.weight_norm keeps the weight it last computed as an attribute.
+                name = plan.normed.hook.name
+                undo.append(("attribute", layer, (name, getattr(layer, name))))
+                plan.normed.refresh(layer)
         for norm, replacement in replacements:
             for parent, attr in index.registrations.get(id(norm), []):
                 undo.append(("module", parent, (attr, parent._modules[attr])))
@@ -608,6 +633,8 @@ def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelI
                 target.data = value
             elif action == "bias":
                 target._parameters["bias"] = None
+            elif action == "attribute":
+                setattr(target, *value)
             else:
                 attr, module = value
                 target._modules[attr] = module
@@ -668,7 +695,7 @@ def fuse(model: nn.Module, *, inplace: bool = False,
     """
     _check_model(model)
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model)
     with _gc_paused():
         return _fuse(model, example_inputs)
 

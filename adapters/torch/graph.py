@@ -15,10 +15,13 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _WeightNorm as _WeightNormParametrization
+from torch.nn.utils.weight_norm import WeightNorm as _WeightNormHook
 
 from .norms import NormInfo, NormKind, NormRejection, classify_norm
 
@@ -95,22 +98,118 @@ def classify_layer(module: nn.Module) -> tuple[str | None, str]:
 
     Returns ``(kind, "")`` for a foldable conv/transposed conv/linear, ``(None, reason)``
     for a layer that looks like one but cannot be folded (``reason`` is a report code), and
-    ``(None, "")`` for anything else.
+    ``(None, "")`` for anything else. A layer under ``weight_norm`` with one magnitude per output
+    channel is foldable (:func:`weight_normed`); any other computed weight is ``parametrized``.
     """
     if is_quantized(module):
         return None, "unsupported_layer"
     for base, kind in _LAYER_BASES:
         if isinstance(module, base):
-            if is_same_padded_conv(module):
-                return kind, ""
-            if type(module).forward is not base.forward and not parametrize.is_parametrized(module):
+            known_forward = is_same_padded_conv(module) or type(module).forward is base.forward
+            if not known_forward:
                 # A subclass with its own forward (weight standardisation, dynamic padding, ...)
                 # may not apply its weight linearly; folding into it is not known to be exact.
-                return None, "unsupported_layer"
+                return None, "parametrized" if parametrize.is_parametrized(module) else "unsupported_layer"
             if parametrize.is_parametrized(module) or _has_weight_hook(module):
-                return None, "parametrized"
+                normed, _ = _weight_reparametrization(module, kind)
+                return (kind, "") if normed is not None else (None, "parametrized")
             return kind, ""
     return None, ""
+
+
+@dataclass(frozen=True)
+class WeightNormed:
+    """A layer whose weight is ``g * v / ||v||`` (``weight_norm``) with one magnitude ``g`` per output channel.
+
+    A norm that runs after the layer scales each output channel of the weight by ``s``, which is
+    ``g`` scaled by ``s`` (``v / ||v||`` is unchanged): the fold rewrites ``g`` and keeps the
+    reparametrization, so training can go on. ``g`` has the shape of one weight slot per output
+    channel: ``[out, 1, ...]`` for conv and linear layers (``dim=0``), ``[1, out, 1, ...]`` for a
+    transposed conv with one group (``dim=1``).
+    """
+
+    magnitude: nn.Parameter     # g: ``parametrizations.weight.original0``, or ``weight_g`` with the hook
+    hook: Any = None            # torch.nn.utils.weight_norm's hook (it recomputes ``weight`` before a forward)
+
+    def weight(self, layer: nn.Module) -> torch.Tensor:
+        """The weight the layer computes from ``g`` and ``v`` now (for the hook: not its cached copy)."""
+        return self.hook.compute_weight(layer) if self.hook is not None else layer.weight
+
+    def refresh(self, layer: nn.Module) -> None:
+        """After ``g`` changed: recompute the hook's cached ``weight`` attribute (the parametrization needs nothing)."""
+        if self.hook is not None:
+            setattr(layer, self.hook.name, self.hook.compute_weight(layer))
+
+
+def weight_normed(module: nn.Module) -> WeightNormed | None:
+    """The ``weight_norm`` a norm after ``module`` folds into (see :class:`WeightNormed`), or None."""
+    kind, _ = classify_layer(module)
+    return _weight_reparametrization(module, kind)[0] if kind is not None else None
+
+
+def weight_refusal(module: nn.Module) -> str:
+    """Why a layer whose weight is computed (parametrize, weight_norm, spectral_norm) cannot take a fold."""
+    for base, kind in _LAYER_BASES:
+        if isinstance(module, base):
+            if not (is_same_padded_conv(module) or type(module).forward is base.forward):
+                return (f"its weight is computed (a parametrization or a weight hook) and {type(module).__qualname__} "
+                        "has a forward of its own")
+            return _weight_reparametrization(module, kind)[1]
+    return _REFUSAL_TEXT["parametrized"]
+
+
+def _weight_reparametrization(module: nn.Module, kind: str) -> tuple[WeightNormed | None, str]:
+    """``(WeightNormed, "")`` for weight_norm per output channel, else ``(None, why a fold cannot pass)``."""
+    # Attributes are read through _modules / _parameters: this runs during tracing too, where fx
+    # hands out proxies for parameters read as attributes.
+    hooks = [h for h in module._forward_pre_hooks.values() if type(h).__name__ in ("WeightNorm", "SpectralNorm")]
+    if parametrize.is_parametrized(module):
+        parametrizations = module._modules["parametrizations"]
+        others = [name for name in parametrizations._modules if name != "weight"]
+        if others or hooks or "weight" not in parametrizations._modules:
+            what = f"its {', '.join(others)} also" if others else "a weight hook also"
+            return None, f"{what} computed by a parametrization: a fold would have to rewrite it too"
+        weight_list = parametrizations._modules["weight"]
+        chain = list(weight_list._modules.values())
+        if len(chain) == 1 and type(chain[0]) is _WEIGHT_NORM_PARAMETRIZATION:
+            return _per_output_channel(module, kind, chain[0].dim, weight_list._parameters["original0"], None)
+        names = " -> ".join(type(p).__qualname__ for p in chain)
+        return None, (f"its weight is computed by the parametrization {names}, which a per-channel scale does not "
+                      "pass through")
+    if len(hooks) == 1 and type(hooks[0]) is _WEIGHT_NORM_HOOK and hooks[0].name == "weight" \
+            and isinstance(module._parameters.get("weight_g"), nn.Parameter):
+        return _per_output_channel(module, kind, hooks[0].dim, module._parameters["weight_g"], hooks[0])
+    if any(type(h).__name__ == "SpectralNorm" for h in hooks) or "weight_orig" in module._parameters:
+        return None, ("spectral_norm divides its weight by its largest singular value, which a per-channel scale "
+                      "changes")
+    return None, ("its weight is recomputed from other tensors by a hook before every forward: a folded weight "
+                  "would be overwritten")
+
+
+def _per_output_channel(module: nn.Module, kind: str, dim: int, magnitude: nn.Parameter, hook: Any
+                        ) -> tuple[WeightNormed | None, str]:
+    weight = magnitude  # g has the weight's rank
+    if kind == LayerKind.CONV_TRANSPOSE:
+        axis, out = 1, int(module.out_channels)
+        if module.groups != 1:
+            return None, (f"its weight is under weight_norm(dim={dim}) and it has groups={module.groups}: the output "
+                          "channels of all groups share one magnitude per column, so a per-output-channel scale "
+                          "does not fit it")
+    else:
+        axis = 0
+        out = int(module.out_features if kind == LayerKind.LINEAR else module.out_channels)
+    expected = tuple(out if d == axis else 1 for d in range(weight.dim()))
+    if dim != axis or tuple(magnitude.shape) != expected:
+        where = "the whole tensor" if dim == -1 else f"everything but axis {dim}"
+        return None, (f"its weight is under weight_norm(dim={None if dim == -1 else dim}), which normalises over "
+                      f"{where}, not over each output channel (axis {axis}): a per-output-channel scale does not "
+                      "commute with it")
+    return WeightNormed(magnitude, hook), ""
+
+
+# torch's own classes, compared by identity: a subclass could compute anything.
+_WEIGHT_NORM_PARAMETRIZATION = _WeightNormParametrization
+_WEIGHT_NORM_HOOK = _WeightNormHook
 
 
 # Conv2d subclasses whose forward zero-pads the input to TensorFlow's "SAME" size and then applies
@@ -127,7 +226,7 @@ def is_same_padded_conv(module: nn.Module) -> bool:
 
 def _has_weight_hook(module: nn.Module) -> bool:
     # torch.nn.utils.weight_norm / spectral_norm (the hook-based, pre-parametrize versions)
-    # recompute `weight` from other tensors before every forward: a folded weight would be overwritten.
+    # recompute `weight` from other tensors before every forward.
     for hook in module._forward_pre_hooks.values():
         if type(hook).__name__ in ("WeightNorm", "SpectralNorm"):
             return True
@@ -161,6 +260,7 @@ class ModelIndex:
                     param_users[id(param)] = param_users.get(id(param), 0) + 1
         self._param_users = param_users
         self._layer_cache: dict[int, tuple[str | None, str]] = {}
+        self._normed_cache: dict[int, WeightNormed | None] = {}
 
     def name(self, module: nn.Module) -> str:
         return self.name_of.get(id(module), f"<unregistered {type(module).__name__}>")
@@ -174,7 +274,15 @@ class ModelIndex:
 
     def refusal_detail(self, module: nn.Module) -> str:
         """Why a conv/linear-like layer that :meth:`layer` refuses cannot take a fold (for messages)."""
-        return _REFUSAL_TEXT[self.layer(module)[1]]
+        reason = self.layer(module)[1]
+        return weight_refusal(module) if reason == "parametrized" else _REFUSAL_TEXT[reason]
+
+    def weight_normed(self, module: nn.Module) -> WeightNormed | None:
+        """The layer's per-output-channel ``weight_norm`` (folds rewrite its ``g``), or None (cached)."""
+        key = id(module)
+        if key not in self._normed_cache:
+            self._normed_cache[key] = weight_normed(module)
+        return self._normed_cache[key]
 
     def is_foldable_norm(self, module: nn.Module) -> bool:
         """Whether ``module`` is a norm recognised as foldable (:func:`classify_norm` gave a NormInfo)."""
@@ -677,6 +785,10 @@ class SiteAnalysis:
         if partner is None:
             return
         layer_module, layer_name, kind = partner
+        if self.index.weight_normed(layer_module) is not None:
+            self.note(norm, "parametrized", f"{name} feeds {layer_name}, whose weight is under weight_norm: the norm "
+                      "scales its input channels, which does not commute with the per-output-channel weight norm")
+            return
         if walk.shared is not None:
             node, users = walk.shared
             self.note(norm, "output_used_elsewhere", f"the output of {_describe_in(region, node, self.index)} "

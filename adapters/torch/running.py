@@ -9,13 +9,14 @@ When a run fails, the error names the model and the inputs' shapes (:func:`descr
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["eval_mode", "as_args", "describe_inputs", "meta_tensors", "listed"]
+__all__ = ["eval_mode", "as_args", "describe_inputs", "meta_tensors", "listed", "copy_model"]
 
 
 @contextlib.contextmanager
@@ -92,3 +93,22 @@ def meta_tensors(model: nn.Module) -> list[str]:
 def listed(items: list[str], limit: int = 10) -> str:
     """The first ``limit`` items, comma-separated, with ``...`` when there are more."""
     return ", ".join(items[:limit]) + (" ..." if len(items) > limit else "")
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also for models that keep a computed tensor as a module attribute.
+
+    ``torch.nn.utils.weight_norm`` and ``spectral_norm`` (the hook-based versions) store the weight
+    they compute from their parameters as a plain attribute, a tensor with autograd history,
+    which ``copy.deepcopy`` refuses. Such attributes are copied detached (the copy's hook
+    recomputes them before its next forward); the original keeps its own.
+    """
+    computed = [(module, name, value) for module in model.modules() for name, value in vars(module).items()
+                if isinstance(value, torch.Tensor) and not value.is_leaf]
+    try:
+        for module, name, value in computed:
+            vars(module)[name] = value.detach()
+        return copy.deepcopy(model)
+    finally:
+        for module, name, value in computed:
+            vars(module)[name] = value

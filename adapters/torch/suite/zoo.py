@@ -64,8 +64,10 @@ def _norms(model: nn.Module) -> tuple[list[nn.modules.batchnorm._BatchNorm], lis
     trainable: list[nn.modules.batchnorm._BatchNorm] = []
     frozen: list[nn.Module] = []
     for module in model.modules():
-        if is_norm(module):
-            (trainable if isinstance(module, nn.modules.batchnorm._BatchNorm) else frozen).append(module)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            trainable.append(module)
+        elif is_norm(module):
+            frozen.append(module)
     return trainable, frozen
 
 
