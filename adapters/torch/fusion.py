@@ -23,7 +23,7 @@ import signal
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ from .graph import (
     trace_regions,
 )
 from .norms import NormInfo, NormRejection, NormStats, norm_stats
-from .precision import round_once, scaled_copy, scaled_copy_buffer_size
+from .precision import round_once, rounds_to_odd, scaled_copy, scaled_copy_buffer_size
 from .running import as_args, copy_model, describe_inputs, eval_mode, listed, meta_tensors
 
 __all__ = ["fuse", "fuse_conv_bn", "FoldedNormAct"]
@@ -399,6 +399,9 @@ def _unit_shape(plan: _LayerPlan) -> tuple[int, ...]:
     return (weight.shape[0],) + tail
 
 
+_SLOT_MAX_BLOCK = 1 << 18
+
+
 def _slot_max_abs(weight: torch.Tensor, unit_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """max |W| over each slot of ``unit_shape`` (the positions one factor entry scales), shaped like it."""
     rows = 1
@@ -408,8 +411,10 @@ def _slot_max_abs(weight: torch.Tensor, unit_shape: tuple[int, ...], dtype: torc
     if weight.dtype in (torch.float16, torch.bfloat16):
         # CPU reductions over fp16/bf16 are slow; their magnitudes order like their bit patterns
         # with the sign bit cleared (NaN above inf), so one integer pass and one integer max suffice.
-        magnitude = weight.view(torch.int16).reshape(rows, -1) & 0x7FFF
-        return magnitude.amax(dim=1).view(weight.dtype).to(dtype).reshape(unit_shape)
+        bits = weight.view(torch.int16).reshape(rows, -1)
+        step = max(1, _SLOT_MAX_BLOCK // max(1, bits.shape[1]))  # a block of rows at a time: no full-size copy
+        largest = torch.cat([(bits[start:start + step] & 0x7FFF).amax(dim=1) for start in range(0, rows, step)])
+        return largest.view(weight.dtype).to(dtype).reshape(unit_shape)
     flat = weight.reshape(rows, -1)
     # amax and amin separately: torch.aminmax along a dim is several times slower on CPU.
     return torch.maximum(flat.amax(dim=1), flat.amin(dim=1).neg()).to(dtype).reshape(unit_shape)
@@ -554,6 +559,25 @@ def _owns_storage(tensor: torch.Tensor, storage_users: dict[int, int]) -> bool:
             and storage.nbytes() == tensor.numel() * tensor.element_size())
 
 
+def _work_buffers(plans: list[_LayerPlan]) -> dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per device, the float64 buffer the in-place scaling runs through (and an int64 scratch where fp16/bf16
+    weights are rounded to odd), sized to a small share of the weights they scale."""
+    weight_bytes: dict[torch.device, int] = {}
+    odd: dict[torch.device, bool] = {}
+    fold_dtype: dict[torch.device, torch.dtype] = {}
+    for plan in plans:
+        device = plan.target.device
+        weight_bytes[device] = weight_bytes.get(device, 0) + plan.target.numel() * plan.target.element_size()
+        odd[device] = odd.get(device, False) or rounds_to_odd(plan.target.dtype)
+        fold_dtype[device] = cast(torch.Tensor, plan.factor).dtype
+    buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for device, total in weight_bytes.items():
+        elements = scaled_copy_buffer_size(total, odd[device])
+        scratch = torch.empty(elements, dtype=torch.int64, device=device) if odd[device] else None
+        buffers[device] = (torch.empty(elements, dtype=fold_dtype[device], device=device), scratch)
+    return buffers
+
+
 def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelIndex) -> None:
     """Swap new tensors in and replace folded norms.
 
@@ -588,19 +612,14 @@ def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelI
         replacements.append((norm, replacement))
     new_biases = {id(plan): nn.Parameter(plan.bias, requires_grad=plan.target.requires_grad)
                   for plan in plans if plan.layer.bias is None}
-    buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-    for plan in in_place:
-        device = plan.target.device
-        if device not in buffers:
-            buffers[device] = (torch.empty(scaled_copy_buffer_size(), dtype=plan.factor.dtype, device=device),
-                               torch.empty(scaled_copy_buffer_size(), dtype=torch.int64, device=device))
+    buffers = _work_buffers(in_place)
 
     with _interrupts_held():
         with torch.no_grad():
             for plan in in_place:
                 weight = plan.target.detach()
                 buffer, scratch = buffers[weight.device]
-                scaled_copy(weight, plan.factor, out=weight, buffer=buffer, scratch=scratch)
+                scaled_copy(weight, cast(torch.Tensor, plan.factor), out=weight, buffer=buffer, scratch=scratch)
 
     undo: list = []
     try:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["round_once", "scaled_copy", "scaled_copy_buffer_size"]
+__all__ = ["round_once", "rounds_to_odd", "scaled_copy", "scaled_copy_buffer_size"]
 
 #: float64 significand bits dropped by the round-to-odd step: 52 - (target significand bits + 2 - 1).
 _DROPPED_BITS = {torch.float16: 52 - 12, torch.bfloat16: 52 - 9}
@@ -61,12 +61,30 @@ def round_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bits.view(torch.float64).to(dtype)
 
 
-_CHUNK_ELEMENTS = 1 << 18
+_CHUNK_ELEMENTS = 1 << 18          # 2 MB of float64: fast, and small beside a large model
+_SMALLEST_CHUNK = 1 << 12
+_WORK_SHARE = 0.05                 # the work buffers' largest share of the bytes of the weights they scale
 
 
-def scaled_copy_buffer_size() -> int:
-    """Elements of the float64 work buffer :func:`scaled_copy` needs (one block of rows)."""
-    return _CHUNK_ELEMENTS
+def scaled_copy_buffer_size(weight_bytes: int | None = None, rounds_to_odd: bool = False) -> int:
+    """Elements per block of the work buffers :func:`scaled_copy` uses (one block of rows at a time).
+
+    Larger blocks are faster (fewer, longer passes), up to ``2**18``; given the bytes of the weights
+    to be scaled, the block shrinks (by halves, down to ``2**12``) until the buffers -- float64, plus
+    an int64 scratch for fp16/bf16 weights (``rounds_to_odd``) -- take at most 5% of them.
+    """
+    if weight_bytes is None:
+        return _CHUNK_ELEMENTS
+    limit = _WORK_SHARE * weight_bytes / (16 if rounds_to_odd else 8)
+    elements = _CHUNK_ELEMENTS
+    while elements > _SMALLEST_CHUNK and elements > limit:
+        elements //= 2
+    return elements
+
+
+def rounds_to_odd(dtype: torch.dtype) -> bool:
+    """Whether rounding a float64 value to ``dtype`` goes through :func:`round_once`'s round-to-odd step."""
+    return dtype in _DROPPED_BITS
 
 
 def scaled_copy(weight: torch.Tensor, factor: torch.Tensor, *, out: torch.Tensor | None = None,
@@ -79,8 +97,8 @@ def scaled_copy(weight: torch.Tensor, factor: torch.Tensor, *, out: torch.Tensor
     full-size float64 temporary per layer costs more in memory traffic than the arithmetic.
     ``out`` may be ``weight`` itself (each block is read before it is written); by default a new
     tensor with the weight's memory format (e.g. channels_last). ``buffer`` and ``scratch``:
-    reusable tensors of at least :func:`scaled_copy_buffer_size` elements, float64 and int64
-    (the scratch is needed for fp16/bf16 weights only).
+    reusable float64 and int64 tensors (see :func:`scaled_copy_buffer_size`); the buffer's size sets
+    the block (at least one row), the scratch is used for fp16/bf16 weights only.
     """
     if out is None:
         out = torch.empty_like(weight, memory_format=torch.preserve_format)
@@ -88,7 +106,7 @@ def scaled_copy(weight: torch.Tensor, factor: torch.Tensor, *, out: torch.Tensor
     per_row = weight[0].numel() if rows else 0
     if rows == 0 or per_row == 0:
         return out
-    step = max(1, _CHUNK_ELEMENTS // per_row)
+    step = max(1, (_CHUNK_ELEMENTS if buffer is None else buffer.numel()) // per_row)
     needed = min(rows, step) * per_row
     if buffer is None or buffer.numel() < needed:
         buffer = torch.empty(needed, dtype=factor.dtype, device=weight.device)
