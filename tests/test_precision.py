@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from adapters.torch.precision import round_once, scaled_copy  # noqa: E402
+from adapters.torch.precision import round_once, rounds_to_finite, scaled_copy  # noqa: E402
 
 
 def _bf16_oracle(x: float) -> float:
@@ -187,3 +187,21 @@ class TestScaledCopyRounding:
             got = scaled_copy(weight, factor)
             assert torch.equal(got.double(), _nearest_by_search(product, dtype)), value
         assert not torch.equal(product.to(dtype).double(), _nearest_by_search(product, dtype))
+
+
+class TestRoundsToFinite:
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_agrees_with_the_rounding_of_every_midpoint_case(self, dtype):
+        x, expected = _midpoint_cases(dtype)
+        got = [rounds_to_finite(v, dtype) for v in x.tolist()]
+        assert got == torch.isfinite(expected).tolist()
+        assert not all(got)  # the cases include the overflow threshold and beyond
+
+    def test_float32_agrees_with_numpy_around_the_threshold(self):
+        largest = float(np.finfo(np.float32).max)
+        threshold = (largest + 2.0**128) / 2
+        values = [largest, math.nextafter(threshold, 0), threshold, math.nextafter(threshold, math.inf), 1e300,
+                  -threshold, math.inf, math.nan]
+        with np.errstate(over="ignore"):
+            expected = [bool(np.isfinite(np.float32(v))) for v in values]
+        assert [rounds_to_finite(v, torch.float32) for v in values] == expected

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import math
 import signal
 import threading
 from collections.abc import Sequence
@@ -44,7 +43,7 @@ from .graph import (
     trace_regions,
 )
 from .norms import NormInfo, NormRejection, NormStats, norm_stats
-from .precision import round_once, rounds_to_odd, scaled_copy, scaled_copy_buffer_size
+from .precision import round_once, rounds_to_finite, rounds_to_odd, scaled_copy, scaled_copy_buffer_size
 from .running import as_args, copy_model, describe_inputs, eval_mode, listed, meta_tensors
 
 __all__ = ["fuse", "fuse_conv_bn", "FoldedNormAct"]
@@ -538,16 +537,14 @@ def _compute(plan: _LayerPlan, index: ModelIndex,
         new_weight = None
         plan.factor = factor
     assert bias is not None  # every plan has a step, and every fold returns a bias
-    new_bias = round_once(bias, bias_dtype)
-    weight_fits = math.isfinite(peak) and bool(round_once(torch.tensor(peak, dtype=torch.float64),
-                                                          weight.dtype).isfinite())
-    if not weight_fits or not bool(torch.isfinite(new_bias).all()):
+    bias_peak = float(bias.abs().max()) if bias.numel() else 0.0
+    if not rounds_to_finite(peak, weight.dtype) or not rounds_to_finite(bias_peak, bias_dtype):
         plan.factor = None
-        largest = max(peak, float(bias.abs().max()) if bias.numel() else 0.0)
+        largest = max(peak, bias_peak)
         return (f"folding into {layer_name} gives weight/bias magnitudes up to {largest:.3g}, beyond the largest "
                 f"finite {weight.dtype} ({finfo.max:.3g})")
     plan.weight = new_weight
-    plan.bias = new_bias
+    plan.bias = round_once(bias, bias_dtype)
     plan.changes = changes
     return None
 

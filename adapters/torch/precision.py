@@ -25,9 +25,11 @@ over a block that stays in cache; the float32-odd-rounding written with comparis
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["round_once", "rounds_to_odd", "scaled_copy", "scaled_copy_buffer_size"]
+__all__ = ["round_once", "rounds_to_finite", "rounds_to_odd", "scaled_copy", "scaled_copy_buffer_size"]
 
 #: float64 significand bits dropped by the round-to-odd step: 52 - (target significand bits + 2 - 1).
 _DROPPED_BITS = {torch.float16: 52 - 12, torch.bfloat16: 52 - 9}
@@ -59,6 +61,25 @@ def round_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     bits = x.detach().contiguous().view(torch.int64).clone()
     _round_to_odd_(bits, dropped, torch.empty_like(bits))
     return bits.view(torch.float64).to(dtype)
+
+
+def rounds_to_finite(value: float, dtype: torch.dtype) -> bool:
+    """Whether float64 ``value`` (a magnitude, or anything) rounds to a finite ``dtype`` value (no tensor made).
+
+    Rounding to nearest gives inf from the midpoint between the largest finite value and the next
+    power of two on (the tie goes to that power's even significand, which is inf).
+
+    >>> rounds_to_finite(65519.99, torch.float16), rounds_to_finite(65520.0, torch.float16)
+    (True, False)
+    """
+    if not math.isfinite(value):
+        return False
+    if not dtype.is_floating_point or dtype == torch.float64:
+        return True
+    largest = float(torch.finfo(dtype).max)
+    _, exponent = math.frexp(largest)          # largest = m * 2**exponent, 0.5 <= m < 1
+    half_step = torch.finfo(dtype).eps * 2.0 ** (exponent - 2)  # half a unit in the last place of `largest`
+    return abs(value) < largest + half_step
 
 
 _CHUNK_ELEMENTS = 1 << 18          # 2 MB of float64: fast, and small beside a large model
