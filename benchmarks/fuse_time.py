@@ -391,7 +391,7 @@ def _parse_dtypes(arg: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from adapters.torch.norms import is_norm
+    from adapters.torch.suite.cases import is_norm_module
     from adapters.torch.suite.zoo import ZOO
 
     parser = base_parser(__doc__.splitlines()[0], default_models=DEFAULT_MODELS, quick_models=QUICK_MODELS)
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, build, example, norms, unfoldable, big in builds:
         built = build()
         if norms is None:
-            norms = sum(1 for m in built.modules() if is_norm(m))
+            norms = sum(1 for m in built.modules() if is_norm_module(m))
         for dtype_name in dtypes:
             prepared = copy.deepcopy(built).to(device=device, dtype=DTYPES[dtype_name])
             if first_prepared is None:

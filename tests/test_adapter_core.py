@@ -489,6 +489,33 @@ class TestSpecialInputs:
         assert report.norms_found == 4
         assert_same_output(model, fused, torch.randn(2, 3, 4, 4))
 
+    def test_one_norm_predicate_covers_every_norm_the_fuser_recognises(self):
+        from adapters.torch.norms import classify_norm, is_norm
+        from adapters.torch.suite import cases
+
+        recognised = [nn.BatchNorm1d(2), nn.BatchNorm3d(2), nn.SyncBatchNorm(2), nn.BatchNorm2d(2, affine=False),
+                      nn.BatchNorm2d(2, track_running_stats=False), cases.FrozenBatchNorm2d(2),
+                      cases.BatchNormAct2d(2), cases.ShiftedBatchNorm2d(2)]
+        other_norms = [nn.InstanceNorm2d(2, track_running_stats=True), nn.InstanceNorm2d(2)]
+        not_norms = [nn.Conv2d(2, 2, 1), nn.GroupNorm(1, 2), nn.LayerNorm(2), nn.Identity(), nn.Linear(2, 2)]
+        assert all(classify_norm(m) is not None and is_norm(m) for m in recognised)
+        assert all(classify_norm(m) is None and is_norm(m) for m in other_norms)
+        assert not any(is_norm(m) for m in not_norms)
+        # The case suite's judge of "is a norm still there?" is this predicate.
+        assert cases.is_norm_module is is_norm
+
+    def test_eval_mode_restores_mixed_flags_after_an_error(self):
+        from adapters.torch.running import eval_mode
+
+        model = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2), nn.Dropout()).train()
+        model[1].eval()
+        flags = [m.training for m in model.modules()]
+        with pytest.raises(RuntimeError, match="inside"):
+            with eval_mode(model):
+                assert not any(m.training for m in model.modules())
+                raise RuntimeError("inside")
+        assert [m.training for m in model.modules()] == flags == [True, True, False, True]
+
     def test_timm_batchnorm_act_keeps_activation(self):
         timm_norm_act = pytest.importorskip("timm.layers.norm_act")
         norm = timm_norm_act.BatchNormAct2d(4, act_layer=nn.ReLU)
