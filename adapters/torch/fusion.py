@@ -450,30 +450,53 @@ def _batched_folds(plans: list[_LayerPlan]) -> dict[int, tuple[torch.Tensor, tor
         groups.setdefault((device, stats.eps), []).append((plan, stats))
     folded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for (device, eps), members in groups.items():
-        if len(members) < 2:
-            continue
-        dtype = _fold_dtype(device)
-
-        def cat(parts: list[torch.Tensor], dtype: torch.dtype = dtype) -> torch.Tensor:
-            # cat promotes mixed float dtypes to the widest; widening to float64 is exact.
-            return torch.cat(parts).to(dtype)
-
-        sizes = [stats.var.numel() for _, stats in members]
-        ones = [torch.ones(stats.var.numel(), dtype=stats.var.dtype, device=device) for _, stats in members]
-        zeros = [torch.zeros(stats.var.numel(), dtype=stats.var.dtype, device=device) for _, stats in members]
-        try:
-            factor, bias = refimpl.fold_conv_bn(
-                torch.ones((sum(sizes), 1), dtype=dtype, device=device),
-                cat([z if p.layer.bias is None else p.layer.bias.detach()
-                     for z, (p, _) in zip(zeros, members, strict=True)]),
-                cat([s.mean for _, s in members]), cat([s.var for _, s in members]), eps,
-                cat([o if s.weight is None else s.weight for o, (_, s) in zip(ones, members, strict=True)]),
-                cat([z if s.bias is None else s.bias for z, (_, s) in zip(zeros, members, strict=True)]))
-        except (ValueError, TypeError):
-            continue
-        for (plan, _), f, b in zip(members, factor.split(sizes), bias.split(sizes), strict=True):
-            folded[id(plan)] = (f, b)
+        for batch in _channel_batches(members):
+            if len(batch) > 1:
+                folded.update(_fold_batch(batch, device, eps))
     return folded
+
+
+_BATCH_CHANNELS = 1 << 14  # channels per batched fold: large enough to amortise calls, small enough for memory
+
+
+def _channel_batches(members: list[tuple[_LayerPlan, Any]]) -> list[list[tuple[_LayerPlan, Any]]]:
+    """``members`` in consecutive batches of at most ``_BATCH_CHANNELS`` channels (a wider layer alone)."""
+    batches: list[list[tuple[_LayerPlan, Any]]] = [[]]
+    width = 0
+    for member in members:
+        channels = member[1].var.numel()
+        if batches[-1] and width + channels > _BATCH_CHANNELS:
+            batches.append([])
+            width = 0
+        batches[-1].append(member)
+        width += channels
+    return batches
+
+
+def _fold_batch(members: list[tuple[_LayerPlan, Any]], device: torch.device, eps: float
+                ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """One ``refimpl.fold_conv_bn`` call for the unit kernels of several layers (see :func:`_batched_folds`)."""
+    dtype = _fold_dtype(device)
+    sizes = [stats.var.numel() for _, stats in members]
+    # Absent parameters as views of one ones / zeros vector; cat promotes mixed float dtypes to the widest,
+    # and widening to the fold dtype is exact.
+    ones = torch.ones(max(sizes), dtype=dtype, device=device)
+    zeros = torch.zeros(max(sizes), dtype=dtype, device=device)
+
+    def cat(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(parts).to(dtype)
+
+    try:
+        factor, bias = refimpl.fold_conv_bn(
+            torch.ones((sum(sizes), 1), dtype=dtype, device=device),
+            cat([zeros[:n] if p.layer.bias is None else p.layer.bias.detach()
+                 for n, (p, _) in zip(sizes, members, strict=True)]),
+            cat([s.mean for _, s in members]), cat([s.var for _, s in members]), eps,
+            cat([ones[:n] if s.weight is None else s.weight for n, (_, s) in zip(sizes, members, strict=True)]),
+            cat([zeros[:n] if s.bias is None else s.bias for n, (_, s) in zip(sizes, members, strict=True)]))
+    except (ValueError, TypeError):
+        return {}  # left to the per-layer path, whose error names the layer
+    return {id(plan): (f, b) for (plan, _), f, b in zip(members, factor.split(sizes), bias.split(sizes), strict=True)}
 
 
 def _relative(change: float, scale: float) -> float:
