@@ -411,8 +411,14 @@ def _slot_max_abs(weight: torch.Tensor, unit_shape: tuple[int, ...], dtype: torc
         # CPU reductions over fp16/bf16 are slow; their magnitudes order like their bit patterns
         # with the sign bit cleared (NaN above inf), so one integer pass and one integer max suffice.
         bits = weight.view(torch.int16).reshape(rows, -1)
-        step = max(1, _SLOT_MAX_BLOCK // max(1, bits.shape[1]))  # a block of rows at a time: no full-size copy
-        largest = torch.cat([(bits[start:start + step] & 0x7FFF).amax(dim=1) for start in range(0, rows, step)])
+        # A block of rows at a time through one scratch tensor: no full-size copy, no allocation per block.
+        step = max(1, _SLOT_MAX_BLOCK // max(1, bits.shape[1]))
+        scratch = torch.empty((min(step, rows), bits.shape[1]), dtype=torch.int16, device=weight.device)
+        largest = torch.empty(rows, dtype=torch.int16, device=weight.device)
+        for start in range(0, rows, step):
+            block = bits[start:start + step]
+            magnitude = torch.bitwise_and(block, 0x7FFF, out=scratch[:block.shape[0]])
+            torch.amax(magnitude, dim=1, out=largest[start:start + step])
         return largest.view(weight.dtype).to(dtype).reshape(unit_shape)
     flat = weight.reshape(rows, -1)
     # amax and amin separately: torch.aminmax along a dim is several times slower on CPU.
