@@ -1,30 +1,44 @@
-"""Fuse time: ours against mmcv's ``fuse_conv_bn``, ``torch.fx.experimental.optimization.fuse`` and AIMET.
+"""Fuse time and peak memory: ours against mmcv, torch.fx and AIMET.
+
+The peers: mmcv's ``fuse_conv_bn``, ``torch.fx.experimental.optimization.fuse`` and AIMET's
+``fold_all_batch_norms``.
 
 Each fuser folds a fresh deep copy of the same prepared model in place; the deep copy is made
 before the clock starts, so only the fusing is timed (ours runs as ``fuse(model, inplace=True)``,
 fx's as ``fuse(model, inplace=True)``, mmcv's and AIMET's fuse in place anyway; the peers are the
-functions of ``adapters/torch/suite/peers.py``). AIMET traces the model on an example input, so it
-is handed one (untimed to make, timed to use); a peer that does not import here is left out with a
-note. Median of ``--reps`` runs after one untimed warm-up run, on CPU with one thread by default.
+functions of ``adapters/torch/suite/peers.py``, and a peer that does not import here is left out
+with a note). AIMET traces the model on an example input, so every fuser is handed one (made
+untimed; fusers that do not trace ignore it). The fusers are run in turns
+(one run of each per round, ``--reps`` rounds, after one untimed warm-up run each), so that a load
+change on a shared machine hits all of them alike; the median per fuser is reported. By default
+on CPU with one thread, timed with this process's CPU time (``--clock process``), which time spent
+descheduled on a busy machine does not inflate.
 
-Two tables:
+Tables:
 
-1. Real models (zoo: random weights, randomised BatchNorm statistics): time per fuser, our time
-   relative to each peer's (targets: <= 2.5x mmcv's, <= 0.75x torch.fx's), and the norm evaluations
-   each fused model has left (so a fuser that does less work is visible as such).
+1. Real models (zoo: random weights, randomised BatchNorm statistics), one row per model and
+   parameter dtype (``--dtypes``): time per fuser, our time relative to each peer's (targets in
+   float32: <= 2.5x mmcv's, <= 0.75x torch.fx's) and to our own float32 time (target for fp16 and
+   bf16: <= 1.3x), the peak extra memory of one fuse (the high-water mark of the process's
+   resident memory above what it held before, from ``/proc/self/status`` after resetting it; on
+   CUDA ``torch.cuda.max_memory_allocated``; target for ours: <= 0.05x the model's parameters),
+   and the norm evaluations each fused model has left (so a fuser that does less work shows).
+   ``--big [ARCH]`` adds a torchvision model over 100 M parameters (default regnet_y_32gf, 145 M),
+   where the target for fp16 and bf16 is also <= mmcv's time.
 2. Growth: a plain chain of N conv -> BN pairs at two lengths (default 200 and 2,000); the ratio of
    the times is the growth factor for 10x the pairs (target for ours: <= 15x, i.e. linear).
 
 ``--profile`` adds a cProfile of our fuser on the first model (top functions by cumulative time).
 
-Command: ``python benchmarks/fuse_time.py [--json [PATH]] [--models ...] [--reps 5] [--chains 200,2000]
-[--clock wall|process]``
+Command: ``python benchmarks/fuse_time.py [--dtypes float32,float16,bfloat16] [--big [ARCH]] [--reps 5]
+[--models ...] [--chains 200,2000] [--clock process|wall] [--json [PATH]]``
 """
 
 from __future__ import annotations
 
 import copy
 import cProfile
+import ctypes
 import gc
 import io
 import logging
@@ -60,9 +74,17 @@ log = logging.getLogger("bnfold.benchmarks.fuse_time")
 DEFAULT_MODELS = ("torchvision/resnet50", "torchvision/mobilenet_v3_large", "torchvision/regnet_y_800mf")
 QUICK_MODELS = ("torchvision/resnet50",)
 FUSER_NAMES = ("ours", "mmcv", "torch.fx", "aimet")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: The model over 100 M parameters that ``--big`` adds by default (torchvision, 145 M parameters).
+BIG_DEFAULT = "regnet_y_32gf"
 
-#: Targets from the adapter issue: our time over the peer's time.
+#: Targets from the adapter issue: our float32 time over the peer's.
 TARGET_VS = {"mmcv": 2.5, "torch.fx": 0.75}
+#: Our fp16/bf16 time over our own float32 time, and (on the big model) over mmcv's time in that dtype.
+TARGET_HALF_VS_FLOAT32 = 1.3
+TARGET_HALF_VS_MMCV_BIG = 1.0
+#: Our peak extra memory over the bytes of the model's parameters.
+TARGET_MEMORY = 0.05
 #: Growth target: time for the long chain over time for the short one, when it is 10x longer.
 TARGET_GROWTH = 15.0
 
@@ -93,23 +115,109 @@ def in_place_fusers() -> list[InPlaceFuser]:
     return fusers
 
 
-def time_fuse(fuse: Callable[[nn.Module, tuple[torch.Tensor, ...]], nn.Module], prepared: nn.Module,
-              inputs: tuple[torch.Tensor, ...], *, reps: int, device: torch.device,
-              clock: Callable[[], float] = time.perf_counter) -> tuple[float, list[float], nn.Module]:
-    """Median seconds of ``fuse(deepcopy(prepared), inputs)`` over ``reps`` runs (copy untimed), the times, the
-    last result. ``clock``: wall time, or ``time.process_time`` (this process's CPU time: on one thread, steady
-    on a machine shared with other work)."""
-    result = fuse(copy.deepcopy(prepared), inputs)  # warm-up: first-call imports and caches are not the fuser's cost
-    times = []
+# --------------------------------------------------------------------------------------------------
+# Peak memory
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process's resident memory (Linux: ``clear_refs`` 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _return_freed_memory() -> None:
+    """Give freed heap memory back to the OS, so that what the fuser allocates shows in the resident size."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_extra_bytes(fuse: Callable[[nn.Module, tuple[torch.Tensor, ...]], Any], prepared: nn.Module,
+                     inputs: tuple[torch.Tensor, ...], device: torch.device) -> int | None:
+    """Bytes a fuse of a fresh copy of ``prepared`` (example ``inputs``) holds at its peak beyond what it held before.
+
+    CPU: the high-water mark of the resident set (reset just before the fuse) minus the resident
+    set before it. CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before.
+    None where the platform cannot tell.
+    """
+    model = copy.deepcopy(prepared)
+    _return_freed_memory()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fuse(model, inputs)
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    before = _status_kib("VmRSS")
+    if before is None or not _reset_peak_rss():
+        return None
+    fuse(model, inputs)
+    peak = _status_kib("VmHWM")
+    return None if peak is None else max(0, peak - before) * 1024
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+
+def time_fusers(fusers: list[InPlaceFuser], prepared: nn.Module, inputs: tuple[torch.Tensor, ...], *, reps: int,
+                device: torch.device, clock: Callable[[], float], keep_result: bool = True
+                ) -> dict[str, dict[str, Any]]:
+    """Each fuser on fresh deep copies of ``prepared`` with example ``inputs`` (copies untimed), in turns: one
+    warm-up round, ``reps`` timed rounds, then one untimed run measuring its peak extra memory.
+
+    Returns per fuser ``{"median_s", "times_s", "peak_extra_bytes", "result"}`` (``result``: the last fused model,
+    when ``keep_result``), or ``{"error": ...}`` for a fuser that is unavailable or fails on this model.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    running = []
+    for fuser in fusers:
+        if fuser.fuse is None:
+            results[fuser.name] = {"error": f"unavailable: {fuser.unavailable}"}
+            continue
+        try:
+            # warm-up: first-call imports and caches are not the fuser's cost
+            fuser.fuse(copy.deepcopy(prepared), inputs)
+        except Exception as exc:  # a peer that cannot fuse this model is a result, not a crash
+            log.warning("%s failed: %s", fuser.name, short_error(exc))
+            results[fuser.name] = {"error": short_error(exc)}
+            continue
+        results[fuser.name] = {"times_s": []}
+        running.append(fuser)
     for _ in range(reps):
-        model = copy.deepcopy(prepared)
-        gc.collect()
-        synchronize(device)
-        start = clock()
-        result = fuse(model, inputs)
-        synchronize(device)
-        times.append(clock() - start)
-    return statistics.median(times), times, result
+        for fuser in running:
+            assert fuser.fuse is not None
+            model = copy.deepcopy(prepared)
+            gc.collect()
+            synchronize(device)
+            start = clock()
+            fused = fuser.fuse(model, inputs)
+            synchronize(device)
+            results[fuser.name]["times_s"].append(clock() - start)
+            results[fuser.name]["result"] = fused if keep_result else None
+            del model, fused
+    for fuser in running:
+        assert fuser.fuse is not None
+        record = results[fuser.name]
+        record["median_s"] = statistics.median(record["times_s"])
+        record["peak_extra_bytes"] = peak_extra_bytes(fuser.fuse, prepared, inputs, device)
+    return results
 
 
 def conv_bn_chain(pairs: int, channels: int = 8, seed: int = 0) -> nn.Sequential:
@@ -131,6 +239,21 @@ def conv_bn_chain(pairs: int, channels: int = 8, seed: int = 0) -> nn.Sequential
     return model.eval()
 
 
+def big_model(arch: str, seed: int) -> nn.Module:
+    """A torchvision architecture with seeded random weights and calibrated random norm statistics (32x32 input)."""
+    import torchvision
+
+    from adapters.torch.suite.zoo import randomize_calibrated_norm_stats
+
+    factory = getattr(torchvision.models, arch, None)
+    if factory is None:
+        raise SystemExit(f"--big {arch!r}: torchvision.models has no such architecture")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = factory(weights=None)
+    return randomize_calibrated_norm_stats(model, (3, 32, 32), torch.Generator().manual_seed(seed))
+
+
 def norms_left(fused: nn.Module, inputs: torch.Tensor, original: nn.Module) -> int | None:
     """Norm evaluations in one forward pass of ``fused`` (norms torch.fx inlined count as left)."""
     from adapters.torch.suite.cases import count_norm_calls
@@ -142,71 +265,96 @@ def norms_left(fused: nn.Module, inputs: torch.Tensor, original: nn.Module) -> i
         return None
 
 
-def measure(prepared: nn.Module, inputs: torch.Tensor | None, fusers: list[InPlaceFuser], *, reps: int,
-            device: torch.device, trace_input: torch.Tensor | None = None,
-            clock: Callable[[], float] = time.perf_counter) -> dict[str, dict[str, Any]]:
-    """``trace_input``: the example input for fusers that trace the model (default: ``inputs``)."""
-    results: dict[str, dict[str, Any]] = {}
-    example = trace_input if trace_input is not None else inputs
-    for fuser in fusers:
-        if fuser.fuse is None:
-            results[fuser.name] = {"error": f"unavailable: {fuser.unavailable}"}
-            continue
-        try:
-            median, times, fused = time_fuse(fuser.fuse, prepared, () if example is None else (example,), reps=reps,
-                                             device=device, clock=clock)
-        except Exception as exc:  # a peer that cannot fuse this model is a result, not a crash
-            log.warning("%s failed: %s", fuser.name, short_error(exc))
-            results[fuser.name] = {"error": short_error(exc)}
-            continue
-        results[fuser.name] = {"median_s": median, "times_s": times,
-                               "norms_left": norms_left(fused, inputs, prepared) if inputs is not None else None}
-        del fused
-    return results
+def parameter_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables
+
+@dataclass
+class Row:
+    """One model in one dtype: what was measured, and what the table needs besides."""
+
+    model: str
+    dtype: str
+    parameters: int            # count
+    weight_bytes: int
+    norms: int | None
+    unfoldable: int | None
+    big: bool
+    fusers: dict[str, dict[str, Any]]
 
 
 def _ms(record: dict[str, Any]) -> str:
     return f"{record['median_s'] * 1e3:.1f}" if "median_s" in record else "fails"
 
 
-def _vs(ours: dict[str, Any], peer: dict[str, Any], target: float | None) -> tuple[str, float | None]:
-    if "median_s" not in ours or "median_s" not in peer:
+def _ratio_cell(numerator: dict[str, Any], denominator: dict[str, Any] | None, target: float | None
+                ) -> tuple[str, float | None]:
+    if denominator is None or "median_s" not in numerator or "median_s" not in denominator:
         return "—", None
-    ratio = ours["median_s"] / peer["median_s"]
+    ratio = numerator["median_s"] / denominator["median_s"]
     if target is None:
         return format_ratio(ratio), ratio
     return f"{format_ratio(ratio)} ({'meets' if ratio <= target else 'MISSES'} ≤ {target:g}×)", ratio
 
 
-def model_table(results: dict[str, dict[str, dict[str, Any]]], fuser_names: list[str],
-                norms: dict[str, tuple[int, int]]) -> Table:
-    """``norms``: per model, (norm layers, norm evaluations that cannot be folded)."""
-    headers = ["model", "norms", "cannot fold"] + [f"{f} ms" for f in fuser_names] + \
-              [f"ours / {peer}" for peer in fuser_names if peer != "ours"] + \
-              ["norms left (" + "/".join(fuser_names) + ")"]
-    table = Table("Fuse time per model (median; deep copy excluded)", headers)
-    for model, per_fuser in results.items():
-        total, unfoldable = norms[model]
-        row: list[Any] = [model, total, unfoldable] + [_ms(per_fuser[f]) for f in fuser_names]
-        record: dict[str, Any] = {"model": model, "norms": total, "cannot_fold": unfoldable, "fusers": per_fuser}
-        for peer in fuser_names:
-            if peer != "ours":
-                cell, ratio = _vs(per_fuser["ours"], per_fuser[peer], TARGET_VS.get(peer))
-                row.append(cell)
-                record[f"ours_over_{peer}"] = ratio
-        row.append("/".join("—" if per_fuser[f].get("norms_left") is None else str(per_fuser[f]["norms_left"])
-                            for f in fuser_names))
-        table.rows.append(row)
+def _mb(value: int | None) -> str:
+    return "—" if value is None else f"{value / 2**20:.1f}"
+
+
+def model_table(rows: list[Row], fuser_names: list[str]) -> Table:
+    peers = [f for f in fuser_names if f != "ours"]
+    headers = (["model", "dtype", "params M", "norms", "cannot fold"] + [f"{f} ms" for f in fuser_names]
+               + [f"ours / {peer}" for peer in peers] + ["ours / ours float32"]
+               + ["peak extra MB (" + "/".join(fuser_names) + ")", "ours peak / weights"]
+               + ["norms left (" + "/".join(fuser_names) + ")"])
+    table = Table("Fuse time and peak memory per model and dtype (median; deep copy excluded)", headers)
+    float32_rows = {row.model: row for row in rows if row.dtype == "float32"}
+    for row in rows:
+        ours = row.fusers["ours"]
+        half = row.dtype != "float32"
+        record: dict[str, Any] = {"model": row.model, "dtype": row.dtype, "parameters": row.parameters,
+                                  "weight_bytes": row.weight_bytes, "norms": row.norms, "cannot_fold": row.unfoldable,
+                                  "fusers": {name: {k: v for k, v in data.items() if k != "result"}
+                                             for name, data in row.fusers.items()}}
+        cells: list[Any] = [row.model, row.dtype, f"{row.parameters / 1e6:.1f}",
+                            "—" if row.norms is None else row.norms,
+                            "—" if row.unfoldable is None else row.unfoldable]
+        cells += [_ms(row.fusers[f]) for f in fuser_names]
+        for peer in peers:
+            target = TARGET_VS.get(peer) if not half else (TARGET_HALF_VS_MMCV_BIG if row.big and peer == "mmcv"
+                                                           else None)
+            cell, ratio = _ratio_cell(ours, row.fusers[peer], target)
+            cells.append(cell)
+            record[f"ours_over_{peer}"] = ratio
+        base = float32_rows.get(row.model)
+        cell, ratio = _ratio_cell(ours, base.fusers["ours"] if half and base else None, TARGET_HALF_VS_FLOAT32)
+        cells.append(cell)
+        record["ours_over_ours_float32"] = ratio
+        cells.append("/".join(_mb(row.fusers[f].get("peak_extra_bytes")) for f in fuser_names))
+        peak = ours.get("peak_extra_bytes")
+        share = None if peak is None or not row.weight_bytes else peak / row.weight_bytes
+        record["ours_peak_over_weights"] = share
+        cells.append("—" if share is None else
+                     f"{share:.3f} ({'meets' if share <= TARGET_MEMORY else 'MISSES'} ≤ {TARGET_MEMORY:g})")
+        cells.append("/".join("—" if row.fusers[f].get("norms_left") is None else str(row.fusers[f]["norms_left"])
+                              for f in fuser_names))
+        table.rows.append(cells)
         table.records.append(record)
-    for f in fuser_names:
-        errors = {m: r[f]["error"] for m, r in results.items() if "error" in r[f]}
-        for model, error in errors.items():
-            table.notes.append(f"{f} on {model}: {error}")
+    for row in rows:
+        for f in fuser_names:
+            if "error" in row.fusers[f]:
+                table.notes.append(f"{f} on {row.model} ({row.dtype}): {row.fusers[f]['error']}")
     table.notes.append("'cannot fold': norm evaluations no dataflow-correct fuser can remove, worked out by hand "
                        "(adapters/torch/suite/zoo.py); 'norms left': norm module calls in one forward pass of each "
                        "fused model, so a fuser that did less work shows. Fewer left than 'cannot fold' is a wrong "
                        "model: mmcv replaces timm's BatchNormAct2d, activation included, by nn.Identity "
                        "(benchmarks/accuracy.py measures the damage).")
+    table.notes.append("'peak extra MB': the most memory one fuse held at once beyond what the process held before "
+                       "it (deep copy excluded); 'ours peak / weights' divides ours by the bytes of the model's "
+                       "parameters.")
     return table
 
 
@@ -222,7 +370,8 @@ def growth_table(results: dict[int, dict[str, dict[str, Any]]], fuser_names: lis
         if f == "ours" and growth is not None and lengths[-1] == 10 * lengths[0]:
             cell += f" ({'meets' if growth <= TARGET_GROWTH else 'MISSES'} ≤ {TARGET_GROWTH:g}×)"
         table.rows.append(row + [cell])
-        table.records.append({"fuser": f, **{f"pairs_{n}": results[n][f] for n in lengths}, "growth": growth})
+        table.records.append({"fuser": f, **{f"pairs_{n}": {k: v for k, v in results[n][f].items() if k != "result"}
+                                             for n in lengths}, "growth": growth})
     table.notes.append("Conv2d(8, 8, 3, padding=1, bias=False) -> BatchNorm2d(8), repeated, in one nn.Sequential: "
                        "the fold arithmetic per pair is tiny, so growth measures the analysis itself.")
     return table
@@ -241,72 +390,114 @@ def profile_ours(prepared: nn.Module, top: int = 25) -> str:
     return out.getvalue()
 
 
+def _parse_dtypes(arg: str) -> list[str]:
+    names = [d.strip() for d in arg.split(",") if d.strip()]
+    unknown = [d for d in names if d not in DTYPES]
+    if unknown or not names:
+        raise SystemExit(f"--dtypes: unknown {unknown or arg!r}; known: {', '.join(DTYPES)}")
+    # float32 first: the half-precision rows are compared with it.
+    return sorted(set(names), key=list(DTYPES).index)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from adapters.torch.suite.cases import is_norm_module
     from adapters.torch.suite.zoo import ZOO
 
     parser = base_parser(__doc__.splitlines()[0], default_models=DEFAULT_MODELS, quick_models=QUICK_MODELS)
     parser.set_defaults(threads=1)
-    parser.add_argument("--reps", type=int, default=None, help="timed runs per fuser and model (default 5; --quick 3)")
+    parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 5; --quick 3)")
+    parser.add_argument("--dtypes", default="float32",
+                        help=f"comma-separated parameter dtypes, each a row per model ({', '.join(DTYPES)}; "
+                             "default: float32)")
+    parser.add_argument("--big", nargs="?", const=BIG_DEFAULT, default=None, metavar="ARCH",
+                        help=f"also a torchvision model over 100 M parameters (default {BIG_DEFAULT}); its "
+                             "calibration run takes a few seconds")
     parser.add_argument("--chains", default=None,
-                        help="comma-separated chain lengths in conv->BN pairs (default 200,2000; --quick 20,200)")
+                        help="comma-separated chain lengths in conv->BN pairs (default 200,2000; --quick 20,200; "
+                             "'none' to skip)")
+    parser.add_argument("--clock", choices=("process", "wall"), default=None,
+                        help="what is timed: this process's CPU time (default on CPU with one thread: steady on a "
+                             "machine shared with other work) or wall time (default otherwise; always on cuda)")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of ours on the first model")
-    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
-                        help="what is timed: wall time (default), or this process's CPU time (time.process_time: "
-                             "on CPU with one thread, steady on a machine shared with other work; not for cuda)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     configure_threads(args.threads)
     device = resolve_device(args.device)
     models = parse_models(args.models, args.quick, DEFAULT_MODELS, QUICK_MODELS, sorted(ZOO))
+    dtypes = _parse_dtypes(args.dtypes)
     reps = args.reps or (3 if args.quick else 5)
     if reps < 1:
         raise SystemExit(f"--reps must be >= 1, got {reps}")
-    try:
-        chains = [int(n) for n in (args.chains or ("20,200" if args.quick else "200,2000")).split(",") if n.strip()]
-    except ValueError:
-        raise SystemExit(f"--chains must be comma-separated integers, got {args.chains!r}") from None
-    if len(chains) < 2 or min(chains) < 1:
-        raise SystemExit(f"--chains needs at least two positive lengths, got {args.chains!r}")
-
-    all_fusers = in_place_fusers()
-    fusers = [f for f in all_fusers if f.fuse is not None]
-    left_out = [f"{f.name} left out: {f.unavailable}." for f in all_fusers if f.fuse is None]
-    names = [f.name for f in fusers]
-    if args.clock == "process" and device.type == "cuda":
+    chains: list[int] = []
+    if (args.chains or "").strip().lower() != "none":
+        try:
+            chains = [int(n) for n in (args.chains or ("20,200" if args.quick else "200,2000")).split(",")
+                      if n.strip()]
+        except ValueError:
+            raise SystemExit(f"--chains must be comma-separated integers or 'none', got {args.chains!r}") from None
+        if len(chains) < 2 or min(chains) < 1:
+            raise SystemExit(f"--chains needs at least two positive lengths, got {args.chains!r}")
+    clock_name = args.clock or ("process" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall")
+    if clock_name == "process" and device.type == "cuda":
         raise SystemExit("--clock process times the CPU only: use --clock wall with --device cuda")
-    clock = time.process_time if args.clock == "process" else time.perf_counter
+    clock = time.process_time if clock_name == "process" else time.perf_counter
+
+    fusers = in_place_fusers()
+    names = [f.name for f in fusers]
     started = time.perf_counter()
-    per_model: dict[str, dict[str, dict[str, Any]]] = {}
-    norms: dict[str, tuple[int, int]] = {}
+    rows: list[Row] = []
     first_prepared = None
+    builds: list[tuple[str, Callable[[], nn.Module], torch.Tensor | None, int | None, int | None, bool]] = []
     for name in models:
         entry = ZOO[name]
-        prepared = entry.build(seed=args.seed).to(device)
-        if first_prepared is None:
-            first_prepared = prepared
-        norms[name] = (entry.norm_layers, entry.unfoldable)
-        per_model[name] = measure(prepared, entry.example_input(batch=1, seed=args.seed).to(device), fusers,
-                                  reps=reps, device=device, clock=clock)
-    per_chain: dict[int, dict[str, dict[str, Any]]] = {}
-    chain_input = torch.randn(1, 8, 8, 8, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    for pairs in chains:
-        per_chain[pairs] = measure(conv_bn_chain(pairs, seed=args.seed).to(device), None, fusers, reps=reps,
-                                   device=device, trace_input=chain_input, clock=clock)
+        builds.append((name, lambda entry=entry: entry.build(seed=args.seed),
+                       entry.example_input(batch=1, seed=args.seed), entry.norm_layers, entry.unfoldable, False))
+    if args.big:
+        builds.append((f"torchvision/{args.big}", lambda: big_model(args.big, args.seed), None, None, None, True))
+    for name, build, example, norms, unfoldable, big in builds:
+        built = build()
+        if norms is None:
+            norms = sum(1 for m in built.modules() if is_norm_module(m))
+        for dtype_name in dtypes:
+            prepared = copy.deepcopy(built).to(device=device, dtype=DTYPES[dtype_name])
+            if first_prepared is None:
+                first_prepared = prepared
+            # The big model is calibrated at 32x32 (big_model); a batch of one traces it.
+            traced_with = example if example is not None else torch.randn(1, 3, 32, 32)
+            x = traced_with.to(device=device, dtype=DTYPES[dtype_name])
+            measured = time_fusers(fusers, prepared, (x,), reps=reps, device=device, clock=clock,
+                                   keep_result=example is not None)
+            if example is not None:
+                for record in measured.values():
+                    if record.get("result") is not None:
+                        record["norms_left"] = norms_left(record.pop("result"), x, prepared)
+            rows.append(Row(name, dtype_name, sum(p.numel() for p in prepared.parameters()), parameter_bytes(prepared),
+                            norms, unfoldable, big, measured))
+            if prepared is not first_prepared:
+                del prepared
+        del built
+    tables = [model_table(rows, names)]
+    if chains:
+        chain_input = torch.randn(1, 8, 8, 8, generator=torch.Generator().manual_seed(args.seed)).to(device)
+        per_chain = {pairs: time_fusers(fusers, conv_bn_chain(pairs, seed=args.seed).to(device), (chain_input,),
+                                        reps=reps, device=device, clock=clock, keep_result=False) for pairs in chains}
+        tables.append(growth_table(per_chain, names))
 
     report = Report(
         "Fuse time",
         machine_info(device),
-        {"device": str(device), "reps": reps, "chains": ",".join(map(str, chains)), "clock": args.clock,
+        {"device": str(device), "reps": reps, "dtypes": ",".join(dtypes), "big": args.big or "none",
+         "chains": ",".join(map(str, chains)) or "none", "clock": clock_name,
          "wall_s": round(time.perf_counter() - started, 1)},
-        [model_table(per_model, names, norms), growth_table(per_chain, names)],
-        [f"Median of {reps} runs after one warm-up run; each run fuses a fresh deep copy, made before the clock "
-         "starts. ours: adapters.torch.fuse(model, inplace=True); mmcv: mmcv.cnn.fuse_conv_bn; torch.fx: "
-         "torch.fx.experimental.optimization.fuse(model, inplace=True); aimet: "
-         "aimet_torch.batch_norm_fold.fold_all_batch_norms(model, input_shapes, dummy_input) on the model's example "
-         "input (batch 1), where aimet-torch imports.", *left_out])
+        tables,
+        [f"Median of {reps} rounds after one warm-up round; in each round every fuser folds a fresh deep copy, made "
+         "before its clock starts. ours: adapters.torch.fuse(model, inplace=True); mmcv: mmcv.cnn.fuse_conv_bn; "
+         "torch.fx: torch.fx.experimental.optimization.fuse(model, inplace=True); aimet: "
+         "aimet_torch.batch_norm_fold.fold_all_batch_norms(model, input_shapes, dummy_input) on the example input."])
     report.emit(args.json)
     if args.profile and first_prepared is not None:
-        print(f"\ncProfile of ours on {models[0]}:\n" + profile_ours(first_prepared), file=sys.stderr)
+        print(f"\ncProfile of ours on {models[0] if models else rows[0].model}:\n" + profile_ours(first_prepared),
+              file=sys.stderr)
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import warnings
 
 import pytest
@@ -22,6 +23,7 @@ from torch import nn  # noqa: E402
 import refimpl  # noqa: E402
 from adapters.report import REASONS  # noqa: E402
 from adapters.torch import FoldedNormAct, FusionReport, fuse, fuse_conv_bn  # noqa: E402
+from adapters.torch.running import copy_model  # noqa: E402
 from adapters.torch.suite.cases import Conv2dSame  # noqa: E402
 
 
@@ -44,7 +46,7 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
 def assert_same_output(original: nn.Module, fused: nn.Module, x: torch.Tensor, dtype=torch.float32):
     original, fused = original.eval(), fused.eval()
     with torch.no_grad():
-        reference = copy.deepcopy(original).double()(x.double())
+        reference = copy_model(original).double()(x.double())
         verdict = refimpl.compare_models(fused(x), original(x), reference, dtype)
     assert verdict.ok, verdict.describe()
 
@@ -224,6 +226,15 @@ class TestErrors:
         with pytest.raises(TypeError, match="example_inputs"):
             fuse(ConvBN(), example_inputs={"x": 1})
 
+    def test_example_inputs_of_the_wrong_shape_name_the_model_and_the_shapes(self):
+        model = randomise(ConvBN()).eval()
+        snap = snapshot(model)
+        with pytest.raises(ValueError, match=r"fuse: running ConvBN on example_inputs \(tensor \(2, 5, 8, 8\) "
+                                             r"float32 cpu\) raised RuntimeError: .*expected input\[2, 5, 8, 8\] to "
+                                             "have 3 channels"):
+            fuse(model, inplace=True, example_inputs=torch.randn(2, 5, 8, 8))
+        assert_unchanged(model, snap)
+
     def test_failure_while_mutating_is_undone(self, monkeypatch):
         import adapters.torch.fusion as fusion
 
@@ -286,31 +297,156 @@ class TestPreservation:
 
 # -- special layers and modes -----------------------------------------------------------------------
 
-class TestSpecialInputs:
-    def test_parametrized_and_weight_norm_skipped(self):
-        from torch.nn.utils import parametrize
+def _hook_weight_norm(module: nn.Module, **kwargs) -> nn.Module:
+    """torch.nn.utils.weight_norm (the hook-based version, deprecated in favour of the parametrization)."""
+    with pytest.warns(FutureWarning):
+        return torch.nn.utils.weight_norm(module, **kwargs)
 
+
+def _scale(norm: nn.BatchNorm2d | nn.BatchNorm1d) -> torch.Tensor:
+    """s = gamma / sqrt(var + eps) per channel, in float64 (the reference's own formula)."""
+    scale, _ = refimpl.bn_scale_shift(norm.running_mean.double(), norm.running_var.double(), norm.eps,
+                                      norm.weight.double(), norm.bias.double())
+    return scale
+
+
+def _nearest(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 ``exact`` rounded to nearest in ``dtype``, ties to even, by comparing it with its neighbours there."""
+    rough = exact.to(dtype)  # within one unit of the answer (it may round twice)
+    inf = torch.full_like(rough, float("inf"))
+    candidates = torch.stack([torch.nextafter(rough, -inf), rough, torch.nextafter(rough, inf)])
+    distance = (candidates.double() - exact).abs()     # exact: neighbours within a factor of two
+    even = candidates.view(torch.int16) % 2 == 0
+    # Among the nearest candidates (one, or two on a tie), the one with an even last bit.
+    rank = torch.where(distance == distance.min(0).values, torch.where(even, 0, 1), 2)
+    return candidates.gather(0, rank.argmin(0).unsqueeze(0)).squeeze(0)
+
+
+class TestWeightNorm:
+    """A norm after a layer under weight_norm (one g per output channel) folds into g; the rest is refused."""
+
+    @pytest.mark.parametrize("layer, norm, shape, dim", [
+        (lambda: nn.Conv1d(3, 4, 3), nn.BatchNorm1d, (2, 3, 9), 0),
+        (lambda: nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d, (2, 3, 7, 7), 0),
+        (lambda: nn.Conv3d(3, 4, 2), nn.BatchNorm3d, (2, 3, 4, 4, 4), 0),
+        (lambda: nn.Linear(6, 4), nn.BatchNorm1d, (5, 6), 0),
+        (lambda: nn.ConvTranspose2d(3, 4, 3, stride=2), nn.BatchNorm2d, (2, 3, 5, 5), 1),
+    ], ids=["conv1d", "conv2d", "conv3d", "linear", "conv_transpose2d"])
+    @pytest.mark.parametrize("style", ["parametrization", "hook"])
+    def test_folds_into_g_and_keeps_the_reparametrization(self, layer, norm, shape, dim, style):
+        torch.manual_seed(0)
+        model = randomise(nn.Sequential(layer(), norm(4), nn.ReLU())).eval()
+        if style == "parametrization":
+            torch.nn.utils.parametrizations.weight_norm(model[0], dim=dim)
+            g, v = model[0].parametrizations.weight.original0, model[0].parametrizations.weight.original1
+        else:
+            _hook_weight_norm(model[0], dim=dim)
+            g, v = model[0].weight_g, model[0].weight_v
+        x = torch.randn(*shape)
+        fused, report = fuse(model, example_inputs=x)      # a copy: the hook-based one deep-copies too
+        assert [(p.norm, p.layer) for p in report.folded] == [("1", "0")] and report.skipped == []
+        assert isinstance(fused[1], nn.Identity)
+        if style == "parametrization":
+            assert torch.nn.utils.parametrize.is_parametrized(fused[0], "weight")
+            new_g, new_v = fused[0].parametrizations.weight.original0, fused[0].parametrizations.weight.original1
+        else:
+            new_g, new_v = fused[0].weight_g, fused[0].weight_v
+        # g' = g * s rounded once; v untouched; the original model untouched.
+        s = _scale(model[1]).reshape(g.shape)
+        assert torch.equal(new_g, (g.detach().double() * s).float())
+        assert torch.equal(new_v, v)
+        assert torch.equal(g, model[0].parametrizations.weight.original0 if style == "parametrization"
+                           else model[0].weight_g)
+        assert_same_output(model, fused, x)
+        # Training can go on: gradients reach g and v through the kept reparametrization.
+        fused.train()
+        fused(x).sum().backward()
+        assert new_g.grad is not None and new_v.grad is not None
+
+    def test_hook_weight_is_recomputed_after_the_fold(self):
+        model = randomise(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))).eval()
+        _hook_weight_norm(model[0])
+        fuse(model, inplace=True)
+        with torch.no_grad():
+            v = model[0].weight_v
+            expected = model[0].weight_g * v / torch.linalg.vector_norm(v, dim=(1, 2, 3), keepdim=True)
+        torch.testing.assert_close(model[0].weight, expected, rtol=2 * 2.0**-23, atol=0.0)
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_low_precision_g_rounded_once(self, dtype):
+        torch.manual_seed(1)
+        model = randomise(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
+        torch.nn.utils.parametrizations.weight_norm(model[0])
+        half = copy.deepcopy(model).to(dtype)
+        fused, report = fuse(half)
+        assert len(report.folded) == 1
+        g = half[0].parametrizations.weight.original0
+        exact = g.detach().double() * _scale(half[1]).reshape(g.shape)
+        assert torch.equal(fused[0].parametrizations.weight.original0, _nearest(exact, dtype))
+        x = torch.randn(2, 3, 8, 8)
+        with torch.no_grad():
+            reference = copy.deepcopy(model).double()(x.double())
+            verdict = refimpl.compare_models(fused(x.to(dtype)), half(x.to(dtype)), reference, dtype)
+        assert verdict.ok, verdict.describe()
+
+    @pytest.mark.parametrize("build, detail", [
+        (lambda m: torch.nn.utils.parametrizations.weight_norm(m[0], dim=1), r"weight_norm\(dim=1\)"),
+        (lambda m: torch.nn.utils.parametrizations.weight_norm(m[0], dim=None), "the whole tensor"),
+        (lambda m: torch.nn.utils.parametrizations.spectral_norm(m[0]), "_SpectralNorm"),
+        (lambda m: _hook_weight_norm(m[0], dim=1), r"weight_norm\(dim=1\)"),
+    ], ids=["dim1", "dim_none", "spectral_parametrization", "hook_dim1"])
+    def test_other_reparametrizations_are_left_with_a_reason(self, build, detail):
+        model = randomise(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))).eval()
+        build(model)
+        twin = copy_model(model)
+        snap = snapshot(twin)
+        _, report = fuse(twin, inplace=True)
+        assert [(s.norm, s.reason) for s in report.skipped] == [("1", "parametrized")]
+        assert re.search(detail, report.skipped[0].detail), report.skipped[0].detail
+        assert_unchanged(twin, snap)
+
+    def test_custom_parametrization_and_grouped_transposed_conv_are_left(self):
         class Double(nn.Module):
             def forward(self, w):
                 return w * 2
 
-        def build():
-            torch.manual_seed(0)
-            model = randomise(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(),
-                                            nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))).eval()
-            parametrize.register_parametrization(model[0], "weight", Double())
-            with pytest.warns(FutureWarning):
-                torch.nn.utils.weight_norm(model[3])
-            return model
+        model = randomise(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(),
+                                        nn.ConvTranspose2d(4, 4, 3, groups=2), nn.BatchNorm2d(4))).eval()
+        torch.nn.utils.parametrize.register_parametrization(model[0], "weight", Double())
+        torch.nn.utils.parametrizations.weight_norm(model[3], dim=1)
+        _, report = fuse(model)
+        details = {s.norm: (s.reason, s.detail) for s in report.skipped}
+        assert details["1"][0] == "parametrized" and "Double" in details["1"][1]
+        assert details["4"][0] == "parametrized" and "groups=2" in details["4"][1]
 
-        # Hook-based weight_norm models cannot be deep-copied (torch limitation): fold a twin in place.
-        model, twin = build(), build()
-        fused, report = fuse(twin, inplace=True)
-        assert {s.norm: s.reason for s in report.skipped} == {"1": "parametrized", "4": "parametrized"}
-        x = torch.randn(2, 3, 4, 4)
-        with torch.no_grad():
-            assert torch.equal(fused(x), model(x))
+    def test_norm_before_a_weight_normed_layer_is_left(self):
+        model = randomise(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1))).eval()
+        torch.nn.utils.parametrizations.weight_norm(model[1])
+        _, report = fuse(model)
+        assert [(s.norm, s.reason) for s in report.skipped] == [("0", "parametrized")]
+        assert "does not commute" in report.skipped[0].detail
 
+    def test_failure_while_mutating_is_undone(self, monkeypatch):
+        import adapters.torch.fusion as fusion
+
+        model = randomise(nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4))).eval()
+        _hook_weight_norm(model[0])
+        snap = snapshot(model)
+        weight = model[0].weight
+
+        class Boom(nn.Module):
+            def __init__(self):
+                raise RuntimeError("boom")
+
+        monkeypatch.setattr(fusion.nn, "Identity", Boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            fuse(model, inplace=True)
+        monkeypatch.undo()
+        assert_unchanged(model, snap)
+        assert model[0].bias is None and model[0].weight is weight
+
+
+class TestSpecialInputs:
     def test_quantized_neighbour_unsupported(self):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # quantized tensor creation is deprecated
@@ -355,6 +491,33 @@ class TestSpecialInputs:
         assert {s.norm: s.reason for s in report.skipped} == {"5": "unknown_norm", "7": "no_running_stats"}
         assert report.norms_found == 4
         assert_same_output(model, fused, torch.randn(2, 3, 4, 4))
+
+    def test_one_norm_predicate_covers_every_norm_the_fuser_recognises(self):
+        from adapters.torch.norms import classify_norm, is_norm
+        from adapters.torch.suite import cases
+
+        recognised = [nn.BatchNorm1d(2), nn.BatchNorm3d(2), nn.SyncBatchNorm(2), nn.BatchNorm2d(2, affine=False),
+                      nn.BatchNorm2d(2, track_running_stats=False), cases.FrozenBatchNorm2d(2),
+                      cases.BatchNormAct2d(2), cases.ShiftedBatchNorm2d(2)]
+        other_norms = [nn.InstanceNorm2d(2, track_running_stats=True), nn.InstanceNorm2d(2)]
+        not_norms = [nn.Conv2d(2, 2, 1), nn.GroupNorm(1, 2), nn.LayerNorm(2), nn.Identity(), nn.Linear(2, 2)]
+        assert all(classify_norm(m) is not None and is_norm(m) for m in recognised)
+        assert all(classify_norm(m) is None and is_norm(m) for m in other_norms)
+        assert not any(is_norm(m) for m in not_norms)
+        # The case suite's judge of "is a norm still there?" is this predicate.
+        assert cases.is_norm_module is is_norm
+
+    def test_eval_mode_restores_mixed_flags_after_an_error(self):
+        from adapters.torch.running import eval_mode
+
+        model = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2), nn.Dropout()).train()
+        model[1].eval()
+        flags = [m.training for m in model.modules()]
+        with pytest.raises(RuntimeError, match="inside"):
+            with eval_mode(model):
+                assert not any(m.training for m in model.modules())
+                raise RuntimeError("inside")
+        assert [m.training for m in model.modules()] == flags == [True, True, False, True]
 
     def test_timm_batchnorm_act_keeps_activation(self):
         timm_norm_act = pytest.importorskip("timm.layers.norm_act")

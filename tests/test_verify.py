@@ -252,15 +252,48 @@ class TestVerify:
     def test_bad_arguments(self, chain):
         with pytest.raises(TypeError, match="fused must be an nn.Module"):
             verify(chain, lambda x: x, _input(1, 3, 8, 8))
-        with pytest.raises(ValueError, match="at least one example input"):
+        with pytest.raises(ValueError, match="pass example_inputs"):
             verify(chain, chain)
 
     def test_fused_model_crash_is_attributed(self, chain):
         fused = _fuse_chain(chain)
         fused.fc = nn.Linear(7, 5)  # wrong width: the fused model cannot run
-        with pytest.raises(ModelRunError, match="running the fused model raised RuntimeError") as info:
+        with pytest.raises(ModelRunError, match=r"running the fused model \(Chain\) on \(tensor \(1, 3, 8, 8\) "
+                                                r"float32 cpu\) raised RuntimeError") as info:
             verify(chain, fused, _input(1, 3, 8, 8))
         assert info.value.which == "fused"
+
+    def test_inputs_of_the_wrong_shape_name_the_model_and_the_shapes(self, chain):
+        with pytest.raises(ModelRunError, match=r"running the float64 reference copy of the original model \(Chain\) "
+                                                r"on \(tensor \(1, 5, 8, 8\) float64 cpu\) raised RuntimeError"):
+            verify(chain, _fuse_chain(chain), _input(1, 5, 8, 8))
+
+    def test_meta_tensors_give_one_clear_error(self, chain):
+        on_meta = copy.deepcopy(chain).to("meta")
+        with pytest.raises(ValueError, match=r"the fused model \(Chain\) has tensors on the meta device.*"
+                                             r"shape \(\d+, 3, 3, 3\)"):
+            verify(chain, on_meta, _input(1, 3, 8, 8))
+        with pytest.raises(ValueError, match=r"the original model \(Chain\) has tensors on the meta device"):
+            verify(on_meta, chain, _input(1, 3, 8, 8))
+        with pytest.raises(ValueError, match=r"inputs \(tensor \(1, 3, 8, 8\) float32 meta\) include tensors on "
+                                             "the meta device"):
+            verify(chain, chain, _input(1, 3, 8, 8).to("meta"))
+
+    def test_several_inputs_as_one_tuple_and_the_old_form_deprecated(self):
+        class Two(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 4, 1)
+
+            def forward(self, a, b):
+                return self.conv(a) + self.conv(b)
+
+        model = Two().eval()
+        a, b = _input(1, 3, 4, 4), _input(1, 3, 4, 4)
+        assert verify(model, model, (a, b)).ok
+        assert verify(model, model, example_inputs=[a, b]).ok
+        with pytest.warns(DeprecationWarning, match="pass several inputs as one tuple"):
+            assert verify(model, model, a, b).ok
 
 
 

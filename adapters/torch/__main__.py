@@ -449,7 +449,7 @@ def verify_job(argv: Sequence[str], prog: str = f"{PROG} verify") -> int:
                                         device=device, checkpoint=args.checkpoint, random_stats=args.random_stats,
                                         seed=args.seed)
         fused = load_whole_model(args.fused, device) if args.fused else _fused_by(args.fuser, model)
-        verdict = verify(model, fused, *inputs, per_layer=not args.no_layers)
+        verdict = verify(model, fused, inputs, per_layer=not args.no_layers)
     except (ValueError, TypeError, OSError, ModelRunError) as error:
         return _error(str(error))
     if args.json:

@@ -24,17 +24,22 @@ mode under ``torch.no_grad()`` with every module's ``training`` flag restored af
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from refimpl import MODEL_RATIO, compare_models, unit_roundoff
+
+from .graph import CONCAT_FUNCTIONS
+from .norms import is_norm
+from .running import as_args, copy_model, describe_inputs, eval_mode, listed, meta_tensors
 
 __all__ = ["verify", "rounded_copy", "Verdict", "OutputCheck", "LayerDivergence", "ModelRunError"]
 
@@ -43,15 +48,21 @@ logger = logging.getLogger(__name__)
 _CONV_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
 #: Leaves that return their input unchanged in eval mode; a folded layer's output passes through them.
 _TRANSPARENT = (nn.Identity, nn.modules.dropout._DropoutNd)
-_CONCATS = (torch.cat, torch.concat)
 
 
 class ModelRunError(RuntimeError):
-    """Running one of the models raised. ``which`` is ``"original"``, ``"reference"`` or ``"fused"``."""
+    """Running one of the models raised. ``which`` is ``"original"``, ``"reference"`` or ``"fused"``.
 
-    def __init__(self, which: str, error: BaseException):
+    The message names the model's class and the inputs' shapes; the error it wraps is ``__cause__``.
+    """
+
+    def __init__(self, which: str, error: BaseException, model: nn.Module | None = None, inputs: tuple = ()):
         self.which = which
-        super().__init__(f"running the {which} model raised {type(error).__name__}: {error}")
+        named = f" ({type(model).__qualname__})" if model is not None else ""
+        subject = "the float64 reference copy of the original model" + named if which == "reference" else \
+            f"the {which} model{named}"
+        given = f" on {describe_inputs(inputs)}" if inputs else ""
+        super().__init__(f"running {subject}{given} raised {type(error).__name__}: {error}")
 
 
 @dataclass(frozen=True)
@@ -148,16 +159,14 @@ class Verdict:
 # Module kinds and output flattening
 
 
-def _is_norm(module: nn.Module) -> bool:
-    # FrozenBatchNorm2d and other look-alikes are not _NormBase subclasses; their buffers give them away.
-    if isinstance(module, nn.modules.batchnorm._NormBase):
-        return True
-    buffers = dict(module.named_buffers(recurse=False))
-    return "running_mean" in buffers and "running_var" in buffers
-
-
 def _changes_with_folding(module: nn.Module) -> bool:
-    return isinstance(module, _CONV_LINEAR) or _is_norm(module)
+    return isinstance(module, _CONV_LINEAR) or is_norm(module)
+
+
+def _parametrization_modules(modules: dict[str, nn.Module]) -> set[str]:
+    """Names of the modules inside any ``parametrizations`` of a model (torch.nn.utils.parametrize)."""
+    roots = [name for name, module in modules.items() if isinstance(module, parametrize.ParametrizationList)]
+    return {name for name in modules for root in roots if name == root or name.startswith(root + ".")}
 
 
 def _kind(original: nn.Module | None, fused: nn.Module | None) -> str:
@@ -217,77 +226,84 @@ class _Run:
     outputs: dict[tuple[str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
+class _FoldedValues:
+    """Tensors whose values are a folded layer's output (or a concat of one), handed on unchanged.
+
+    A tensor that is a conv/linear/norm output, handed on unchanged, is identified by its object
+    and its version counter: an in-place op (ReLU(inplace=True), ``out += identity``) bumps the
+    version, after which the values are no longer just the folded layer's.
+    """
+
+    def __init__(self) -> None:
+        self._marked: set[tuple[int, int]] = set()
+        self._keep_alive: list[torch.Tensor] = []  # so that ids in ``_marked`` are not reused during the run
+
+    def __bool__(self) -> bool:
+        return bool(self._marked)
+
+    def mark(self, tensor: torch.Tensor) -> None:
+        self._marked.add((id(tensor), tensor._version))
+        self._keep_alive.append(tensor)
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        return (id(tensor), tensor._version) in self._marked
+
+
+class _ConcatMarks(torch.overrides.TorchFunctionMode):
+    """Marks ``torch.cat`` of any folded layer's output: those channels change with folding too."""
+
+    def __init__(self, folded: _FoldedValues):
+        super().__init__()
+        self.folded = folded
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in CONCAT_FUNCTIONS and self.folded:
+            parts = args[0] if args else kwargs.get("tensors", ())
+            if isinstance(out, torch.Tensor) and any(isinstance(t, torch.Tensor) and self.folded.holds(t)
+                                                     for t in parts):
+                self.folded.mark(out)
+        return out
+
+
+def _recording_hook(run: _Run, folded: _FoldedValues, name: str, kind: str, per_layer: bool):
+    """A forward hook for module ``name`` of the given kind (see :func:`_kind`): records the call and,
+    with ``per_layer``, the outputs that should not change with folding."""
+    def hook(module, args, output):
+        call = run.calls.get(name, 0)
+        run.calls[name] = call + 1
+        tensors = list(_flatten(output))
+        run.order.append((name, call))
+        if kind == "changed":
+            for _, t in tensors:
+                folded.mark(t)
+            return
+        if kind == "transparent" and any(folded.holds(t) for _, t in _flatten(args)):
+            for _, t in tensors:
+                folded.mark(t)
+        if not per_layer:
+            return
+        run.outputs[(name, call)] = {path: t.detach().clone() for path, t in tensors
+                                     if t.is_floating_point() and (kind == "leaf" or not folded.holds(t))}
+    return hook
+
+
 def _run(model: nn.Module, inputs: tuple, kinds: dict[str, str], per_layer: bool, which: str) -> _Run:
     """Run ``model`` once in eval mode under no_grad, recording comparable module outputs."""
     run = _Run()
-    # A tensor that is a conv/linear/norm output, handed on unchanged, is identified by its object
-    # and its version counter: an in-place op (ReLU(inplace=True), ``out += identity``) bumps the
-    # version, after which the values are no longer just the folded layer's.
-    derived: set[tuple[int, int]] = set()
-    keep_alive: list[torch.Tensor] = []  # so that ids in ``derived`` are not reused during the run
-
-    def mark(tensor: torch.Tensor) -> None:
-        derived.add((id(tensor), tensor._version))
-        keep_alive.append(tensor)
-
-    def is_derived(tensor: torch.Tensor) -> bool:
-        return (id(tensor), tensor._version) in derived
-
-    class ConcatMarks(torch.overrides.TorchFunctionMode):
-        """Marks ``torch.cat`` of any such layer output: those channels change with folding too."""
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            if func in _CONCATS and derived:
-                parts = args[0] if args else kwargs.get("tensors", ())
-                if isinstance(out, torch.Tensor) and any(isinstance(t, torch.Tensor) and is_derived(t)
-                                                         for t in parts):
-                    mark(out)
-            return out
-
-    def make_hook(name: str, kind: str):
-        def hook(module, args, output):
-            call = run.calls.get(name, 0)
-            run.calls[name] = call + 1
-            tensors = list(_flatten(output))
-            run.order.append((name, call))
-            if kind == "changed":
-                for _, t in tensors:
-                    mark(t)
-                return
-            if kind == "transparent" and any(is_derived(t) for _, t in _flatten(args)):
-                for _, t in tensors:
-                    mark(t)
-            if not per_layer:
-                return
-            kept = {}
-            for path, t in tensors:
-                if not t.is_floating_point():
-                    continue
-                if kind != "leaf" and is_derived(t):
-                    continue
-                kept[path] = t.detach().clone()
-            run.outputs[(name, call)] = kept
-        return hook
-
-    handles = []
-    states = [(m, m.training) for m in model.modules()]
+    folded = _FoldedValues()
+    handles = [module.register_forward_hook(_recording_hook(run, folded, name, kinds[name], per_layer))
+               for name, module in model.named_modules() if name in kinds]
     try:
-        for name, module in model.named_modules():
-            if name in kinds:
-                handles.append(module.register_forward_hook(make_hook(name, kinds[name])))
-        model.eval()
-        with torch.no_grad(), (ConcatMarks() if per_layer else contextlib.nullcontext()):
+        with eval_mode(model), torch.no_grad(), (_ConcatMarks(folded) if per_layer else contextlib.nullcontext()):
             try:
                 run.output = model(*inputs)
             except Exception as error:  # any failure of a user's model is reported, naming the model
-                raise ModelRunError(which, error) from error
+                raise ModelRunError(which, error, model, inputs) from error
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in states:
-            module.training = training
     return run
 
 
@@ -384,7 +400,7 @@ def rounded_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     carry by being rounded to the dtype. Its output is the ``perturbed`` baseline of
     :func:`refimpl.compare_models`.
     """
-    copied = copy.deepcopy(model)
+    copied = copy_model(model)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for tensor in list(copied.parameters()) + list(copied.buffers()):
@@ -395,8 +411,21 @@ def rounded_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     return copied
 
 
-def verify(original: nn.Module, fused: nn.Module, *example_inputs: Any, per_layer: bool = True,
-           rounding_trials: int = 3) -> Verdict:
+def _refuse_meta(original: nn.Module, fused: nn.Module, inputs: tuple) -> None:
+    """One clear error for meta tensors (a shape, no values): in either model, or among the inputs."""
+    for which, model in (("original", original), ("fused", fused)):
+        meta = meta_tensors(model)
+        if meta:
+            raise ValueError(f"verify: the {which} model ({type(model).__qualname__}) has tensors on the meta device, "
+                             f"which hold no values to run; materialise it first (e.g. load a state_dict with "
+                             f"assign=True). Meta tensors: {listed(meta)}")
+    if any(t.is_meta for _, t in _flatten(inputs)):
+        raise ValueError(f"verify: the inputs {describe_inputs(inputs)} include tensors on the meta device, which "
+                         "hold no values to run the models on")
+
+
+def verify(original: nn.Module, fused: nn.Module, example_inputs: Any = None, *more_inputs: Any,
+           per_layer: bool = True, rounding_trials: int = 3) -> Verdict:
     """Check a fused model against the float64 reference run of the original model.
 
     Parameters
@@ -406,8 +435,11 @@ def verify(original: nn.Module, fused: nn.Module, *example_inputs: Any, per_laye
         baseline the fused model is held to).
     fused : nn.Module
         The fused model, from this project or any other tool (an ``fx.GraphModule`` is fine).
-    *example_inputs
-        Positional inputs of both models (tensors, or tuples/lists/dicts of tensors).
+    example_inputs : tensor or tuple of tensors
+        What both models are called with, as for :func:`adapters.torch.fuse`: a tensor is the one
+        argument, a tuple or list holds several positional arguments (each a tensor, or a
+        tuple/list/dict of tensors); a model taking a single tuple gets ``((a, b),)``. Passing
+        several inputs as further positional arguments still works but is deprecated.
     per_layer : bool
         Also compare corresponding intermediate modules and name the first that diverges. Costs
         memory for every compared module's output; turn off for very large inputs.
@@ -423,9 +455,18 @@ def verify(original: nn.Module, fused: nn.Module, *example_inputs: Any, per_laye
         ``ok``, the per-output errors (``ratio`` = fused error / unfused error, ``max_abs_error``),
         the first diverging layer if any; ``str()`` prints it, ``to_dict()`` gives plain data.
 
+    Raises
+    ------
+    TypeError
+        A model is not an ``nn.Module`` (or is TorchScript); the original cannot be copied.
+    ValueError
+        No inputs; a model or an input on the meta device (named, with shapes).
+    ModelRunError
+        Running a model raised; the message names the model and the inputs' shapes.
+
     Notes
     -----
-    The reference is ``copy.deepcopy(original).double()`` run on the inputs converted to float64,
+    The reference is a copy of the original in float64 run on the inputs converted to float64,
     on the original's device (the CPU for MPS). Both models are run in eval mode; the error model
     is :func:`refimpl.compare_models` applied to each floating-point output tensor.
     """
@@ -434,12 +475,21 @@ def verify(original: nn.Module, fused: nn.Module, *example_inputs: Any, per_laye
             raise TypeError(f"verify: {name} must be an nn.Module, got {type(model).__name__}")
         if isinstance(model, torch.jit.ScriptModule):
             raise TypeError(f"verify: the {name} model is a TorchScript module; pass the eager nn.Module")
-    if not example_inputs:
-        raise ValueError("verify: pass at least one example input (the models are run on it)")
+    if more_inputs:
+        warnings.warn("verify(original, fused, x, y, ...) is deprecated: pass several inputs as one tuple, "
+                      "verify(original, fused, (x, y))", DeprecationWarning, stacklevel=2)
+        example_inputs = (example_inputs, *more_inputs)
+    if example_inputs is None:
+        raise ValueError("verify: pass example_inputs (a tensor or a tuple of tensors; the models are run on it)")
+    inputs = as_args(example_inputs)
+    _refuse_meta(original, fused, inputs)
 
     originals = dict(original.named_modules())
     fuseds = dict(fused.named_modules())
     kinds = {name: _kind(originals[name], fuseds[name]) for name in originals.keys() & fuseds.keys()}
+    # A parametrization computes a layer's weight (weight_norm's g * v / ||v||): folding changes it too.
+    for name in _parametrization_modules(originals) | _parametrization_modules(fuseds):
+        kinds[name] = "changed"
     # The fused model's own conv/linear/norm layers are never compared (names it added included),
     # but their outputs must be tracked so that what merely hands them on is not compared either.
     kinds.update({name: "changed" for name, m in fuseds.items() if name not in kinds and _changes_with_folding(m)})
@@ -448,19 +498,19 @@ def verify(original: nn.Module, fused: nn.Module, *example_inputs: Any, per_laye
 
     device = _reference_device(original)
     try:
-        reference_model = copy.deepcopy(original)
+        reference_model = copy_model(original)
     except Exception as error:
         raise TypeError(f"verify: cannot deep-copy the original model for the float64 reference: "
                         f"{type(error).__name__}: {error}") from error
     reference_model.to(device=device, dtype=torch.float64)
-    reference_inputs = _map_tensors(example_inputs, lambda t: t.to(device=device, dtype=torch.float64)
+    reference_inputs = _map_tensors(inputs, lambda t: t.to(device=device, dtype=torch.float64)
                                     if t.is_floating_point() else t.to(device))
 
     reference = _run(reference_model, reference_inputs, kinds_original, per_layer, "reference")
     del reference_model
-    unfused = _run(original, example_inputs, kinds_original, per_layer, "original")
-    fused_run = _run(fused, example_inputs, kinds, per_layer, "fused")
-    perturbed = [_run(rounded_copy(original, seed), example_inputs, kinds_original, per_layer, "original")
+    unfused = _run(original, inputs, kinds_original, per_layer, "original")
+    fused_run = _run(fused, inputs, kinds, per_layer, "fused")
+    perturbed = [_run(rounded_copy(original, seed), inputs, kinds_original, per_layer, "original")
                  for seed in range(rounding_trials)]
 
     outputs, notes = _check_outputs(fused_run.output, unfused.output, reference.output, [p.output for p in perturbed])

@@ -16,10 +16,8 @@ The pass runs in three stages:
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import logging
-import math
 import signal
 import threading
 from collections.abc import Sequence
@@ -34,17 +32,19 @@ import refimpl
 
 from ..report import FoldedPair, FusionReport, SkippedNorm
 from .graph import (
-    BackwardCandidate,
     CallSite,
-    ForwardCandidate,
+    FoldCandidate,
     LayerKind,
     ModelIndex,
+    NormPosition,
     SiteAnalysis,
+    WeightNormed,
     analyse_sites,
     trace_regions,
 )
 from .norms import NormInfo, NormRejection, NormStats, norm_stats
-from .precision import round_once, scaled_copy, scaled_copy_buffer_size
+from .precision import round_once, rounds_to_finite, rounds_to_odd, scaled_copy, scaled_copy_buffer_size
+from .running import as_args, copy_model, describe_inputs, eval_mode, listed, meta_tensors
 
 __all__ = ["fuse", "fuse_conv_bn", "FoldedNormAct"]
 
@@ -80,26 +80,23 @@ def _check_model(model: Any) -> None:
                         "before scripting it")
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse expects a torch.nn.Module, got {type(model).__qualname__}")
-    lazy, meta = [], []
+    lazy = []
     for name, module in model.named_modules():
         if isinstance(module, torch.jit.ScriptModule):
             raise TypeError(f"submodule '{name}' is a TorchScript module ({type(module).__name__}); fuse the eager "
                             "model before scripting it")
-        for _kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers)):
+        for tensors in (module._parameters, module._buffers):
             for tname, tensor in tensors.items():
-                if tensor is None:
-                    continue
-                qualified = f"{name}.{tname}" if name else tname
-                if is_lazy(tensor):
+                if tensor is not None and is_lazy(tensor):
+                    qualified = f"{name}.{tname}" if name else tname
                     lazy.append(f"{qualified} ({type(module).__name__})")
-                elif tensor.is_meta:
-                    meta.append(f"{qualified} ({type(module).__name__}, shape {tuple(tensor.shape)})")
     if lazy:
         raise ValueError(f"lazy modules are not initialised; run one forward pass first. Uninitialised: "
-                         f"{', '.join(lazy[:10])}{' ...' if len(lazy) > 10 else ''}")
+                         f"{listed(lazy)}")
+    meta = meta_tensors(model)
     if meta:
         raise ValueError(f"the model has tensors on the meta device (no values to fold); materialise it first. "
-                         f"Meta tensors: {', '.join(meta[:10])}{' ...' if len(meta) > 10 else ''}")
+                         f"Meta tensors: {listed(meta)}")
 
 
 #: The same input checks for other passes over a model (branch merging).
@@ -120,13 +117,10 @@ def _observe(model: nn.Module, index: ModelIndex, example_inputs: Any) -> _Obser
     Training flags and running statistics are left exactly as they were: the run is in eval
     mode (no statistics update) under ``no_grad``, and every module's flag is restored.
     """
-    if isinstance(example_inputs, torch.Tensor):
-        args: tuple = (example_inputs,)
-    elif isinstance(example_inputs, (tuple, list)):
-        args = tuple(example_inputs)
-    else:
+    if not isinstance(example_inputs, (torch.Tensor, tuple, list)):
         raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got "
                         f"{type(example_inputs).__qualname__}")
+    args = as_args(example_inputs)
     calls: dict[int, int] = {}
     ranks: dict[int, set[int]] = {}
 
@@ -136,20 +130,21 @@ def _observe(model: nn.Module, index: ModelIndex, example_inputs: Any) -> _Obser
         if inputs and isinstance(inputs[0], torch.Tensor):
             ranks.setdefault(key, set()).add(inputs[0].dim())
 
-    flags = [(m, m.training) for m in index.modules]
     handles = []
     try:
         for module in index.modules:
             if index.is_leaf(module):
                 handles.append(module.register_forward_pre_hook(count))
-        model.eval()
-        with torch.no_grad():
-            model(*args)
+        with eval_mode(model), torch.no_grad():
+            try:
+                model(*args)
+            except Exception as error:  # the user's model on the user's inputs: say which and what shapes
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                raise ValueError(f"fuse: running {type(model).__qualname__} on example_inputs "
+                                 f"{describe_inputs(args)} raised {type(error).__name__}: {first_line}") from error
     finally:
         for handle in handles:
             handle.remove()
-        for module, flag in flags:
-            module.training = flag
     return _Observation(calls, ranks)
 
 
@@ -163,7 +158,7 @@ observe = _observe
 class _Step:
     norm: nn.Module
     info: NormInfo
-    direction: str  # "forward": the norm runs after the layer; "backward": before it
+    position: str   # a NormPosition: the norm runs after or before the layer
     order: int      # norms between this one and the layer
     channels: tuple[int, int] | None = None  # the norm's channel slice the layer produces (concat); None: all
 
@@ -173,13 +168,23 @@ class _LayerPlan:
     layer: Any  # the nn.Module conv, transposed conv or linear layer: its weight, bias, groups are read
     kind: str
     steps: list[_Step]
-    weight: torch.Tensor | None = None   # the new weight, or None when ``factor`` scales it in place
+    target: torch.Tensor                 # the parameter the folds rewrite: the weight, or weight_norm's g
+    normed: WeightNormed | None = None   # the layer's weight_norm, when ``target`` is its g
+    weight: torch.Tensor | None = None   # the new ``target``, or None when ``factor`` scales it in place
     factor: torch.Tensor | None = None   # W' = W * factor, applied to the weight's own storage
     bias: torch.Tensor | None = None
     changes: list[float] | None = None
 
 
+#: One norm call site's chosen fold: one candidate, or one per conv of a channel concat (kept or dropped
+#: together); all of the same position.
+_Choice = tuple[FoldCandidate, ...]
+_SiteKey = tuple[int, Any]
+
+
 class _Planner:
+    """Chooses one fold per norm call site such that every module is treated alike at all its calls."""
+
     def __init__(self, index: ModelIndex, analysis: SiteAnalysis):
         self.index = index
         self.analysis = analysis
@@ -190,87 +195,109 @@ class _Planner:
     def note(self, norm: nn.Module, code: str, detail: str) -> None:
         self.reasons.setdefault(id(norm), []).append((code, detail))
 
-    def choose(self) -> dict[tuple, tuple[str, tuple]]:
+    def choose(self) -> dict[_SiteKey, _Choice]:
         """One fold per norm call site, consistent across every module's call sites.
 
-        Each site starts with its forward candidates (conv -> BN is preferred), falls back to its
-        backward candidate, then to nothing; choices only ever move down that list, so the
-        loop ends after at most two downgrades per site. A choice is ``(direction, candidates)``:
-        one candidate, or one per conv of a channel concat, which are kept or dropped together.
+        Each site starts with the fold into the layer it runs after (conv -> BN is preferred),
+        falls back to the fold into the layer it runs before, then to nothing. The three rules
+        below only ever move a site down that list, so the loop ends after at most two
+        downgrades per site.
         """
-        a = self.analysis
-        choice: dict[tuple, tuple[str, tuple]] = {}
-        norm_sites: dict[int, list[CallSite]] = {}
-        for module_id, verdict in self.index.norms.items():
-            if isinstance(verdict, NormInfo) and module_id in a.sites:
-                norm_sites[module_id] = a.sites[module_id]
-        for sites in norm_sites.values():
-            for site in sites:
-                key = a.site_key(site)
-                cand = self._first_allowed(key, start="forward")
-                if cand is not None:
-                    choice[key] = cand
+        norm_sites = self._norm_sites()
+        choice = self._first_choices(norm_sites)
         changed = True
         while changed:
-            changed = False
-            # A norm is removed only if every one of its calls folds.
-            for sites in norm_sites.values():
-                keys = [a.site_key(s) for s in sites]
-                present = [k for k in keys if k in choice]
-                if present and len(present) != len(keys):
-                    norm = sites[0].module
-                    self.note(norm, "reused_incompatibly", f"{self.index.name(norm)} is called at {len(keys)} "
-                              f"sites but only {len(present)} of them can be folded")
-                    for k in present:
-                        del choice[k]
-                    changed = True
-            # Chains: every norm between a norm and its layer must fold into that layer the same way.
-            for key in list(choice):
-                direction, cands = choice[key]
-                cand = cands[0]
-                region = cand.norm.region
-                for node in cand.between:
-                    other = choice.get((id(region), node))
-                    if (other is None or other[0] != direction
-                            or [c.layer.node for c in other[1]] != [c.layer.node for c in cands]):
-                        norm = cand.norm.module
-                        between = self.index.name(region.module(node))
-                        self.note(norm, "no_fusable_neighbour", f"{between}, between "
-                                  f"{self.index.name(norm)} and {self.index.name(cand.layer.module)}, is not folded")
-                        self._downgrade(choice, key)
-                        changed = True
-                        break
-            # A layer folds only if each of its calls gets the same folds.
-            per_site: dict[tuple, list[tuple]] = {}
-            for direction, cands in choice.values():
-                for cand in cands:
-                    per_site.setdefault(a.site_key(cand.layer), []).append(
-                        (direction, len(cand.between), id(cand.norm.module), cand.channels or ()))
-            layers_seen: set[int] = set()
-            for layer in [c.layer.module for _, cands in list(choice.values()) for c in cands]:
-                if id(layer) in layers_seen:
-                    continue
-                layers_seen.add(id(layer))
-                signatures = {tuple(sorted(per_site.get(a.site_key(s), []))) for s in a.sites[id(layer)]}
-                if len(signatures) > 1:
-                    for k, (_, cs) in list(choice.items()):
-                        if any(c.layer.module is layer for c in cs):
-                            self.note(cs[0].norm.module, "reused_incompatibly", f"{self.index.name(layer)} is "
-                                      f"called at {len(a.sites[id(layer)])} sites that are not all followed/preceded "
-                                      "by the same norm layers")
-                            self._downgrade(choice, k)
-                    changed = True
+            changed = self._drop_partly_folded_norms(choice, norm_sites)
+            changed |= self._drop_broken_chains(choice)
+            changed |= self._drop_inconsistent_layers(choice)
         return choice
 
-    def _first_allowed(self, key: tuple, start: str) -> tuple[str, tuple] | None:
+    def _norm_sites(self) -> dict[int, list[CallSite]]:
+        """The call sites of every foldable norm that is called in the traced graphs."""
         a = self.analysis
-        order = ("forward", "backward") if start == "forward" else ("backward",)
-        for direction in order:
-            cands: tuple[ForwardCandidate | BackwardCandidate, ...] | None
-            if direction == "forward":
-                cands = a.forward.get(key)
+        return {module_id: a.sites[module_id] for module_id, verdict in self.index.norms.items()
+                if isinstance(verdict, NormInfo) and module_id in a.sites}
+
+    def _first_choices(self, norm_sites: dict[int, list[CallSite]]) -> dict[_SiteKey, _Choice]:
+        choice: dict[_SiteKey, _Choice] = {}
+        for sites in norm_sites.values():
+            for site in sites:
+                key = self.analysis.site_key(site)
+                cands = self._first_allowed(key, (NormPosition.AFTER, NormPosition.BEFORE))
+                if cands is not None:
+                    choice[key] = cands
+        return choice
+
+    def _drop_partly_folded_norms(self, choice: dict[_SiteKey, _Choice], norm_sites: dict[int, list[CallSite]]
+                                  ) -> bool:
+        """A norm is removed only if every one of its calls folds: otherwise none of them does."""
+        changed = False
+        for sites in norm_sites.values():
+            keys = [self.analysis.site_key(s) for s in sites]
+            present = [k for k in keys if k in choice]
+            if present and len(present) != len(keys):
+                norm = sites[0].module
+                self.note(norm, "reused_incompatibly", f"{self.index.name(norm)} is called at {len(keys)} "
+                          f"sites but only {len(present)} of them can be folded")
+                for k in present:
+                    del choice[k]
+                changed = True
+        return changed
+
+    def _drop_broken_chains(self, choice: dict[_SiteKey, _Choice]) -> bool:
+        """Every norm between a norm and its layer (conv -> BN -> BN) must fold into that layer the same way."""
+        changed = False
+        for key in list(choice):
+            cands = choice[key]
+            cand = cands[0]
+            region = cand.norm.region
+            for node in cand.between:
+                other = choice.get((id(region), node))
+                if (other is None or other[0].position != cand.position
+                        or [c.layer.node for c in other] != [c.layer.node for c in cands]):
+                    norm = cand.norm.module
+                    between = self.index.name(region.module(node))
+                    self.note(norm, "no_fusable_neighbour", f"{between}, between "
+                              f"{self.index.name(norm)} and {self.index.name(cand.layer.module)}, is not folded")
+                    self._downgrade(choice, key)
+                    changed = True
+                    break
+        return changed
+
+    def _drop_inconsistent_layers(self, choice: dict[_SiteKey, _Choice]) -> bool:
+        """A layer folds only if each of its calls gets the same folds (the same norms, in the same places)."""
+        a = self.analysis
+        per_site: dict[_SiteKey, list[tuple]] = {}
+        for cands in choice.values():
+            for cand in cands:
+                per_site.setdefault(a.site_key(cand.layer), []).append(
+                    (cand.position, len(cand.between), id(cand.norm.module), cand.channels or ()))
+        changed = False
+        layers_seen: set[int] = set()
+        for layer in [c.layer.module for cands in list(choice.values()) for c in cands]:
+            if id(layer) in layers_seen:
+                continue
+            layers_seen.add(id(layer))
+            signatures = {tuple(sorted(per_site.get(a.site_key(s), []))) for s in a.sites[id(layer)]}
+            if len(signatures) > 1:
+                for k, cs in list(choice.items()):
+                    if any(c.layer.module is layer for c in cs):
+                        self.note(cs[0].norm.module, "reused_incompatibly", f"{self.index.name(layer)} is "
+                                  f"called at {len(a.sites[id(layer)])} sites that are not all followed/preceded "
+                                  "by the same norm layers")
+                        self._downgrade(choice, k)
+                changed = True
+        return changed
+
+    def _first_allowed(self, key: _SiteKey, positions: tuple[str, ...]) -> _Choice | None:
+        """The site's candidates for the first of ``positions`` that no veto blocks (noting each veto met)."""
+        a = self.analysis
+        for position in positions:
+            cands: _Choice | None
+            if position == NormPosition.AFTER:
+                cands = a.after.get(key)
             else:
-                cands = (a.backward[key],) if key in a.backward else None
+                cands = (a.before[key],) if key in a.before else None
             if not cands:
                 continue
             norm = cands[0].norm.module
@@ -283,33 +310,37 @@ class _Planner:
             if layer_vetoes:
                 self.note(norm, *layer_vetoes[0])
                 continue
-            return (direction, cands)
+            return cands
         return None
 
-    def _downgrade(self, choice: dict, key: tuple) -> None:
-        direction, _ = choice.pop(key)
-        if direction == "forward":
-            cand = self._first_allowed(key, start="backward")
-            if cand is not None:
-                choice[key] = cand
+    def _downgrade(self, choice: dict[_SiteKey, _Choice], key: _SiteKey) -> None:
+        """Drop the site's choice; a fold into the layer it runs after falls back to the one it runs before."""
+        cands = choice.pop(key)
+        if cands[0].position == NormPosition.AFTER:
+            fallback = self._first_allowed(key, (NormPosition.BEFORE,))
+            if fallback is not None:
+                choice[key] = fallback
 
-    def layer_plans(self, choice: dict) -> list[_LayerPlan]:
+    def layer_plans(self, choice: dict[_SiteKey, _Choice]) -> list[_LayerPlan]:
         plans: dict[int, _LayerPlan] = {}
-        seen_sites: set[tuple] = set()
-        for cand, direction in [(c, d) for d, cands in choice.values() for c in cands]:
+        seen_sites: set[_SiteKey] = set()
+        for cand in [c for cands in choice.values() for c in cands]:
             layer = cand.layer.module
             site_key = self.analysis.site_key(cand.layer)
             plan = plans.get(id(layer))
             if plan is None:
-                plan = plans[id(layer)] = _LayerPlan(layer, cast(str, self.index.layer(layer)[0]), [])
+                normed = self.index.weight_normed(layer)
+                target = normed.magnitude if normed is not None else cast(torch.Tensor, layer.weight)
+                kind = cast(str, self.index.layer(layer)[0])  # a candidate's layer is foldable
+                plan = plans[id(layer)] = _LayerPlan(layer, kind, [], target, normed)
                 seen_sites.add(site_key)
             elif site_key not in seen_sites:
                 continue  # another call of the same layer: identical folds (checked), counted once
             info = cast(NormInfo, self.index.norms[id(cand.norm.module)])  # a candidate's norm is foldable
-            plan.steps.append(_Step(cand.norm.module, info, direction, len(cand.between), cand.channels))
+            plan.steps.append(_Step(cand.norm.module, info, cand.position, len(cand.between), cand.channels))
         for plan in plans.values():
             # Dataflow order: norms before the layer (nearest first), then norms after it (nearest first).
-            plan.steps.sort(key=lambda s: (s.direction != "backward", s.order))
+            plan.steps.sort(key=lambda s: (s.position != NormPosition.BEFORE, s.order))
         ordered = sorted(plans.values(), key=lambda p: self.index.name(p.layer))
         return ordered
 
@@ -331,7 +362,7 @@ def _fold_step(plan: _LayerPlan, step: _Step, w: torch.Tensor, b: torch.Tensor |
 
     args = (cast(stats.mean), cast(stats.var), stats.eps, cast(stats.weight), cast(stats.bias))
     try:
-        if step.direction == "forward":
+        if step.position == NormPosition.AFTER:
             if plan.kind == LayerKind.LINEAR:
                 return refimpl.fold_linear_bn(w, b, *args)
             return refimpl.fold_conv_bn(w, b, *args, transposed=plan.kind == LayerKind.CONV_TRANSPOSE,
@@ -341,7 +372,8 @@ def _fold_step(plan: _LayerPlan, step: _Step, w: torch.Tensor, b: torch.Tensor |
         return refimpl.fold_bn_conv(w, b, *args, groups=layer.groups)
     except (ValueError, TypeError) as exc:
         layer_name, norm_name = index.name(layer), index.name(step.norm)
-        order = f"{layer_name} -> {norm_name}" if step.direction == "forward" else f"{norm_name} -> {layer_name}"
+        after = step.position == NormPosition.AFTER
+        order = f"{layer_name} -> {norm_name}" if after else f"{norm_name} -> {layer_name}"
         part = "" if step.channels is None else f" channels [{step.channels[0]}, {step.channels[1]})"
         raise type(exc)(f"cannot fold {order} ({type(layer).__name__} weight {tuple(layer.weight.shape)}, "
                         f"{type(step.norm).__name__}({step.info.num_features}){part}): {exc}") from exc
@@ -364,14 +396,18 @@ def _step_stats(step: _Step) -> NormStats:
 def _unit_shape(plan: _LayerPlan) -> tuple[int, ...]:
     """Shape of the smallest kernel whose folds carry the per-slot factor of the layer's weight.
 
-    Forward folds scale a conv/linear weight per output channel (axis 0) and a transposed conv
-    weight per (input channel, output channel in group) pair (axes 0 and 1).
+    Folds of norms after the layer scale a conv/linear weight per output channel (axis 0) and a
+    transposed conv weight per (input channel, output channel in group) pair (axes 0 and 1). A
+    weight_norm's g has exactly that shape already (a transposed conv's: ``[1, out, 1, ...]``).
     """
-    weight = plan.layer.weight
+    weight = plan.target
     tail = (1,) * (weight.dim() - 1)
     if plan.kind == LayerKind.CONV_TRANSPOSE:
         return tuple(weight.shape[:2]) + tail[1:]
     return (weight.shape[0],) + tail
+
+
+_SLOT_MAX_BLOCK = 1 << 18
 
 
 def _slot_max_abs(weight: torch.Tensor, unit_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -379,9 +415,31 @@ def _slot_max_abs(weight: torch.Tensor, unit_shape: tuple[int, ...], dtype: torc
     rows = 1
     for d in unit_shape:
         rows *= d
-    flat = weight.detach().reshape(rows, -1)
+    weight = weight.detach()
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        # CPU reductions over fp16/bf16 are slow; their magnitudes order like their bit patterns
+        # with the sign bit cleared (NaN above inf), so one integer pass and one integer max suffice.
+        bits = weight.view(torch.int16).reshape(rows, -1)
+        # A block of rows at a time through one scratch tensor: no full-size copy, no allocation per block.
+        step = max(1, _SLOT_MAX_BLOCK // max(1, bits.shape[1]))
+        scratch = torch.empty((min(step, rows), bits.shape[1]), dtype=torch.int16, device=weight.device)
+        largest = torch.empty(rows, dtype=torch.int16, device=weight.device)
+        for start in range(0, rows, step):
+            block = bits[start:start + step]
+            magnitude = torch.bitwise_and(block, 0x7FFF, out=scratch[:block.shape[0]])
+            torch.amax(magnitude, dim=1, out=largest[start:start + step])
+        return largest.view(weight.dtype).to(dtype).reshape(unit_shape)
+    flat = weight.reshape(rows, -1)
     # amax and amin separately: torch.aminmax along a dim is several times slower on CPU.
     return torch.maximum(flat.amax(dim=1), flat.amin(dim=1).neg()).to(dtype).reshape(unit_shape)
+
+
+def _slot_max_abs_of_computed(weight: torch.Tensor, unit_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """max |W| over each slot of ``unit_shape`` for a weight of another shape (a weight_norm's computed
+    weight, whose g holds one entry per slot): the maximum over every axis where the slot is 1 wide."""
+    axes = [d for d, size in enumerate(unit_shape) if size == 1]
+    magnitude = weight.detach().abs()
+    return (magnitude.amax(dim=axes, keepdim=True) if axes else magnitude).to(dtype)
 
 
 def _batched_folds(plans: list[_LayerPlan]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -396,42 +454,64 @@ def _batched_folds(plans: list[_LayerPlan]) -> dict[int, tuple[torch.Tensor, tor
     """
     groups: dict[tuple, list[tuple[_LayerPlan, Any]]] = {}
     for plan in plans:
-        if len(plan.steps) != 1 or plan.steps[0].direction != "forward" or plan.kind == LayerKind.CONV_TRANSPOSE:
+        if (len(plan.steps) != 1 or plan.steps[0].position != NormPosition.AFTER
+                or plan.kind == LayerKind.CONV_TRANSPOSE):
             continue
         step = plan.steps[0]
         stats = _step_stats(step)
-        device = plan.layer.weight.device
-        if stats.var.device != device or stats.var.numel() != plan.layer.weight.shape[0]:
+        device = plan.target.device
+        if stats.var.device != device or stats.var.numel() != plan.target.shape[0]:
             continue
         groups.setdefault((device, stats.eps), []).append((plan, stats))
     folded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for (device, eps), members in groups.items():
-        if len(members) < 2:
-            continue
-        dtype = _fold_dtype(device)
-
-        def cat(parts: list[torch.Tensor], dtype: torch.dtype = dtype) -> torch.Tensor:
-            # cat promotes mixed float dtypes to the widest; widening to float64 is exact.
-            return torch.cat(parts).to(dtype)
-
-        sizes = [stats.var.numel() for _, stats in members]
-        ones = [torch.ones(n, dtype=stats.var.dtype, device=device)
-                for n, (_, stats) in zip(sizes, members, strict=True)]
-        zeros = [torch.zeros(n, dtype=stats.var.dtype, device=device)
-                 for n, (_, stats) in zip(sizes, members, strict=True)]
-        try:
-            factor, bias = refimpl.fold_conv_bn(
-                torch.ones((sum(sizes), 1), dtype=dtype, device=device),
-                cat([z if p.layer.bias is None else p.layer.bias.detach()
-                     for z, (p, _) in zip(zeros, members, strict=True)]),
-                cat([s.mean for _, s in members]), cat([s.var for _, s in members]), eps,
-                cat([o if s.weight is None else s.weight for o, (_, s) in zip(ones, members, strict=True)]),
-                cat([z if s.bias is None else s.bias for z, (_, s) in zip(zeros, members, strict=True)]))
-        except (ValueError, TypeError):
-            continue
-        for (plan, _), f, b in zip(members, factor.split(sizes), bias.split(sizes), strict=True):
-            folded[id(plan)] = (f, b)
+        for batch in _channel_batches(members):
+            if len(batch) > 1:
+                folded.update(_fold_batch(batch, device, eps))
     return folded
+
+
+_BATCH_CHANNELS = 1 << 14  # channels per batched fold: large enough to amortise calls, small enough for memory
+
+
+def _channel_batches(members: list[tuple[_LayerPlan, Any]]) -> list[list[tuple[_LayerPlan, Any]]]:
+    """``members`` in consecutive batches of at most ``_BATCH_CHANNELS`` channels (a wider layer alone)."""
+    batches: list[list[tuple[_LayerPlan, Any]]] = [[]]
+    width = 0
+    for member in members:
+        channels = member[1].var.numel()
+        if batches[-1] and width + channels > _BATCH_CHANNELS:
+            batches.append([])
+            width = 0
+        batches[-1].append(member)
+        width += channels
+    return batches
+
+
+def _fold_batch(members: list[tuple[_LayerPlan, Any]], device: torch.device, eps: float
+                ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """One ``refimpl.fold_conv_bn`` call for the unit kernels of several layers (see :func:`_batched_folds`)."""
+    dtype = _fold_dtype(device)
+    sizes = [stats.var.numel() for _, stats in members]
+    # Absent parameters as views of one ones / zeros vector; cat promotes mixed float dtypes to the widest,
+    # and widening to the fold dtype is exact.
+    ones = torch.ones(max(sizes), dtype=dtype, device=device)
+    zeros = torch.zeros(max(sizes), dtype=dtype, device=device)
+
+    def cat(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(parts).to(dtype)
+
+    try:
+        factor, bias = refimpl.fold_conv_bn(
+            torch.ones((sum(sizes), 1), dtype=dtype, device=device),
+            cat([zeros[:n] if p.layer.bias is None else p.layer.bias.detach()
+                 for n, (p, _) in zip(sizes, members, strict=True)]),
+            cat([s.mean for _, s in members]), cat([s.var for _, s in members]), eps,
+            cat([ones[:n] if s.weight is None else s.weight for n, (_, s) in zip(sizes, members, strict=True)]),
+            cat([zeros[:n] if s.bias is None else s.bias for n, (_, s) in zip(sizes, members, strict=True)]))
+    except (ValueError, TypeError):
+        return {}  # left to the per-layer path, whose error names the layer
+    return {id(plan): (f, b) for (plan, _), f, b in zip(members, factor.split(sizes), bias.split(sizes), strict=True)}
 
 
 def _relative(change: float, scale: float) -> float:
@@ -453,14 +533,14 @@ def _compute(plan: _LayerPlan, index: ModelIndex,
     norms *before* the layer add ``W @ t`` to the bias, so they run on the full weight.
     """
     layer = plan.layer
-    weight = layer.weight
+    weight = plan.target
     dtype = _fold_dtype(weight.device)
     bias = None if layer.bias is None else layer.bias.detach().to(dtype)
     bias_dtype = weight.dtype if layer.bias is None else layer.bias.dtype
     layer_name = index.name(layer)
     changes: list[float] = []
     finfo = torch.finfo(weight.dtype)
-    if any(step.direction == "backward" for step in plan.steps):
+    if any(step.position == NormPosition.BEFORE for step in plan.steps):
         w = weight.detach().to(dtype)
         for step in plan.steps:
             new_w, new_bias = _fold_step(plan, step, w, bias, dtype, index)
@@ -473,7 +553,11 @@ def _compute(plan: _LayerPlan, index: ModelIndex,
     else:
         unit_shape = _unit_shape(plan)
         factor = torch.ones(unit_shape, dtype=dtype, device=weight.device)
-        slot_max = _slot_max_abs(weight, unit_shape, dtype)
+        if plan.normed is None:
+            slot_max = _slot_max_abs(weight, unit_shape, dtype)
+        else:
+            # The changes and the overflow test concern the weight the layer computes, g * v / ||v||.
+            slot_max = _slot_max_abs_of_computed(plan.normed.weight(layer), unit_shape, dtype)
         weight_max = float(slot_max.max()) if slot_max.numel() else 0.0
         for step in plan.steps:
             if folded is not None:  # computed by refimpl together with other layers' folds
@@ -486,19 +570,19 @@ def _compute(plan: _LayerPlan, index: ModelIndex,
             factor, bias = new_factor, new_bias
         # Rounding is monotone, so the slot maxima times |S| decide whether any element overflows.
         peak = float((slot_max * factor.abs()).max()) if slot_max.numel() else 0.0
+        if plan.normed is not None and weight.numel():
+            peak = max(peak, float((weight.detach().to(dtype).abs() * factor.abs()).max()))  # g' itself
         new_weight = None
         plan.factor = factor
     assert bias is not None  # every plan has a step, and every fold returns a bias
-    new_bias = round_once(bias, bias_dtype)
-    weight_fits = math.isfinite(peak) and bool(round_once(torch.tensor(peak, dtype=torch.float64),
-                                                          weight.dtype).isfinite())
-    if not weight_fits or not bool(torch.isfinite(new_bias).all()):
+    bias_peak = float(bias.abs().max()) if bias.numel() else 0.0
+    if not rounds_to_finite(peak, weight.dtype) or not rounds_to_finite(bias_peak, bias_dtype):
         plan.factor = None
-        largest = max(peak, float(bias.abs().max()) if bias.numel() else 0.0)
+        largest = max(peak, bias_peak)
         return (f"folding into {layer_name} gives weight/bias magnitudes up to {largest:.3g}, beyond the largest "
                 f"finite {weight.dtype} ({finfo.max:.3g})")
     plan.weight = new_weight
-    plan.bias = new_bias
+    plan.bias = round_once(bias, bias_dtype)
     plan.changes = changes
     return None
 
@@ -508,6 +592,25 @@ def _owns_storage(tensor: torch.Tensor, storage_users: dict[int, int]) -> bool:
     storage = tensor.untyped_storage()
     return (storage_users.get(storage.data_ptr(), 0) == 1
             and storage.nbytes() == tensor.numel() * tensor.element_size())
+
+
+def _work_buffers(plans: list[_LayerPlan]) -> dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per device, the float64 buffer the in-place scaling runs through (and an int64 scratch where fp16/bf16
+    weights are rounded to odd), sized to a small share of the weights they scale."""
+    weight_bytes: dict[torch.device, int] = {}
+    odd: dict[torch.device, bool] = {}
+    fold_dtype: dict[torch.device, torch.dtype] = {}
+    for plan in plans:
+        device = plan.target.device
+        weight_bytes[device] = weight_bytes.get(device, 0) + plan.target.numel() * plan.target.element_size()
+        odd[device] = odd.get(device, False) or rounds_to_odd(plan.target.dtype)
+        fold_dtype[device] = cast(torch.Tensor, plan.factor).dtype
+    buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for device, total in weight_bytes.items():
+        elements = scaled_copy_buffer_size(total, odd[device])
+        scratch = torch.empty(elements, dtype=torch.int64, device=device) if odd[device] else None
+        buffers[device] = (torch.empty(elements, dtype=fold_dtype[device], device=device), scratch)
+    return buffers
 
 
 def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelIndex) -> None:
@@ -531,7 +634,7 @@ def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelI
     for plan in plans:
         if plan.factor is None:
             continue
-        weight = plan.layer.weight.detach()
+        weight = plan.target.detach()
         if _owns_storage(weight, storage_users):
             in_place.append(plan)
         else:
@@ -543,26 +646,22 @@ def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelI
                                   if verdict.has_act else nn.Identity())
         replacement.training = norm.training
         replacements.append((norm, replacement))
-    new_biases = {id(plan): nn.Parameter(cast(torch.Tensor, plan.bias), requires_grad=plan.layer.weight.requires_grad)
+    new_biases = {id(plan): nn.Parameter(cast(torch.Tensor, plan.bias), requires_grad=plan.target.requires_grad)
                   for plan in plans if plan.layer.bias is None}
-    buffers = {}
-    for plan in in_place:
-        device = plan.layer.weight.device
-        if device not in buffers:
-            buffers[device] = torch.empty(scaled_copy_buffer_size(), dtype=cast(torch.Tensor, plan.factor).dtype,
-                                          device=device)
+    buffers = _work_buffers(in_place)
 
     with _interrupts_held():
         with torch.no_grad():
             for plan in in_place:
-                weight = plan.layer.weight.detach()
-                scaled_copy(weight, cast(torch.Tensor, plan.factor), out=weight, buffer=buffers[weight.device])
+                weight = plan.target.detach()
+                buffer, scratch = buffers[weight.device]
+                scaled_copy(weight, cast(torch.Tensor, plan.factor), out=weight, buffer=buffer, scratch=scratch)
 
     undo: list = []
     try:
         for plan in plans:
             layer = plan.layer
-            old_weight = layer.weight
+            old_weight = plan.target
             if plan.weight is not None:
                 # Assigning .data keeps the Parameter object (optimisers and hooks that hold it stay
                 # valid) and its requires_grad.
@@ -574,6 +673,11 @@ def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelI
             else:
                 undo.append(("bias", layer, None))
                 layer.bias = new_biases[id(plan)]
+            if plan.normed is not None and plan.normed.hook is not None:
+                # torch.nn.utils.weight_norm keeps the weight it last computed as an attribute.
+                name = plan.normed.hook.name
+                undo.append(("attribute", layer, (name, getattr(layer, name))))
+                plan.normed.refresh(layer)
         for norm, replacement in replacements:
             for parent, attr in index.registrations.get(id(norm), []):
                 undo.append(("module", parent, (attr, parent._modules[attr])))
@@ -584,6 +688,8 @@ def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelI
                 target.data = value
             elif action == "bias":
                 target._parameters["bias"] = None
+            elif action == "attribute":
+                setattr(target, *value)
             else:
                 attr, module = value
                 target._modules[attr] = module
@@ -644,7 +750,7 @@ def fuse(model: nn.Module, *, inplace: bool = False,
     """
     _check_model(model)
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model)
     with _gc_paused():
         return _fuse(model, example_inputs)
 
@@ -670,16 +776,10 @@ def _fuse(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FusionRepor
     index = ModelIndex(model)
     observation = _observe(model, index, example_inputs) if example_inputs is not None else None
 
-    flags = [(m, m.training) for m in index.modules]
-    try:
-        # Trace in eval mode: folding assumes eval semantics, and modules that branch on
-        # self.training (stochastic depth, ...) must show their eval-mode dataflow.
-        for module in index.modules:
-            module.training = False
+    # Trace in eval mode: folding assumes eval semantics, and modules that branch on
+    # self.training (stochastic depth, ...) must show their eval-mode dataflow.
+    with eval_mode(model):
         traced = trace_regions(model, index)
-    finally:
-        for module, flag in flags:
-            module.training = flag
     analysis = analyse_sites(index, traced.regions, observation.ranks if observation else None)
 
     planner = _Planner(index, analysis)
@@ -701,7 +801,7 @@ def _fuse(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FusionRepor
         if not overflowed:
             break
 
-    folded_norm_ids = {id(cands[0].norm.module) for _, cands in choice.values()}
+    folded_norm_ids = {id(cands[0].norm.module) for cands in choice.values()}
     folded_norms = [m for m in index.modules if id(m) in folded_norm_ids]
     _apply(plans, folded_norms, index)
 
@@ -716,7 +816,7 @@ def _veto_unshareable_layers(planner: _Planner, index: ModelIndex, analysis: Sit
     for layer_id, where in analysis.weight_reads.items():
         planner.vetoed_layers[layer_id] = ("reused_incompatibly", f"a parameter of the layer is read directly at "
                                            f"{where}; folding would change that use")
-    for cand in [c for cands in analysis.forward.values() for c in cands] + list(analysis.backward.values()):
+    for cand in [c for cands in analysis.after.values() for c in cands] + list(analysis.before.values()):
         layer = cand.layer.module
         if id(layer) not in planner.vetoed_layers and index.shares_parameters(layer):
             planner.vetoed_layers[id(layer)] = ("reused_incompatibly", f"{index.name(layer)} shares a parameter "
@@ -756,13 +856,14 @@ def _build_report(model, index, traced, analysis, planner, plans, folded_norm_id
     norm_modules = [m for m in index.modules if id(m) in index.norms]
     report.norms_found = len(norm_modules)
     report.training_mode = bool(model.training or any(m.training for m in norm_modules))
-    kinds = {(LayerKind.CONV, "forward"): "conv->bn", (LayerKind.CONV_TRANSPOSE, "forward"): "conv_transpose->bn",
-             (LayerKind.LINEAR, "forward"): "linear->bn", (LayerKind.CONV, "backward"): "bn->conv",
-             (LayerKind.LINEAR, "backward"): "bn->linear"}
+    after, before = NormPosition.AFTER, NormPosition.BEFORE
+    kinds = {(LayerKind.CONV, after): "conv->bn", (LayerKind.CONV_TRANSPOSE, after): "conv_transpose->bn",
+             (LayerKind.LINEAR, after): "linear->bn", (LayerKind.CONV, before): "bn->conv",
+             (LayerKind.LINEAR, before): "bn->linear"}
     for plan in plans:
         for step, change in zip(plan.steps, plan.changes, strict=True):
             report.folded.append(FoldedPair(norm=index.name(step.norm), layer=index.name(plan.layer),
-                                            kind=kinds[(plan.kind, step.direction)], max_rel_change=change))
+                                            kind=kinds[(plan.kind, step.position)], max_rel_change=change))
     for norm in norm_modules:
         if id(norm) in folded_norm_ids:
             continue

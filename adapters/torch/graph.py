@@ -15,16 +15,19 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _WeightNorm as _WeightNormParametrization
+from torch.nn.utils.weight_norm import WeightNorm as _WeightNormHook
 
 from .norms import NormInfo, NormKind, NormRejection, classify_norm
 
-__all__ = ["LayerKind", "ModelIndex", "Region", "CallSite", "ForwardCandidate", "BackwardCandidate",
-           "LeafTracer", "trace_regions", "analyse_sites", "classify_layer", "value_users"]
+__all__ = ["LayerKind", "ModelIndex", "Region", "CallSite", "NormPosition", "FoldCandidate", "SiteAnalysis",
+           "LeafTracer", "trace_regions", "analyse_sites", "classify_layer", "channel_cat_inputs", "CONCAT_FUNCTIONS",
+           "value_users"]
 
 log = logging.getLogger(__name__)
 
@@ -96,22 +99,120 @@ def classify_layer(module: nn.Module) -> tuple[str | None, str]:
 
     Returns ``(kind, "")`` for a foldable conv/transposed conv/linear, ``(None, reason)``
     for a layer that looks like one but cannot be folded (``reason`` is a report code), and
-    ``(None, "")`` for anything else.
+    ``(None, "")`` for anything else. A layer under ``weight_norm`` with one magnitude per output
+    channel is foldable (:func:`weight_normed`); any other computed weight is ``parametrized``.
     """
     if is_quantized(module):
         return None, "unsupported_layer"
     for base, kind in _LAYER_BASES:
         if isinstance(module, base):
-            if is_same_padded_conv(module):
-                return kind, ""
-            if type(module).forward is not base.forward and not parametrize.is_parametrized(module):
+            known_forward = is_same_padded_conv(module) or type(module).forward is base.forward
+            if not known_forward:
                 # A subclass with its own forward (weight standardisation, dynamic padding, ...)
                 # may not apply its weight linearly; folding into it is not known to be exact.
-                return None, "unsupported_layer"
+                return None, "parametrized" if parametrize.is_parametrized(module) else "unsupported_layer"
             if parametrize.is_parametrized(module) or _has_weight_hook(module):
-                return None, "parametrized"
+                normed, _ = _weight_reparametrization(module, kind)
+                return (kind, "") if normed is not None else (None, "parametrized")
             return kind, ""
     return None, ""
+
+
+@dataclass(frozen=True)
+class WeightNormed:
+    """A layer whose weight is ``g * v / ||v||`` (``weight_norm``) with one magnitude ``g`` per output channel.
+
+    A norm that runs after the layer scales each output channel of the weight by ``s``, which is
+    ``g`` scaled by ``s`` (``v / ||v||`` is unchanged): the fold rewrites ``g`` and keeps the
+    reparametrization, so training can go on. ``g`` has the shape of one weight slot per output
+    channel: ``[out, 1, ...]`` for conv and linear layers (``dim=0``), ``[1, out, 1, ...]`` for a
+    transposed conv with one group (``dim=1``).
+    """
+
+    magnitude: nn.Parameter     # g: ``parametrizations.weight.original0``, or ``weight_g`` with the hook
+    hook: Any = None            # torch.nn.utils.weight_norm's hook (it recomputes ``weight`` before a forward)
+
+    def weight(self, layer: nn.Module) -> torch.Tensor:
+        """The weight the layer computes from ``g`` and ``v`` now (for the hook: not its cached copy)."""
+        return self.hook.compute_weight(layer) if self.hook is not None else cast(torch.Tensor, layer.weight)
+
+    def refresh(self, layer: nn.Module) -> None:
+        """After ``g`` changed: recompute the hook's cached ``weight`` attribute (the parametrization needs nothing)."""
+        if self.hook is not None:
+            setattr(layer, self.hook.name, self.hook.compute_weight(layer))
+
+
+def weight_normed(module: nn.Module) -> WeightNormed | None:
+    """The ``weight_norm`` a norm after ``module`` folds into (see :class:`WeightNormed`), or None."""
+    kind, _ = classify_layer(module)
+    return _weight_reparametrization(module, kind)[0] if kind is not None else None
+
+
+def weight_refusal(module: nn.Module) -> str:
+    """Why a layer whose weight is computed (parametrize, weight_norm, spectral_norm) cannot take a fold."""
+    for base, kind in _LAYER_BASES:
+        if isinstance(module, base):
+            if not (is_same_padded_conv(module) or type(module).forward is base.forward):
+                return (f"its weight is computed (a parametrization or a weight hook) and {type(module).__qualname__} "
+                        "has a forward of its own")
+            return _weight_reparametrization(module, kind)[1]
+    return _REFUSAL_TEXT["parametrized"]
+
+
+def _weight_reparametrization(module: nn.Module, kind: str) -> tuple[WeightNormed | None, str]:
+    """``(WeightNormed, "")`` for weight_norm per output channel, else ``(None, why a fold cannot pass)``."""
+    # Attributes are read through _modules / _parameters: this runs during tracing too, where fx
+    # hands out proxies for parameters read as attributes.
+    hooks = [h for h in module._forward_pre_hooks.values() if type(h).__name__ in ("WeightNorm", "SpectralNorm")]
+    if parametrize.is_parametrized(module):
+        parametrizations = cast(nn.Module, module._modules["parametrizations"])
+        others = [name for name in parametrizations._modules if name != "weight"]
+        if others or hooks or "weight" not in parametrizations._modules:
+            what = f"its {', '.join(others)} also" if others else "a weight hook also"
+            return None, f"{what} computed by a parametrization: a fold would have to rewrite it too"
+        weight_list = cast(nn.Module, parametrizations._modules["weight"])
+        chain = list(weight_list._modules.values())
+        if len(chain) == 1 and type(chain[0]) is _WEIGHT_NORM_PARAMETRIZATION:
+            original = cast(nn.Parameter, weight_list._parameters["original0"])
+            return _per_output_channel(module, kind, chain[0].dim, original, None)
+        names = " -> ".join(type(p).__qualname__ for p in chain)
+        return None, (f"its weight is computed by the parametrization {names}, which a per-channel scale does not "
+                      "pass through")
+    if len(hooks) == 1 and type(hooks[0]) is _WEIGHT_NORM_HOOK and hooks[0].name == "weight" \
+            and isinstance(module._parameters.get("weight_g"), nn.Parameter):
+        magnitude = cast(nn.Parameter, module._parameters["weight_g"])
+        return _per_output_channel(module, kind, hooks[0].dim, magnitude, hooks[0])
+    if any(type(h).__name__ == "SpectralNorm" for h in hooks) or "weight_orig" in module._parameters:
+        return None, ("spectral_norm divides its weight by its largest singular value, which a per-channel scale "
+                      "changes")
+    return None, ("its weight is recomputed from other tensors by a hook before every forward: a folded weight "
+                  "would be overwritten")
+
+
+def _per_output_channel(module: nn.Module, kind: str, dim: int, magnitude: nn.Parameter, hook: Any
+                        ) -> tuple[WeightNormed | None, str]:
+    weight = magnitude  # g has the weight's rank
+    if kind == LayerKind.CONV_TRANSPOSE:
+        axis, out = 1, int(cast(int, module.out_channels))
+        if module.groups != 1:
+            return None, (f"its weight is under weight_norm(dim={dim}) and it has groups={module.groups}: the output "
+                          "channels of all groups share one magnitude per column, so a per-output-channel scale "
+                          "does not fit it")
+    else:
+        axis = 0
+        out = int(cast(int, module.out_features if kind == LayerKind.LINEAR else module.out_channels))
+    expected = tuple(out if d == axis else 1 for d in range(weight.dim()))
+    if dim != axis or tuple(magnitude.shape) != expected:
+        where = "the whole tensor" if dim == -1 else f"everything but axis {dim}"
+        return None, (f"its weight is under weight_norm(dim={None if dim == -1 else dim}), which normalises over "
+                      f"{where}, not over each output channel (axis {axis}): a per-output-channel scale does not "
+                      "commute with it")
+    return WeightNormed(magnitude, hook), ""
+
+
+# torch's own classes, compared by identity: a subclass could compute anything.
+_WEIGHT_NORM_PARAMETRIZATION = _WeightNormParametrization
+_WEIGHT_NORM_HOOK = _WeightNormHook
 
 
 # Conv2d subclasses whose forward zero-pads the input to TensorFlow's "SAME" size and then applies
@@ -128,7 +229,7 @@ def is_same_padded_conv(module: nn.Module) -> bool:
 
 def _has_weight_hook(module: nn.Module) -> bool:
     # torch.nn.utils.weight_norm / spectral_norm (the hook-based, pre-parametrize versions)
-    # recompute `weight` from other tensors before every forward: a folded weight would be overwritten.
+    # recompute `weight` from other tensors before every forward.
     for hook in module._forward_pre_hooks.values():
         if type(hook).__name__ in ("WeightNorm", "SpectralNorm"):
             return True
@@ -162,6 +263,7 @@ class ModelIndex:
                     param_users[id(param)] = param_users.get(id(param), 0) + 1
         self._param_users = param_users
         self._layer_cache: dict[int, tuple[str | None, str]] = {}
+        self._normed_cache: dict[int, WeightNormed | None] = {}
 
     def name(self, module: nn.Module) -> str:
         return self.name_of.get(id(module), f"<unregistered {type(module).__name__}>")
@@ -172,6 +274,22 @@ class ModelIndex:
         if cached is None:
             cached = self._layer_cache[key] = classify_layer(module)
         return cached
+
+    def refusal_detail(self, module: nn.Module) -> str:
+        """Why a conv/linear-like layer that :meth:`layer` refuses cannot take a fold (for messages)."""
+        reason = self.layer(module)[1]
+        return weight_refusal(module) if reason == "parametrized" else _REFUSAL_TEXT[reason]
+
+    def weight_normed(self, module: nn.Module) -> WeightNormed | None:
+        """The layer's per-output-channel ``weight_norm`` (folds rewrite its ``g``), or None (cached)."""
+        key = id(module)
+        if key not in self._normed_cache:
+            self._normed_cache[key] = weight_normed(module)
+        return self._normed_cache[key]
+
+    def is_foldable_norm(self, module: nn.Module) -> bool:
+        """Whether ``module`` is a norm recognised as foldable (:func:`classify_norm` gave a NormInfo)."""
+        return isinstance(self.norms.get(id(module)), NormInfo)
 
     def shares_parameters(self, module: nn.Module) -> bool:
         """Whether a parameter of ``module`` is also registered in another module (tied weights)."""
@@ -271,34 +389,33 @@ class CallSite:
         return self.region.module(self.node)
 
 
+class NormPosition:
+    """Where a norm runs relative to the layer it folds into (values of :attr:`FoldCandidate.position`).
+
+    The report's fold kinds name the same thing in dataflow order: a norm *after* its layer is
+    ``conv->bn``, ``conv_transpose->bn`` or ``linear->bn``; a norm *before* it is ``bn->conv`` or
+    ``bn->linear``.
+    """
+
+    AFTER = "after"    # the layer's output is the norm's input: the norm scales the layer's output channels
+    BEFORE = "before"  # the norm's output is the layer's input: the norm scales the layer's input channels
+
+
 @dataclass
-class ForwardCandidate:
-    """Norm call site ``norm`` may fold into the layer call site ``layer`` that produces its input.
+class FoldCandidate:
+    """Norm call site ``norm`` may fold into the layer call site ``layer`` that it runs after or before.
 
     ``between`` are the norm call sites that sit between the two (conv -> BN -> BN): they must
     fold into the same layer call for this one to. ``channels`` is ``(start, stop)`` when the
-    layer produces only that slice of the norm's channels (one conv of a channel concat), and
-    None when it produces all of them.
+    layer produces only that slice of the norm's channels (one conv of a channel concat, for a
+    norm after it), and None when the layer and the norm share all of them.
     """
 
+    position: str
     layer: CallSite
     norm: CallSite
     between: tuple[fx.Node, ...]
     channels: tuple[int, int] | None = None
-
-
-@dataclass
-class BackwardCandidate:
-    """Norm call site ``norm`` may fold into the layer call site ``layer`` that consumes its output.
-
-    ``channels`` is always None (the layer reads all of the norm's channels); it is there so that
-    both kinds of candidate are handled alike.
-    """
-
-    layer: CallSite
-    norm: CallSite
-    between: tuple[fx.Node, ...]
-    channels: None = None
 
 
 def _value_users(node: fx.Node) -> list[fx.Node]:
@@ -324,77 +441,25 @@ def _sole_input(node: fx.Node, source: fx.Node) -> bool:
     return node.args == (source,) and not node.kwargs
 
 
-class SiteAnalysis:
-    """Per-call-site analysis over all traced regions.
+class _RankProof:
+    """Whether a tensor in a traced graph is provably 2-D (N, C): from the graph, or observed at run time."""
 
-    Collects call sites per module, candidate folds per norm call site, and for every norm
-    call site that has no candidate the reasons found while looking (each a ``(code, detail)``).
-    """
-
-    def __init__(self, index: ModelIndex, regions: list[Region], input_ranks: dict[int, set[int]] | None):
+    def __init__(self, index: ModelIndex, input_ranks: dict[int, set[int]]):
         self.index = index
-        self.regions = regions
-        self.input_ranks = input_ranks or {}
-        self.sites: dict[int, list[CallSite]] = {}
-        self.weight_reads: dict[int, str] = {}
-        # Per norm call site, the layer calls that produce its input: one, or one per conv of a
-        # channel concat (``torch.cat([conv_1(a), ..., conv_k(b)], dim=1)``), which fold all or none.
-        self.forward: dict[tuple[int, fx.Node], tuple[ForwardCandidate, ...]] = {}
-        self.backward: dict[tuple[int, fx.Node], BackwardCandidate] = {}
-        self.reasons: dict[int, list[tuple[str, str]]] = {}
-        self._rank_memo: dict[fx.Node, bool] = {}
-        self._region_of: dict[int, Region] = {}
+        self.input_ranks = input_ranks
+        self._memo: dict[fx.Node, bool] = {}
 
-    def site_key(self, site: CallSite) -> tuple[int, fx.Node]:
-        return (id(site.region), site.node)
-
-    def note(self, norm: nn.Module, code: str, detail: str) -> None:
-        self.reasons.setdefault(id(norm), []).append((code, detail))
-
-    def run(self) -> None:
-        for region in self.regions:
-            for node in region.graph.nodes:
-                if node.op == "call_module":
-                    module = region.module(node)
-                    self.sites.setdefault(id(module), []).append(CallSite(region, node))
-                elif node.op == "get_attr":
-                    owner_path, _, _ = str(node.target).rpartition(".")
-                    try:
-                        owner = region.root.get_submodule(owner_path)
-                    except AttributeError:
-                        continue
-                    where = f"{region.prefix}.{node.target}" if region.prefix else str(node.target)
-                    self.weight_reads[id(owner)] = where
-        for region in self.regions:
-            for node in region.graph.nodes:
-                if node.op == "call_module":
-                    verdict = self.index.norms.get(id(region.module(node)))
-                    if isinstance(verdict, NormInfo):
-                        site = CallSite(region, node)
-                        self._look_upstream(site, verdict)
-                        self._look_downstream(site, verdict)
-
-    # -- helpers -------------------------------------------------------------------------
-    def _passes_through(self, region: Region, node: fx.Node) -> bool:
-        """Whether a node is the identity for folding purposes (eval identity, or a foldable pure norm)."""
-        if node.op != "call_module":
-            return False
-        module = region.module(node)
-        if is_identity_in_eval(module):
-            return True
-        verdict = self.index.norms.get(id(module))
-        if not isinstance(verdict, NormInfo):
-            return False
-        if not verdict.has_act:
-            return True
-        return is_identity_in_eval(cast(nn.Module, module.drop)) and is_identity_in_eval(cast(nn.Module, module.act))
-
-    def _is_norm_node(self, region: Region, node: fx.Node) -> bool:
-        return node.op == "call_module" and isinstance(self.index.norms.get(id(region.module(node))), NormInfo)
+    def input_is_2d(self, site: CallSite) -> bool:
+        ranks = self.input_ranks.get(id(site.module))
+        if ranks:
+            # Observed at run time with the example inputs: every call saw (N, C).
+            return ranks == {2}
+        arg = site.node.args[0] if site.node.args else None
+        return isinstance(arg, fx.Node) and self.proven_2d(site.region, arg)
 
     def proven_2d(self, region: Region, node: fx.Node) -> bool:
         """Whether the tensor ``node`` is provably 2-D (N, C) from the graph alone."""
-        memo = self._rank_memo
+        memo = self._memo
         path = []
         current = node
         result = False
@@ -404,7 +469,7 @@ class SiteAnalysis:
                 result = memo[current]
                 break
             path.append(current)
-            verdict, following = self._rank_step(region, current)
+            verdict, following = self._step(region, current)
             if following is None:
                 result = verdict
                 break
@@ -413,7 +478,7 @@ class SiteAnalysis:
             memo[visited] = result
         return result
 
-    def _rank_step(self, region: Region, node: fx.Node) -> tuple[bool, fx.Node | None]:
+    def _step(self, region: Region, node: fx.Node) -> tuple[bool, fx.Node | None]:
         """``(answer, None)`` when decided at ``node``, ``(False, input)`` to defer to ``input``."""
         first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if node.op == "call_function":
@@ -451,19 +516,105 @@ class SiteAnalysis:
                 if ranks:
                     return ranks == {2}, None
                 return False, first
-            if self._is_norm_node(region, node) or _known_forward(module, _SHAPE_PRESERVING_MODULES):
+            if self.index.is_foldable_norm(module) or _known_forward(module, _SHAPE_PRESERVING_MODULES):
                 if ranks:
                     return ranks == {2}, None
                 return False, first
         return False, None
 
-    def _input_is_2d(self, site: CallSite) -> bool:
-        ranks = self.input_ranks.get(id(site.module))
-        if ranks:
-            # Observed at run time with the example inputs: every call saw (N, C).
-            return ranks == {2}
-        arg = site.node.args[0] if site.node.args else None
-        return isinstance(arg, fx.Node) and self.proven_2d(site.region, arg)
+
+@dataclass
+class _WalkBack:
+    """From a norm call back through pass-through nodes to the node that produces its input."""
+
+    source: fx.Node                                    # the producer: the first node not passed through
+    reader: fx.Node                                    # the node that reads ``source`` (the norm or a pass-through)
+    between: list[fx.Node]                             # foldable norms passed on the way
+    shared: tuple[fx.Node, list[fx.Node]] | None       # the first value on the way with other users, and its users
+    flattened: fx.Node | None                          # a leading-dims flatten passed on the way
+
+
+@dataclass
+class _WalkOn:
+    """From a norm call on through pass-through nodes to the node that consumes its output."""
+
+    consumer: fx.Node
+    between: list[fx.Node]
+    shared: tuple[fx.Node, list[fx.Node]] | None
+
+
+class SiteAnalysis:
+    """Per-call-site analysis over all traced regions.
+
+    Collects call sites per module (:meth:`collect_sites`), then for every call of a foldable norm
+    the candidate folds (:attr:`after`: into the layer or layers it runs after; :attr:`before`:
+    into the layer it runs before) and, where a direction has none, the reasons found while
+    looking (each a ``(code, detail)``).
+    """
+
+    def __init__(self, index: ModelIndex, regions: list[Region], input_ranks: dict[int, set[int]] | None):
+        self.index = index
+        self.regions = regions
+        self.input_ranks = input_ranks or {}
+        self.sites: dict[int, list[CallSite]] = {}
+        self.weight_reads: dict[int, str] = {}
+        # Per norm call site, the layer calls that produce its input: one, or one per conv of a
+        # channel concat (``torch.cat([conv_1(a), ..., conv_k(b)], dim=1)``), which fold all or none.
+        self.after: dict[tuple[int, fx.Node], tuple[FoldCandidate, ...]] = {}
+        # Per norm call site, the layer call that consumes its output.
+        self.before: dict[tuple[int, fx.Node], FoldCandidate] = {}
+        self.reasons: dict[int, list[tuple[str, str]]] = {}
+        self._ranks = _RankProof(index, self.input_ranks)
+
+    def site_key(self, site: CallSite) -> tuple[int, fx.Node]:
+        return (id(site.region), site.node)
+
+    def note(self, norm: nn.Module, code: str, detail: str) -> None:
+        self.reasons.setdefault(id(norm), []).append((code, detail))
+
+    def run(self) -> None:
+        self.collect_sites()
+        for region in self.regions:
+            for node in region.graph.nodes:
+                if node.op == "call_module":
+                    verdict = self.index.norms.get(id(region.module(node)))
+                    if isinstance(verdict, NormInfo):
+                        site = CallSite(region, node)
+                        self._find_layer_it_follows(site, verdict)
+                        self._find_layer_it_feeds(site, verdict)
+
+    def collect_sites(self) -> None:
+        """Every call of a module, per module; and every parameter read directly (``get_attr``), per owner."""
+        for region in self.regions:
+            for node in region.graph.nodes:
+                if node.op == "call_module":
+                    module = region.module(node)
+                    self.sites.setdefault(id(module), []).append(CallSite(region, node))
+                elif node.op == "get_attr":
+                    owner_path, _, _ = str(node.target).rpartition(".")
+                    try:
+                        owner = region.root.get_submodule(owner_path)
+                    except AttributeError:
+                        continue
+                    where = f"{region.prefix}.{node.target}" if region.prefix else str(node.target)
+                    self.weight_reads[id(owner)] = where
+
+    # -- helpers -------------------------------------------------------------------------
+    def _passes_through(self, region: Region, node: fx.Node) -> bool:
+        """Whether a node is the identity for folding purposes (eval identity, or a foldable pure norm)."""
+        if node.op != "call_module":
+            return False
+        module = region.module(node)
+        if is_identity_in_eval(module):
+            return True
+        verdict = self.index.norms.get(id(module))
+        if not isinstance(verdict, NormInfo):
+            return False
+        return not verdict.has_act or (is_identity_in_eval(cast(nn.Module, module.drop))
+                                       and is_identity_in_eval(cast(nn.Module, module.act)))
+
+    def _is_norm_node(self, region: Region, node: fx.Node) -> bool:
+        return node.op == "call_module" and self.index.is_foldable_norm(region.module(node))
 
     def _boundary_reason(self, region: Region, where: str) -> tuple[str, str]:
         if region.is_model:
@@ -484,78 +635,97 @@ class SiteAnalysis:
         if kind is None:
             what = f"{meets} {layer_name} ({type(layer_module).__qualname__}), which"
             if refusal:
-                self.note(norm, refusal, f"{what} cannot be folded into: {_REFUSAL_TEXT[refusal]}")
+                self.note(norm, refusal, f"{what} cannot be folded into: {self.index.refusal_detail(layer_module)}")
             else:
                 self.note(norm, "no_fusable_neighbour", f"{what} is not a conv or linear layer")
             return None
         return layer_module, layer_name, kind
 
-    # -- conv/linear -> norm ---------------------------------------------------------------
-    def _look_upstream(self, site: CallSite, info: NormInfo) -> None:
+    def _note_shared(self, region: Region, norm: nn.Module, shared: tuple[fx.Node, list[fx.Node]], reader: fx.Node,
+                     path: str = "") -> None:
+        node, users = shared
+        others = ", ".join(_describe(u) for u in users if u is not reader)
+        self.note(norm, "output_used_elsewhere", f"the output of {_describe_in(region, node, self.index)} that "
+                  f"feeds {self.index.name(norm)}{path} is also used by {others or 'another consumer'}")
+
+    def _note_unless_fits(self, info: NormInfo, norm: nn.Module, layer: nn.Module, kind: str, position: str) -> bool:
+        """Whether the norm's channel axis is the one of ``layer`` it meets; if not, note why not."""
+        if norm_fits_layer(info, layer, kind):
+            return True
+        described = f"{self.index.name(layer)} ({type(layer).__qualname__})"
+        axis = f"of {described}" if position == NormPosition.AFTER else f"that {described} reads"
+        self.note(norm, "no_fusable_neighbour", f"{self.index.name(norm)} ({type(norm).__qualname__}) does not "
+                  f"normalise the channel axis {axis}")
+        return False
+
+    # -- layer -> norm: the norm runs after the layer ------------------------------------------
+    def _find_layer_it_follows(self, site: CallSite, info: NormInfo) -> None:
+        walk = self._walk_back(site)
+        if walk is None:
+            return
+        if walk.flattened is None and channel_cat_inputs(walk.source) is not None:
+            self._find_concatenated_layers(site, info, walk)
+            return
+        region, norm = site.region, site.module
+        name = self.index.name(norm)
+        partner = self._fold_partner(region, walk.source, norm, f"{name} reads the output of", f"{name} follows")
+        if partner is None:
+            return
+        layer_module, layer_name, kind = partner
+        if walk.shared is not None:
+            self._note_shared(region, norm, walk.shared, walk.reader)
+            return
+        if not self._note_unless_fits(info, norm, layer_module, kind, NormPosition.AFTER):
+            return
+        if walk.flattened is not None:
+            # linear -> x.flatten(0, k) -> BatchNorm1d: exact when the norm sees (rows, features), i.e. the
+            # flatten merged every dim but the linear's feature dim; a conv's channels are not last.
+            if kind != LayerKind.LINEAR or info.kind != NormKind.BATCH_NORM:
+                self.note(norm, "no_fusable_neighbour", f"{name} reads {_describe(walk.flattened)} of {layer_name}, "
+                          "whose channel axis is not the last")
+                return
+            if self.input_ranks.get(id(norm)) != {2}:
+                self.note(norm, "rank_unknown", f"{layer_name} -> {_describe(walk.flattened)} -> {name}: the norm "
+                          "input is not proven 2-D (pass example_inputs)")
+                return
+        elif kind == LayerKind.LINEAR:
+            if not self._ranks.input_is_2d(CallSite(region, walk.source)):
+                self.note(norm, "rank_unknown", f"{layer_name} -> {name}: the linear input is not proven 2-D "
+                          "(pass example_inputs)")
+                return
+        self.after[self.site_key(site)] = (
+            FoldCandidate(NormPosition.AFTER, CallSite(region, walk.source), site, tuple(walk.between)),)
+
+    def _walk_back(self, site: CallSite) -> _WalkBack | None:
+        """Walk from the norm to the producer of its input, or note why there is none and return None."""
         region, norm_node = site.region, site.node
         norm = site.module
-        name = self.index.name(norm)
         between: list[fx.Node] = []
         current = norm_node
-        shared_by: tuple[fx.Node, list[fx.Node]] | None = None
+        shared: tuple[fx.Node, list[fx.Node]] | None = None
         flattened: fx.Node | None = None  # a leading-dims flatten between a linear layer and the norm
         while True:
             source = current.args[0] if current.args and isinstance(current.args[0], fx.Node) else None
             if flattened is None and current is not norm_node and _leading_flatten(current):
                 flattened = current
             elif source is None or not _sole_input(current, source):
-                self.note(norm, "no_fusable_neighbour", f"{name} is not called on a single tensor")
-                return
-            assert source is not None  # a leading flatten's input is a node
+                self.note(norm, "no_fusable_neighbour", f"{self.index.name(norm)} is not called on a single tensor")
+                return None
+            assert source is not None
             users = _value_users(source)
-            if len(users) != 1 and shared_by is None:
-                shared_by = (source, users)
+            if len(users) != 1 and shared is None:
+                shared = (source, users)
             if source.op == "placeholder":
                 self.note(norm, *self._boundary_reason(region, "input"))
-                return
+                return None
             if self._passes_through(region, source) or (flattened is None and _leading_flatten(source)):
                 if self._is_norm_node(region, source):
                     between.append(source)
                 current = source
                 continue
-            break
-        if flattened is None and _channel_cat_inputs(source) is not None:
-            self._look_into_concat(site, info, source, between, shared_by, current)
-            return
-        partner = self._fold_partner(region, source, norm, f"{name} reads the output of", f"{name} follows")
-        if partner is None:
-            return
-        layer_module, layer_name, kind = partner
-        if shared_by is not None:
-            node, users = shared_by
-            others = ", ".join(_describe(u) for u in users if u is not current)
-            self.note(norm, "output_used_elsewhere", f"the output of {_describe_in(region, node, self.index)} that "
-                      f"feeds {name} is also used by {others or 'another consumer'}")
-            return
-        if not norm_fits_layer(info, layer_module, kind):
-            self.note(norm, "no_fusable_neighbour", f"{name} ({type(norm).__qualname__}) does not normalise the "
-                      f"channel axis of {layer_name} ({type(layer_module).__qualname__})")
-            return
-        if flattened is not None:
-            # linear -> x.flatten(0, k) -> BatchNorm1d: exact when the norm sees (rows, features), i.e. the
-            # flatten merged every dim but the linear's feature dim; a conv's channels are not last.
-            if kind != LayerKind.LINEAR or info.kind != NormKind.BATCH_NORM:
-                self.note(norm, "no_fusable_neighbour", f"{name} reads {_describe(flattened)} of {layer_name}, "
-                          "whose channel axis is not the last")
-                return
-            if self.input_ranks.get(id(norm)) != {2}:
-                self.note(norm, "rank_unknown", f"{layer_name} -> {_describe(flattened)} -> {name}: the norm "
-                          "input is not proven 2-D (pass example_inputs)")
-                return
-        elif kind == LayerKind.LINEAR:
-            if not self._input_is_2d(CallSite(region, source)):
-                self.note(norm, "rank_unknown", f"{layer_name} -> {name}: the linear input is not proven 2-D "
-                          "(pass example_inputs)")
-                return
-        self.forward[self.site_key(site)] = (ForwardCandidate(CallSite(region, source), site, tuple(between)),)
+            return _WalkBack(source, current, between, shared, flattened)
 
-    def _look_into_concat(self, site: CallSite, info: NormInfo, cat: fx.Node, between: list[fx.Node],
-                          shared_by: tuple[fx.Node, list[fx.Node]] | None, current: fx.Node) -> None:
+    def _find_concatenated_layers(self, site: CallSite, info: NormInfo, walk: _WalkBack) -> None:
         """conv_1, ..., conv_k -> torch.cat(dim=1) -> norm: channel slice i of the norm folds into conv_i.
 
         Exact because the norm is a per-channel affine map and the concat only places each
@@ -563,14 +733,12 @@ class SiteAnalysis:
         """
         region, norm = site.region, site.module
         name = self.index.name(norm)
-        if shared_by is not None:
-            node, users = shared_by
-            others = ", ".join(_describe(u) for u in users if u is not current)
-            self.note(norm, "output_used_elsewhere", f"the output of {_describe_in(region, node, self.index)} that "
-                      f"feeds {name} is also used by {others or 'another consumer'}")
+        if walk.shared is not None:
+            self._note_shared(region, norm, walk.shared, walk.reader)
             return
-        inputs = _channel_cat_inputs(cat) or []  # never empty: the caller found a channel concat
-        candidates: list[ForwardCandidate] = []
+        cat = walk.source
+        inputs = channel_cat_inputs(cat) or []
+        candidates: list[FoldCandidate] = []
         seen: set[int] = set()
         start = 0
         for position, node in enumerate(inputs):
@@ -584,7 +752,7 @@ class SiteAnalysis:
             kind, refusal = self.index.layer(layer_module)
             if kind not in (LayerKind.CONV, LayerKind.CONV_TRANSPOSE):
                 code = refusal or "no_fusable_neighbour"
-                why = _REFUSAL_TEXT[refusal] if refusal else "not a conv or transposed conv layer"
+                why = self.index.refusal_detail(layer_module) if refusal else "not a conv or transposed conv layer"
                 self.note(norm, code, f"{name} reads torch.cat() whose input {position} comes from {layer_name} "
                           f"({type(layer_module).__qualname__}): {why}")
                 return
@@ -595,69 +763,46 @@ class SiteAnalysis:
             seen.add(id(layer_module))
             users = _value_users(node)
             if users != [cat]:
-                others = ", ".join(_describe(u) for u in users if u is not cat)
-                self.note(norm, "output_used_elsewhere", f"the output of {layer_name} that feeds {name} through "
-                          f"torch.cat() is also used by {others or 'another consumer'}")
+                self._note_shared(region, norm, (node, users), cat, " through torch.cat()")
                 return
-            if not norm_fits_layer(info, layer_module, kind):
-                self.note(norm, "no_fusable_neighbour", f"{name} ({type(norm).__qualname__}) does not normalise the "
-                          f"channel axis of {layer_name} ({type(layer_module).__qualname__})")
+            if not self._note_unless_fits(info, norm, layer_module, kind, NormPosition.AFTER):
                 return
             width = cast(int, layer_module.out_channels)
-            candidates.append(ForwardCandidate(CallSite(region, node), site, tuple(between), (start, start + width)))
+            candidates.append(FoldCandidate(NormPosition.AFTER, CallSite(region, node), site, tuple(walk.between),
+                                            (start, start + width)))
             start += width
         if start != info.num_features:
             widths = " + ".join(str(c.layer.module.out_channels) for c in candidates)
             self.note(norm, "no_fusable_neighbour", f"{name} has {info.num_features} channels but the convs "
                       f"concatenated before it have {widths} = {start}")
             return
-        self.forward[self.site_key(site)] = tuple(candidates)
+        self.after[self.site_key(site)] = tuple(candidates)
 
-    # -- norm -> conv/linear ---------------------------------------------------------------
-    def _look_downstream(self, site: CallSite, info: NormInfo) -> None:
-        region, norm_node = site.region, site.node
-        norm = site.module
+    # -- norm -> layer: the norm runs before the layer -----------------------------------------
+    def _find_layer_it_feeds(self, site: CallSite, info: NormInfo) -> None:
+        region, norm = site.region, site.module
         name = self.index.name(norm)
-        if info.has_act and not self._passes_through(region, norm_node):
+        if info.has_act and not self._passes_through(region, site.node):
             self.note(norm, "no_fusable_neighbour", f"{name} applies its activation "
                       f"({type(norm.act).__qualname__}) before any following layer")
             return
-        between: list[fx.Node] = []
-        current = norm_node
-        shared = None
-        while True:
-            users = _value_users(current)
-            if len(users) != 1:
-                if not users:
-                    return
-                if shared is None:
-                    shared = (current, users)
-                # Keep looking along the first user only to say whether a layer would follow.
-            user = users[0]
-            if user.op == "output":
-                self.note(norm, *self._boundary_reason(region, "output"))
-                return
-            if not _sole_input(user, current):
-                self.note(norm, "no_fusable_neighbour", f"{name} feeds {_describe(user)}")
-                return
-            if self._passes_through(region, user):
-                if self._is_norm_node(region, user):
-                    between.append(user)
-                current = user
-                continue
-            break
-        partner = self._fold_partner(region, user, norm, f"{name} feeds", f"{name} feeds")
+        walk = self._walk_on(site)
+        if walk is None:
+            return
+        partner = self._fold_partner(region, walk.consumer, norm, f"{name} feeds", f"{name} feeds")
         if partner is None:
             return
         layer_module, layer_name, kind = partner
-        if shared is not None:
-            node, users = shared
+        if self.index.weight_normed(layer_module) is not None:
+            self.note(norm, "parametrized", f"{name} feeds {layer_name}, whose weight is under weight_norm: the norm "
+                      "scales its input channels, which does not commute with the per-output-channel weight norm")
+            return
+        if walk.shared is not None:
+            node, users = walk.shared
             self.note(norm, "output_used_elsewhere", f"the output of {_describe_in(region, node, self.index)} "
                       f"after {name} has {len(users)} consumers")
             return
-        if not norm_fits_layer(info, layer_module, kind):
-            self.note(norm, "no_fusable_neighbour", f"{name} ({type(norm).__qualname__}) does not normalise the "
-                      f"channel axis that {layer_name} ({type(layer_module).__qualname__}) reads")
+        if not self._note_unless_fits(info, norm, layer_module, kind, NormPosition.BEFORE):
             return
         if kind == LayerKind.CONV_TRANSPOSE:
             self.note(norm, "transposed_after_bn", f"{name} feeds the transposed conv {layer_name}: the shift is "
@@ -668,11 +813,41 @@ class SiteAnalysis:
                    f"padding={layer_module.padding!r}, padding_mode={layer_module.padding_mode!r}")
             self.note(norm, "zero_padding", f"{name} feeds {layer_name}, which zero-pads ({how}): not exact at borders")
             return
-        if kind == LayerKind.LINEAR and not self._input_is_2d(site):
+        if kind == LayerKind.LINEAR and not self._ranks.input_is_2d(site):
             self.note(norm, "rank_unknown", f"{name} -> {layer_name}: the norm input is not proven 2-D "
                       "(pass example_inputs)")
             return
-        self.backward[self.site_key(site)] = BackwardCandidate(CallSite(region, user), site, tuple(between))
+        self.before[self.site_key(site)] = FoldCandidate(NormPosition.BEFORE, CallSite(region, walk.consumer), site,
+                                                         tuple(walk.between))
+
+    def _walk_on(self, site: CallSite) -> _WalkOn | None:
+        """Walk from the norm to the consumer of its output, or note why there is none and return None."""
+        region, norm = site.region, site.module
+        name = self.index.name(norm)
+        between: list[fx.Node] = []
+        current = site.node
+        shared = None
+        while True:
+            users = _value_users(current)
+            if len(users) != 1:
+                if not users:
+                    return None
+                if shared is None:
+                    shared = (current, users)
+                # Keep looking along the first user only to say whether a layer would follow.
+            user = users[0]
+            if user.op == "output":
+                self.note(norm, *self._boundary_reason(region, "output"))
+                return None
+            if not _sole_input(user, current):
+                self.note(norm, "no_fusable_neighbour", f"{name} feeds {_describe(user)}")
+                return None
+            if self._passes_through(region, user):
+                if self._is_norm_node(region, user):
+                    between.append(user)
+                current = user
+                continue
+            return _WalkOn(user, between, shared)
 
 
 _REFUSAL_TEXT = {
@@ -710,16 +885,18 @@ def conv_pads_exactly(module: nn.Module) -> bool:
     return all(p == 0 for p in padding)
 
 
-_CAT_FUNCTIONS = (torch.cat, torch.concat)
+#: The functions that concatenate tensors. A channel concat of conv outputs folds slice by slice
+#: (:func:`channel_cat_inputs`); ``verify`` does not compare a concat of folded layers' outputs.
+CONCAT_FUNCTIONS = (torch.cat, torch.concat)
 
 
-def _channel_cat_inputs(node: fx.Node) -> list | None:
+def channel_cat_inputs(node: fx.Node) -> list | None:
     """The tensor list of ``torch.cat(tensors, dim=1)`` / ``torch.concat``, else None.
 
     Only ``dim=1`` (the channel axis of conv outputs) is accepted: a negative dim names the
     channel axis only for a known rank, and any other dim mixes channels within a slice.
     """
-    if node.op != "call_function" or node.target not in _CAT_FUNCTIONS:
+    if node.op != "call_function" or node.target not in CONCAT_FUNCTIONS:
         return None
     args, kwargs = list(node.args), dict(node.kwargs)
     tensors = args.pop(0) if args else kwargs.pop("tensors", None)

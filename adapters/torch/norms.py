@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-__all__ = ["NormKind", "NormInfo", "NormRejection", "classify_norm", "norm_stats"]
+__all__ = ["NormKind", "NormInfo", "NormRejection", "is_norm", "classify_norm", "norm_stats"]
 
 
 class NormKind:
@@ -95,6 +95,25 @@ def _frozen_buffers(module: nn.Module) -> int | None:
     if not isinstance(eps, (int, float)) or isinstance(eps, bool):
         return None
     return width
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a BatchNorm-like normalisation layer: the project's one test of "is this a norm?".
+
+    True for torch's norm classes with running statistics (``_NormBase``: BatchNorm1d/2d/3d,
+    SyncBatchNorm, InstanceNorm, and subclasses such as timm's BatchNormAct2d), for anything
+    :func:`classify_norm` recognises (FrozenBatchNorm2d by name), and for any module holding
+    ``running_mean`` and ``running_var`` buffers of its own (look-alikes that subclass none of
+    them). Foldable or not: it also answers "is a norm still there?" after a fuser has run, so
+    it is deliberately broader than the set :func:`classify_norm` folds.
+
+    >>> is_norm(nn.BatchNorm2d(3)), is_norm(nn.Conv2d(3, 3, 1)), is_norm(nn.GroupNorm(1, 3))
+    (True, False, False)
+    """
+    if isinstance(module, _NormBase) or classify_norm(module) is not None:
+        return True
+    buffers = module._buffers
+    return buffers.get("running_mean") is not None and buffers.get("running_var") is not None
 
 
 def classify_norm(module: nn.Module) -> NormInfo | NormRejection | None:

@@ -40,7 +40,8 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..norms import is_norm
 
 __all__ = [
     "Case", "CASES", "FAMILIES", "get_case", "iter_cases", "is_norm_module", "norm_module_names",
@@ -95,14 +96,9 @@ def iter_cases(family: str | None = None) -> Iterator[Case]:
 # ---------------------------------------------------------------------------------------------
 # Norm-layer recognition, randomisation and counting
 
-def is_norm_module(module: nn.Module) -> bool:
-    """True for BatchNorm-like modules: ``_BatchNorm`` subclasses (incl. SyncBatchNorm and timm's
-    BatchNormAct2d) and modules holding ``running_mean`` and ``running_var`` buffers of their own
-    (torchvision's FrozenBatchNorm2d and look-alikes, which do not subclass ``_BatchNorm``)."""
-    if isinstance(module, _BatchNorm):
-        return True
-    own = {name for name, _ in module.named_buffers(recurse=False)}
-    return {"running_mean", "running_var"} <= own
+#: "Is this module a norm?" -- the adapter's one predicate (:func:`adapters.torch.norms.is_norm`), under the
+#: name the case suite has always exported.
+is_norm_module = is_norm
 
 
 def norm_module_names(model: nn.Module) -> list[str]:

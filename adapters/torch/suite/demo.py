@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..checking import verify
+from ..running import eval_mode
 from . import cases as case_suite
 from .loading import call_factory, load_callable, load_checkpoint
 
@@ -100,7 +101,6 @@ def time_forward(models: Sequence[nn.Module], inputs: tuple, *, repeats: int = 7
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    training = [(m, m.training) for model in models for m in model.modules()]
 
     clock = time.process_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
 
@@ -111,22 +111,16 @@ def time_forward(models: Sequence[nn.Module], inputs: tuple, *, repeats: int = 7
         _synchronize(device)
         return (clock() - start) / loops
 
-    try:
+    with eval_mode(*models), torch.no_grad():
         for model in models:
-            model.eval()
-        with torch.no_grad():
-            for model in models:
-                run(model, 2)
-            loops = 1
-            while run(models[0], loops) * loops < min_seconds and loops < 1 << 16:
-                loops *= 2
-            samples: list[list[float]] = [[] for _ in models]
-            for _ in range(repeats):
-                for model, times in zip(models, samples, strict=True):
-                    times.append(run(model, loops))
-    finally:
-        for module, flag in training:
-            module.training = flag
+            run(model, 2)
+        loops = 1
+        while run(models[0], loops) * loops < min_seconds and loops < 1 << 16:
+            loops *= 2
+        samples: list[list[float]] = [[] for _ in models]
+        for _ in range(repeats):
+            for model, times in zip(models, samples, strict=True):
+                times.append(run(model, loops))
     return [statistics.median(times) for times in samples]
 
 
@@ -152,7 +146,7 @@ def run_model(name: str, model: nn.Module, inputs: tuple, *, repeats: int = 7,
     folded = len({p.norm for p in report.folded})
     report_stage(f"fused ({folded} of {report.norms_found} norm layers folded) after {took()}; "
                  "verifying against the float64 reference")
-    verdict = verify(model, fused, *inputs)
+    verdict = verify(model, fused, inputs)
     reasons = Counter(skip.reason for skip in report.skipped)
     report_stage(f"verified ({'ok' if verdict.ok else 'FAILED'}, error ratio {verdict.ratio:.3g}) after {took()}; "
                  f"timing the forward pass ({repeats} runs of each model)")

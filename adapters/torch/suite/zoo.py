@@ -34,6 +34,8 @@ from types import MappingProxyType, ModuleType
 import torch
 from torch import nn
 
+from ..norms import is_norm
+
 __all__ = ["ZooEntry", "ZOO", "build", "example_input", "randomize_calibrated_norm_stats"]
 
 log = logging.getLogger(__name__)
@@ -55,23 +57,18 @@ def _require(library: str) -> ModuleType:
             f"(pip install 'bnfold[zoo]')") from error
 
 
-def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    # _BatchNorm covers BatchNorm1d/2d/3d, SyncBatchNorm and timm's BatchNormAct2d (a subclass).
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def _frozen_norms(model: nn.Module) -> list[nn.Module]:
-    # FrozenBatchNorm2d holds its affine parameters as buffers and has no training mode; it is
-    # recognised by its buffers so that torchvision need not be imported here.
-    names = {"weight", "bias", "running_mean", "running_var"}
-    found = []
+def _norms(model: nn.Module) -> tuple[list[nn.modules.batchnorm._BatchNorm], list[nn.Module]]:
+    """The model's norms (the adapter's one predicate, :func:`adapters.torch.norms.is_norm`), split into
+    those a training-mode pass calibrates (``_BatchNorm``: BatchNorm1d/2d/3d, SyncBatchNorm, timm's
+    BatchNormAct2d) and the rest (FrozenBatchNorm2d: buffers only, no training mode)."""
+    trainable: list[nn.modules.batchnorm._BatchNorm] = []
+    frozen: list[nn.Module] = []
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            continue
-        buffers = {name for name, _ in module.named_buffers(recurse=False)}
-        if names <= buffers and not any(True for _ in module.parameters(recurse=False)):
-            found.append(module)
-    return found
+            trainable.append(module)
+        elif is_norm(module):
+            frozen.append(module)
+    return trainable, frozen
 
 
 @torch.no_grad()
@@ -109,8 +106,7 @@ def randomize_calibrated_norm_stats(model: nn.Module, input_shape: tuple[int, ..
     on the calibration batch does not get a near-zero variance whose fold would scale its weights
     by ``1/sqrt(eps)``.
     """
-    norms = _batch_norms(model)
-    frozen = _frozen_norms(model)
+    norms, frozen = _norms(model)
     # The affine parameters are drawn first so that calibration sees them: architectures that
     # initialise them specially (timm zero-inits the last gamma of each residual block, RepVGG draws
     # gamma ~ N(0.1, 0.1)) would otherwise be calibrated for a scale they no longer have.
@@ -192,7 +188,8 @@ class ZooEntry:
             torch.manual_seed(seed)
             model = self._factory()
         generator = torch.Generator().manual_seed(seed)
-        if _frozen_norms(model) and not _batch_norms(model):
+        trainable, frozen = _norms(model)
+        if frozen and not trainable:
             # FrozenBatchNorm2d has no training mode to calibrate: calibrate the same network built
             # with BatchNorm2d and copy its state (FrozenBatchNorm2d drops num_batches_tracked on load).
             with torch.random.fork_rng(devices=[]):
