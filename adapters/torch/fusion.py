@@ -32,7 +32,7 @@ from torch.nn.parameter import is_lazy
 
 import refimpl
 
-from ..report import FoldedPair, FusionReport, SkippedNorm
+from ..report import FoldedPair, FusionReport, SkippedNorm, most_specific_reason
 from .graph import CallSite, LayerKind, ModelIndex, SiteAnalysis, analyse_sites, trace_regions
 from .norms import NormInfo, NormRejection, NormStats, norm_stats
 from .precision import round_once, scaled_copy, scaled_copy_buffer_size
@@ -40,11 +40,6 @@ from .precision import round_once, scaled_copy, scaled_copy_buffer_size
 __all__ = ["fuse", "fuse_conv_bn", "FoldedNormAct"]
 
 log = logging.getLogger("adapters.torch")
-
-# When several explanations apply to one unfused norm, the most specific is reported.
-_REASON_PRIORITY = ("overflow", "reused_incompatibly", "parametrized", "unsupported_layer", "rank_unknown",
-                    "output_used_elsewhere", "zero_padding", "transposed_after_bn", "untraceable",
-                    "no_fusable_neighbour")
 
 
 class FoldedNormAct(nn.Module):
@@ -712,11 +707,6 @@ def _veto_hidden_calls(planner: _Planner, index: ModelIndex, analysis: SiteAnaly
                 planner.vetoed_layers[module_id] = veto
 
 
-def _pick_reason(reasons: list[tuple[str, str]]) -> tuple[str, str]:
-    best = min(reasons, key=lambda r: _REASON_PRIORITY.index(r[0]) if r[0] in _REASON_PRIORITY else 99)
-    return best
-
-
 def _under(name: str, prefixes: dict[str, str]) -> str | None:
     """The longest proper ancestor (or the name itself) of ``name`` found in ``prefixes``."""
     parts = name.split(".")
@@ -751,7 +741,7 @@ def _build_report(model, index, traced, analysis, planner, plans, folded_norm_id
         if id(norm) in planner.vetoed_norms:
             reasons.append(planner.vetoed_norms[id(norm)])
         if reasons:
-            report.skipped.append(SkippedNorm(name, *_pick_reason(reasons)))
+            report.skipped.append(SkippedNorm(name, *most_specific_reason(reasons)))
             continue
         if id(norm) not in analysis.sites:
             opaque = _under(name, traced.opaque)
