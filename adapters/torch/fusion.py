@@ -20,8 +20,6 @@ import copy
 import gc
 import logging
 import math
-import signal
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -32,6 +30,7 @@ from torch.nn.parameter import is_lazy
 
 import refimpl
 
+from ..interrupts import interrupts_held
 from ..report import FoldedPair, FusionReport, SkippedNorm, most_specific_reason
 from .graph import CallSite, LayerKind, ModelIndex, SiteAnalysis, analyse_sites, trace_regions
 from .norms import NormInfo, NormRejection, NormStats, norm_stats
@@ -523,7 +522,7 @@ def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelI
         if device not in buffers:
             buffers[device] = torch.empty(scaled_copy_buffer_size(), dtype=plan.factor.dtype, device=device)
 
-    with _interrupts_held():
+    with interrupts_held():
         with torch.no_grad():
             for plan in in_place:
                 weight = plan.layer.weight.detach()
@@ -559,25 +558,6 @@ def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelI
                 attr, module = value
                 target._modules[attr] = module
         raise
-
-
-@contextlib.contextmanager
-def _interrupts_held():
-    """Hold back SIGINT (Ctrl-C) until the block ends, so in-place rewriting is never cut short.
-
-    Only the main thread can install signal handlers; elsewhere the block runs as it is.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            raise KeyboardInterrupt
 
 
 # -- the public entry points ----------------------------------------------------------------
