@@ -48,13 +48,14 @@ from onnx.reference.op_run import OpRun
 
 import refimpl
 from refimpl import compare_models
+from refimpl.rounding import round_once
 from refimpl.tolerance import perturb_once
 
 from ..verdict import LayerDivergence, ModelRunError, OutputCheck, Verdict
 
 __all__ = ["verify", "reference_outputs", "run_onnxruntime", "retyped_copy", "rounded_copy", "make_feeds",
-           "load_model", "graph_feeds", "Verdict", "OutputCheck", "LayerDivergence", "ModelRunError",
-           "FLOAT_TYPES"]
+           "load_model", "graph_feeds", "onnxruntime_session", "Verdict", "OutputCheck", "LayerDivergence",
+           "ModelRunError", "FLOAT_TYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +102,18 @@ def _retype_value_type(type_proto: onnx.TypeProto, target: int) -> None:
         _retype_value_type(type_proto.map_type.value_type, target)
 
 
+def _rounded(values: np.ndarray, dtype: Any) -> np.ndarray:
+    """``values`` rounded once to the numpy ``dtype`` of an ONNX float type (bfloat16 as ml_dtypes' type)."""
+    dtype = np.dtype(dtype)
+    rounded = round_once(values, dtype.name)
+    return rounded.view(dtype) if dtype.name == "bfloat16" else rounded
+
+
 def _retype_tensor(tensor: TensorProto, target: int, base_dir: str) -> None:
     if tensor.data_type not in FLOAT_TYPES or tensor.data_type == target:
         return
     values = numpy_helper.to_array(tensor, base_dir).astype(np.float64)
-    retyped = numpy_helper.from_array(values.astype(helper.tensor_dtype_to_np_dtype(target)), tensor.name)
+    retyped = numpy_helper.from_array(_rounded(values, helper.tensor_dtype_to_np_dtype(target)), tensor.name)
     retyped.doc_string = tensor.doc_string
     tensor.CopyFrom(retyped)
 
@@ -133,7 +141,7 @@ def _retype_node(node: onnx.NodeProto, target: int, base_dir: str) -> None:
               and attribute.name in ("value_float", "value_floats") and not attribute.ref_attr_name):
             # A float attribute makes a float32 Constant; a tensor attribute of the target type replaces it.
             values = np.array(attribute.f if attribute.name == "value_float" else list(attribute.floats))
-            tensor = numpy_helper.from_array(values.astype(helper.tensor_dtype_to_np_dtype(target)))
+            tensor = numpy_helper.from_array(_rounded(values, helper.tensor_dtype_to_np_dtype(target)))
             replaced.append(helper.make_attribute("value", tensor))
             continue
         replaced.append(attribute)
@@ -161,7 +169,7 @@ def retyped_copy(model: onnx.ModelProto, target: int = TensorProto.DOUBLE, *, ba
     ``value``, ...), ``Constant``'s ``value_float(s)``, the element type of every graph input, output
     and value_info, the ``to`` / ``dtype`` / ``output_dtype`` attributes of ai.onnx nodes when they
     name a float type, recursively in subgraphs (If/Loop/Scan bodies) and model-local functions.
-    Values are converted through float64 (exactly, for float64; rounded once otherwise).
+    Values are converted through float64 and rounded once (:func:`refimpl.rounding.round_once`).
 
     The copy computes the original graph's arithmetic in another precision. Inputs that the ONNX
     specification requires to be float32 whatever the data type (Resize's ``scales``) change too:
@@ -429,7 +437,8 @@ def _value_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     return found
 
 
-def _session(model: onnx.ModelProto, threads: int = 0):
+def onnxruntime_session(model: onnx.ModelProto, threads: int = 0) -> Any:
+    """An onnxruntime CPU session for ``model`` with every graph optimization disabled (large models via a file)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -457,7 +466,7 @@ def run_onnxruntime(model: onnx.ModelProto | str | os.PathLike, feeds: Mapping[s
     """
     model = load_model(model)
     names = list(output_names) if output_names is not None else [o.name for o in model.graph.output]
-    session = _session(_with_outputs(model, names), threads)
+    session = onnxruntime_session(_with_outputs(model, names), threads)
     needed = {i.name for i in session.get_inputs()}
     return list(session.run(names, {k: v for k, v in feeds.items() if k in needed}))
 
@@ -500,7 +509,7 @@ def rounded_copy(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
         values = numpy_helper.to_array(tensor)
         if values.size == 0:
             return
-        rounded = perturb_once(values.astype(np.float64), values.dtype, rng).astype(values.dtype)
+        rounded = _rounded(perturb_once(values.astype(np.float64), values.dtype.name, rng), values.dtype)
         tensor.CopyFrom(numpy_helper.from_array(rounded, tensor.name))
 
     def walk(graph: onnx.GraphProto) -> None:
