@@ -370,16 +370,37 @@ def _encode(values: np.ndarray, dtype: str) -> bytes:
     return rounded.astype(rounded.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
-def _tensor(template: TensorProto, name: str, dims: tuple[int, ...], raw: bytes) -> TensorProto:
-    """A tensor like ``template`` (element type, doc string, metadata) with new name, dims and data."""
-    tensor = TensorProto()
-    for fd, value in template.ListFields():
-        if fd.name not in _DATA_FIELDS and fd.name not in ("name", "dims"):
-            _copy_field(tensor, fd, value)
-    tensor.name = name
-    tensor.dims.extend(dims)
-    tensor.raw_data = raw
-    return tensor
+@dataclass
+class _NewValue:
+    """A constant's new value: element type and metadata from ``template``, ``dims``, data made on demand."""
+
+    template: TensorProto
+    dims: tuple[int, ...]
+    payload: Callable[[], bytes]
+
+    def fill(self, out: TensorProto, name: str) -> None:
+        """Write the value into the empty tensor ``out`` (made in place: its bytes are copied once)."""
+        raw = self.payload()
+        for fd, value in self.template.ListFields():
+            if fd.name not in _DATA_FIELDS and fd.name not in ("name", "dims"):
+                _copy_field(out, fd, value)
+        out.name = name
+        out.dims.extend(self.dims)
+        out.raw_data = raw
+
+    def replace(self, tensor: TensorProto) -> None:
+        """Rewrite ``tensor`` (the template itself) in place: same name, element type and metadata."""
+        raw = self.payload()
+        for name in _DATA_FIELDS:
+            tensor.ClearField(name)
+        del tensor.dims[:]
+        tensor.dims.extend(self.dims)
+        tensor.raw_data = raw
+
+    def tensor(self, name: str) -> TensorProto:
+        out = TensorProto()
+        self.fill(out, name)
+        return out
 
 
 def _scaled_weight(source: TensorProto, what: str, factor: np.ndarray, pre: float, dtype: str) -> bytes:
@@ -409,8 +430,8 @@ def _scaled_weight(source: TensorProto, what: str, factor: np.ndarray, pre: floa
 class _GraphEdits:
     """What happens to one graph's initializer list."""
 
-    rewrite: dict[str, Callable[[], TensorProto]] = field(default_factory=dict)
-    add: list[Callable[[], TensorProto]] = field(default_factory=list)
+    rewrite: dict[str, _NewValue] = field(default_factory=dict)
+    add: list[tuple[str, _NewValue]] = field(default_factory=list)
 
 
 class _Writer:
@@ -432,7 +453,7 @@ class _Writer:
         return self.graph_edits.setdefault(id(scope), _GraphEdits())
 
     def put_constant(self, layer: Layer, node_index: int, slot: int, ref: ConstRef | None, base: str,
-                     make: Callable[[str, TensorProto], TensorProto], template: TensorProto) -> None:
+                     value: _NewValue) -> None:
         """Give input ``slot`` of node ``node_index`` (the layer, or its Add) a new constant: rewrite ``ref`` where
         that input is its only reader, else a new initializer (a Constant node in a function) under a new name."""
         scope = layer.scope
@@ -440,19 +461,19 @@ class _Writer:
         node = scope.nodes[node_index]
         if ref is not None and ns.uses[ref.name] == 1:
             if ref.node is None:
-                self.edits(ref.scope).rewrite[ref.name] = lambda: make(ref.name, ref.tensor)
+                self.edits(ref.scope).rewrite[ref.name] = value
             else:
                 constant = ref.scope.nodes[ref.node]
-                tensor = make(ref.name, ref.tensor)
+                tensor = value.tensor(ref.name)
                 del constant.attribute[:]
                 constant.attribute.append(helper.make_attribute("value", tensor))
             return
         name = ns.unique(base)
         if scope.kind == "function":  # no initializers in a function: a Constant node right before the layer
-            constant = helper.make_node("Constant", [], [name], value=make(name, template))
+            constant = helper.make_node("Constant", [], [name], value=value.tensor(name))
             self.node_inserts.setdefault(id(scope), []).append((layer.node, constant))
         else:
-            self.edits(scope).add.append(lambda: make(name, template))
+            self.edits(scope).add.append((name, value))
         if ref is not None:
             self.released.add((id(ns), ref.name))
         if slot < len(node.input):
@@ -467,39 +488,31 @@ class _Writer:
         what = scope.describe(layer.node)
         weight_dtype = layer.weight.dtype
         assert weight_dtype is not None and plan.bias is not None
-        dims = layer.weight.dims
         if plan.factor is not None:
             factor = plan.factor
             pre = layer.alpha if layer.kind == LayerKind.GEMM else 1.0
+            source = layer.weight.tensor
 
-            def make_weight(name: str, template: TensorProto) -> TensorProto:
-                return _tensor(template, name, dims, _scaled_weight(layer.weight.tensor, what, factor, pre,
-                                                                    weight_dtype))
+            def weight_payload() -> bytes:
+                return _scaled_weight(source, what, factor, pre, weight_dtype)
         else:
             raw = _encode(plan.weight, weight_dtype)  # type: ignore[arg-type]
 
-            def make_weight(name: str, template: TensorProto) -> TensorProto:
-                return _tensor(template, name, dims, raw)
-        self.put_constant(layer, layer.node, 1, layer.weight, f"{layer.weight.name}_folded", make_weight,
-                          layer.weight.tensor)
+            def weight_payload() -> bytes:
+                return raw
+        self.put_constant(layer, layer.node, 1, layer.weight, f"{layer.weight.name}_folded",
+                          _NewValue(layer.weight.tensor, layer.weight.dims, weight_payload))
 
-        bias_template = layer.bias.tensor if layer.bias is not None else layer.weight.tensor
-        bias_dtype = FLOAT_TYPES[bias_template.data_type]
-        if layer.bias is not None and len(layer.bias.dims) == 2:
-            bias_dims: tuple[int, ...] = (1, layer.out_channels)
-        else:
-            bias_dims = (layer.out_channels,)
-        bias_raw = _encode(plan.bias, bias_dtype)
-
-        def make_bias(name: str, template: TensorProto) -> TensorProto:
-            return _tensor(template, name, bias_dims, bias_raw)
-
+        template = layer.bias.tensor if layer.bias is not None else layer.weight.tensor
+        bias_raw = _encode(plan.bias, FLOAT_TYPES[template.data_type])
+        two_d = layer.bias is not None and len(layer.bias.dims) == 2
+        bias = _NewValue(template, (1, layer.out_channels) if two_d else (layer.out_channels,), lambda: bias_raw)
         base = f"{node.name or layer.weight.name}_bias_folded"
         if layer.kind == LayerKind.MATMUL and layer.add is not None:
             slot = 1 if scope.nodes[layer.add].input[0] == node.output[0] else 0
-            self.put_constant(layer, layer.add, slot, layer.bias, base, make_bias, bias_template)
+            self.put_constant(layer, layer.add, slot, layer.bias, base, bias)
         else:
-            self.put_constant(layer, layer.node, 2, layer.bias, base, make_bias, bias_template)
+            self.put_constant(layer, layer.node, 2, layer.bias, base, bias)
         if layer.kind == LayerKind.GEMM:
             for attr in node.attribute:
                 if attr.name in ("alpha", "beta"):
@@ -627,18 +640,21 @@ class _Writer:
         if scope.kind == "graph" and self.source_initializers is not None:
             for tensor in self.source_initializers:
                 if tensor.name not in dead:
-                    make = edits.rewrite.get(tensor.name)
-                    graph.initializer.append(make() if make is not None else tensor)
+                    value = edits.rewrite.get(tensor.name)
+                    if value is None:
+                        graph.initializer.add().CopyFrom(tensor)  # add().CopyFrom: far faster than append()
+                    else:
+                        value.fill(graph.initializer.add(), tensor.name)
         else:
             for tensor in graph.initializer:
-                make = edits.rewrite.get(tensor.name)
-                if make is not None:
-                    tensor.CopyFrom(make())
-        for make in edits.add:
-            tensor = make()
-            graph.initializer.append(tensor)
+                value = edits.rewrite.get(tensor.name)
+                if value is not None:
+                    value.replace(tensor)
+        for name, value in edits.add:
+            tensor = graph.initializer.add()
+            value.fill(tensor, name)
             if scope.kind == "graph" and self.model.ir_version < 4:  # below IR 4 initializers are also inputs
-                graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+                graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
 
     def _drop_initializers(self, scope: Scope, dead: set[str]) -> None:
         graph = scope.proto

@@ -376,7 +376,12 @@ def skeleton(model: ModelProto, initializers: dict[str, TensorProto]) -> ModelPr
 
 
 def _copy_field(target, fd, value) -> None:
-    if fd.is_repeated:
+    """Copy one field's value (protobuf's repeated ``add().CopyFrom`` is several times faster than ``extend``)."""
+    if fd.is_repeated and fd.type == fd.TYPE_MESSAGE:
+        field = getattr(target, fd.name)
+        for item in value:
+            field.add().CopyFrom(item)
+    elif fd.is_repeated:
         getattr(target, fd.name).extend(value)
     elif fd.type == fd.TYPE_MESSAGE:
         getattr(target, fd.name).CopyFrom(value)
