@@ -65,8 +65,8 @@ _KINDS = {(LayerKind.CONV, "forward"): "conv->bn", (LayerKind.CONV_TRANSPOSE, "f
           (LayerKind.CONV, "backward"): "bn->conv", (LayerKind.GEMM, "backward"): "bn->linear",
           (LayerKind.MATMUL, "backward"): "bn->linear"}
 
-#: Elements per block of the float64 buffer that scales a weight (2 MiB: stays in cache).
-_BLOCK = 1 << 18
+#: Elements per block of the float64 buffer that scales a weight (512 KiB: stays in cache).
+_BLOCK = 1 << 16
 
 
 # -- input ----------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ class _LayerPlan:
     layer: Layer
     steps: list[_Step]
     factor: np.ndarray | None = None     # forward-only folds: W' = (W * pre) * factor (storage layout)
-    weight: np.ndarray | None = None     # otherwise the new weight (storage layout, float64)
+    weight: bytes | None = None          # otherwise the new weight, rounded (raw_data)
     bias: np.ndarray | None = None       # the new bias vector (float64)
     changes: list[float] = field(default_factory=list)
 
@@ -331,7 +331,7 @@ def _compute(plan: _LayerPlan) -> str | None:
             plan.changes.append(_relative(float(np.abs(new_w - w).max()) if w.size else 0.0, scale))
             w = new_w
         peak = float(np.abs(w).max()) if w.size else 0.0
-        plan.weight, plan.factor = _stored_view(layer, w), None
+        plan.weight, plan.factor = _encode(_stored_view(layer, w), weight_dtype), None
     else:
         unit = _unit_shape(layer)
         factor = np.ones(unit)
@@ -421,6 +421,7 @@ def _scaled_weight(source: TensorProto, what: str, factor: np.ndarray, pre: floa
         else:
             np.multiply(block, factor[start:start + step] if row_factor else factor, out=work)
         out[start:start + step] = round_once(work, dtype)
+    del stored, block  # the copy of the old bytes goes before the new bytes are made: two layers' worth at most
     return out.astype(out.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
@@ -496,7 +497,8 @@ class _Writer:
             def weight_payload() -> bytes:
                 return _scaled_weight(source, what, factor, pre, weight_dtype)
         else:
-            raw = _encode(plan.weight, weight_dtype)  # type: ignore[arg-type]
+            raw = plan.weight
+            assert raw is not None
 
             def weight_payload() -> bytes:
                 return raw
