@@ -144,6 +144,7 @@ SINGLE_FOLDS = [
     ("shared_weight_two_bns", "conv_b", [("bn_b", "after", None)]),
     ("if_branches_bn", "then_conv", [("then_bn", "after", None)]),
     ("loop_body_bn", "body_conv", [("body_bn", "after", None)]),
+    ("scan_body_gemm_bn", "body_fc", [("body_bn", "after", None)]),
 ]
 
 
@@ -173,6 +174,7 @@ def test_folded_values_are_refimpl_folds_rounded_once(case, layer, norms):
 @pytest.mark.parametrize(("case", "layer", "norms"), [
     ("conv_bn_bn", "conv", [("bn1", "after", None), ("bn2", "after", None)]),
     ("bn_bn_conv", "conv", [("bn2", "before", None), ("bn1", "before", None)]),
+    ("if_branch_local_initializers", "then_conv", [("then_bn1", "after", None), ("then_bn2", "after", None)]),
 ])
 def test_chains_fold_every_norm_in_dataflow_order(case, layer, norms):
     _assert_weights(case, layer, norms, ulps=1)

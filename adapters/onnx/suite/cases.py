@@ -100,7 +100,8 @@ class GraphBuilder:
     """
 
     def __init__(self, name: str, *, opset: int = 17, dtype: Any = np.float32, parent: GraphBuilder | None = None,
-                 rng: np.random.Generator | None = None, keep_value_info: bool = False):
+                 rng: np.random.Generator | None = None, keep_value_info: bool = False,
+                 local_initializers: bool = False):
         self.name = name
         self.opset = opset
         self.dtype = np.dtype(dtype)
@@ -117,6 +118,7 @@ class GraphBuilder:
         self.ir_version: int | None = None
         self.initializers_as_inputs = False   # IR version 3 lists every initializer as a graph input
         self.keep_value_info = keep_value_info  # keep the inferred value_info (a folder must clean it up)
+        self.local_initializers = local_initializers  # a subgraph that holds its own initializers
         self.declared: dict[str, onnx.ValueInfoProto] = {}  # output types shape inference cannot give
 
     # -- values ---------------------------------------------------------------------------
@@ -132,9 +134,9 @@ class GraphBuilder:
         return name
 
     def init(self, name: str, array: np.ndarray) -> str:
-        """An initializer of the main graph (a subgraph's builder reads it from the outer scope)."""
+        """An initializer of the main graph (a subgraph reads it from the outer scope), or of this subgraph."""
         root = self
-        while root.parent is not None:
+        while root.parent is not None and not root.local_initializers:
             root = root.parent
         root.initializers.append(numpy_helper.from_array(np.asarray(array), name))
         return name
@@ -701,6 +703,42 @@ def _loop_body_bn(b: GraphBuilder) -> None:
                         helper.make_tensor_value_info(y, TensorProto.FLOAT, [2, 4, 6, 6])])
     b.output(b.node("Loop", [trips, "", x], "loop", body=graph))
     b.declare("loop_out", [2, 4, 6, 6])
+
+
+@_register("if_branch_local_initializers", "graph", folds=2, norms_left=0)
+def _if_branch_local(b: GraphBuilder) -> None:
+    """An If whose then-branch holds its own initializers (Conv -> BN -> BN, weights and statistics inside the
+    subgraph) and whose else-branch is Conv -> Relu on outer weights: both BNs of the then-branch fold into its
+    conv; the subgraph's BN initializers go; two folds."""
+    x = b.input("x", [2, 3, 6, 6])
+    cond = b.input("cond", [], np.bool_, value=np.array(True))
+    then = GraphBuilder("then_branch", parent=b, rng=b.rng, local_initializers=True)
+    t = then.bn(then.bn(then.conv(x, "then_conv", 3, 4, 3, **_PAD1), "then_bn1", 4), "then_bn2", 4)
+    other = GraphBuilder("else_branch", parent=b, rng=b.rng)
+    e = other.node("Relu", [other.conv(x, "else_conv", 3, 4, 3, **_PAD1)], "else_relu")
+    info = [2, 4, 6, 6]
+    b.output(b.node("If", [cond], "if",
+                    then_branch=then.graph([helper.make_tensor_value_info(t, TensorProto.FLOAT, info)]),
+                    else_branch=other.graph([helper.make_tensor_value_info(e, TensorProto.FLOAT, info)])))
+
+
+@_register("scan_body_gemm_bn", "graph", folds=1, norms_left=0)
+def _scan_body_gemm_bn(b: GraphBuilder) -> None:
+    """A Scan over 3 steps whose body runs Gemm (outer-scope weight) -> BN -> Add(state) on each (2, 4) slice:
+    the Gemm output is 2-D by definition, so the BN folds inside the body; one fold."""
+    x = b.input("x", [3, 2, 4])
+    state = b.input("state", [2, 5])
+    body = GraphBuilder("scan_body", parent=b, rng=b.rng)
+    body.inputs = [helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [2, 5]),
+                   helper.make_tensor_value_info("x_t", TensorProto.FLOAT, [2, 4])]
+    y = body.node("Gemm", ["x_t", body.weight("fc.weight", (5, 4), 4), body.init("fc.bias", body.uniform((5,), 0.5))],
+                  "body_fc", transB=1)
+    s_out = body.node("Add", [body.bn(y, "body_bn", 5), "s_in"], "body_add")
+    y_t = body.node("Identity", [s_out], "body_out")
+    graph = body.graph([helper.make_tensor_value_info(s_out, TensorProto.FLOAT, [2, 5]),
+                        helper.make_tensor_value_info(y_t, TensorProto.FLOAT, [2, 5])])
+    b.node("Scan", [state, x], "scan", outputs=["final_state", "ys"], body=graph, num_scan_inputs=1)
+    b.output("final_state", "ys")
 
 
 def _local_function(name: str, nodes: list[onnx.NodeProto], inputs: list[str], opset: int,
