@@ -83,7 +83,7 @@ def _expected(original: onnx.ModelProto, layer: str, norms: list[tuple[str, str,
         scale, beta, mean, var = (_float64(inits[n]) for n in bn.input[1:])
         if channels is not None:
             scale, beta, mean, var = (v[channels[0]:channels[1]] for v in (scale, beta, mean, var))
-        stats = (mean, var, _attr(bn, "epsilon", 1e-5), scale, beta)
+        stats = (mean, var, float(np.float32(_attr(bn, "epsilon", 1e-5))), scale, beta)  # a float32 attribute
         if side == "after" and kind in ("Gemm", "MatMul"):
             w, b = refimpl.fold_linear_bn(w, b, *stats)
         elif side == "after":

@@ -551,7 +551,8 @@ def _norm(index: ModelIndex, scope: Scope, node_index: int) -> Norm:
     used = [o for o in extra if scope.namespace.uses[o]]
     if used:
         raise _Rejected("output_used_elsewhere", f"{what}'s optional outputs {used} are read")
-    epsilon = attribute_value(node, "epsilon", 1e-5)
+    # Attributes are float32: the default 1e-5 means float32(1e-5), as onnxruntime reads it.
+    epsilon = float(np.float32(attribute_value(node, "epsilon", 1e-5)))  # type: ignore[arg-type]
     spatial = attribute_value(node, "spatial", 1) if scope.opset < 9 else 1
     params = tuple(index.constant(scope, name) for name in node.input[1:])
     for ref, role in zip(params, ("scale", "B", "mean", "var"), strict=True):
@@ -568,8 +569,8 @@ def _norm(index: ModelIndex, scope: Scope, node_index: int) -> Norm:
             raise _Rejected("not_per_channel", f"{what} has spatial=0 with parameters of shape {list(shape)}: "
                             "statistics per activation, not per channel")
         raise ValueError(f"{what}: parameters of shape {list(shape)}, expected one value per channel")
-    assert isinstance(epsilon, float)
-    return Norm(scope, node_index, params, float(epsilon), shape[0], needs_2d=not spatial)  # type: ignore[arg-type]
+    scale, bias, mean, var = params
+    return Norm(scope, node_index, (scale, bias, mean, var), epsilon, shape[0], needs_2d=not spatial)
 
 
 def _conv_pads_nothing(node: NodeProto, weight_dims: tuple[int, ...]) -> tuple[bool, str]:
