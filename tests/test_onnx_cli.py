@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import refimpl
 from adapters.onnx.__main__ import main
-from adapters.onnx.suite.cases import get_case
+from adapters.onnx.suite.cases import count_batch_norms, get_case
 
 pytest.importorskip("onnxruntime")
 
@@ -72,6 +72,45 @@ def _folded_by_hand(model: onnx.ModelProto, scale_channel: int | None = None) ->
                                      numpy_helper.from_array(bias.astype(np.float32), conv.input[2])])
     onnx.checker.check_model(folded, full_check=True)
     return folded
+
+
+# --------------------------------------------------------------------------------------------------
+# The main job
+
+
+def test_main_job_folds_writes_and_reports(conv_bn, tmp_path):
+    from adapters.onnx import verify
+
+    out = tmp_path / "folded.onnx"
+    result = _run(str(conv_bn), "-o", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "conv->bn" in result.stdout and "1 of 1 norm layer(s) folded" in result.stdout
+    assert result.stdout.rstrip().endswith(f"wrote {out}")
+    folded = onnx.load(out)
+    onnx.checker.check_model(folded, full_check=True)
+    assert count_batch_norms(folded) == 0
+    assert verify(onnx.load(conv_bn), folded).ok
+
+
+def test_main_job_json_with_verify(conv_bn, tmp_path, capsys):
+    out = tmp_path / "folded.onnx"
+    assert main([str(conv_bn), "-o", str(out), "--json", "--verify"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [(p["norm"], p["layer"], p["kind"]) for p in data["report"]["folded"]] == [("bn", "conv", "conv->bn")]
+    assert data["verify"]["ok"] is True and data["output"] == str(out)
+
+
+def test_main_job_bad_values_are_named_and_nothing_is_written(tmp_path):
+    model = get_case("conv2d_bn").build()
+    for tensor in model.graph.initializer:
+        if tensor.name.endswith(".var"):
+            values = numpy_helper.to_array(tensor).copy()
+            values[1] = -3.0
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    path = _save(model, tmp_path / "negative_variance.onnx")
+    out = tmp_path / "out.onnx"
+    _assert_bad_input(_run(str(path), "-o", str(out)), "cannot fold", "channel 1", "-3.0")
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -116,3 +116,15 @@ def test_zoo_counts_agree_with_the_torch_zoo():
         if name in ZOO:
             assert (entry.batch_norms, entry.norms_left) == (ZOO[name].norm_layers, ZOO[name].unfoldable)
     assert max(entry.parameters_m for entry in ONNX_ZOO.values()) > 100
+
+
+def test_resnet18_export_folds_completely_and_verifies(resnet18):
+    from adapters.onnx import fuse, verify
+
+    entry, model, feeds = resnet18
+    folded, report = fuse(model)
+    assert count_batch_norms(folded) == entry.norms_left == 0
+    assert len(report.folded) == entry.batch_norms and not report.skipped
+    verdict = verify(model, folded, feeds)
+    assert verdict.ok, str(verdict)
+    assert verdict.layers_compared > 0

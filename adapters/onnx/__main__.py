@@ -72,10 +72,6 @@ examples:
   python -m adapters.onnx audit adapters.onnx:fuse_bn adapters.onnx.suite.peers:onnxsim_simplify --markdown
 """
 
-#: BatchNormalization exists as it is folded from opset 7 on (opsets 1 and 6 have is_test/consumed_inputs).
-MIN_OPSET = 7
-
-
 class BadInput(Exception):
     """Bad input: reported on one line, exit status 2, nothing written."""
 
@@ -88,6 +84,8 @@ def _fail(message: str) -> int:
 def _readable_model(path_text: str, what: str) -> Any:
     """Load and check the model at ``path_text``; BadInput naming the file if it cannot be used."""
     import onnx
+
+    from .graph import MIN_OPSET
 
     path = Path(path_text)
     if not path.exists():

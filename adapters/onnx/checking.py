@@ -24,7 +24,8 @@ Three engines, three roles:
   floating-point initializers are each rounded once more (:func:`rounded_copy`).
 
 Besides the graph outputs, every intermediate value the two graphs share by name is compared the
-same way (in the original's node order) unless folding legitimately changes it: the outputs of
+same way (in the original's node order) unless folding legitimately changes it: constants and what
+is computed from constants alone (a fold rewrites a Constant node's value in place), the outputs of
 Conv, ConvTranspose, Gemm, MatMul and BatchNormalization nodes, and what merely reshapes, renames,
 concatenates or offsets such a value by constants. The first value that breaks the error model is
 named, with the nodes that could have caused it.
@@ -36,6 +37,7 @@ import logging
 import math
 import os
 import tempfile
+import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,15 +54,13 @@ from refimpl.rounding import round_once
 from refimpl.tolerance import perturb_once
 
 from ..verdict import LayerDivergence, ModelRunError, OutputCheck, Verdict
+from .graph import FLOAT_TYPES, skeleton
 
 __all__ = ["verify", "reference_outputs", "run_onnxruntime", "retyped_copy", "rounded_copy", "make_feeds",
            "load_model", "graph_feeds", "onnxruntime_session", "Verdict", "OutputCheck", "LayerDivergence",
-           "ModelRunError", "FLOAT_TYPES"]
+           "ModelRunError"]
 
 logger = logging.getLogger(__name__)
-
-#: The floating-point tensor element types a float64 reference replaces.
-FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
 
 #: Integer attributes of ai.onnx ops that name an element type (Cast's ``to``; ``dtype`` of EyeLike,
 #: RandomNormal and friends; ``output_dtype`` of DequantizeLinear): a float type there becomes the target.
@@ -410,13 +410,17 @@ def _shape_text(dims: Iterable[onnx.TensorShapeProto.Dimension]) -> str:
     return "[" + ", ".join(_dim_text(d) for d in dims) + "]"
 
 
-def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str],
+                  types: Mapping[str, onnx.ValueInfoProto] | None = None) -> onnx.ModelProto:
     """``model`` with ``names`` (values of its main graph, with known types) added to the graph outputs."""
     present = {o.name for o in model.graph.output}
     extra = [n for n in names if n not in present]
     if not extra:
         return model
-    typed = _value_types(model)
+    typed = _value_types(model) if types is None else types
+    missing = [n for n in extra if n not in typed]
+    if missing:
+        raise ValueError(f"no type known for the value(s) {missing[:5]}: cannot fetch them from onnxruntime")
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     for name in extra:
@@ -425,16 +429,31 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
 
 
 def _value_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
-    """Every main-graph value with a known tensor element type, from the graph and onnx shape inference."""
+    """Every main-graph value with a known tensor element type, from the graph and onnx shape inference.
+
+    Shape inference runs on the model's skeleton (large initializers as typed inputs), so its cost
+    does not grow with the weights.
+    """
+    skeleton_model = skeleton(model, {t.name: t for t in model.graph.initializer})
     try:
-        inferred = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < _PROTO_LIMIT else model
+        inferred = onnx.shape_inference.infer_shapes(skeleton_model)
     except Exception:  # a graph the inferencer rejects: use the types it states itself
-        inferred = model
+        inferred = skeleton_model
     found: dict[str, onnx.ValueInfoProto] = {}
     for value in (*inferred.graph.value_info, *model.graph.value_info, *model.graph.output):
         if value.type.WhichOneof("value") == "tensor_type" and value.type.tensor_type.elem_type:
             found[value.name] = value
     return found
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    """The main graph's initializer bytes, from their dims (no serialization)."""
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_location != TensorProto.EXTERNAL:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+            total += math.prod(tensor.dims) * itemsize
+    return total
 
 
 def onnxruntime_session(model: onnx.ModelProto, threads: int = 0) -> Any:
@@ -448,7 +467,7 @@ def onnxruntime_session(model: onnx.ModelProto, threads: int = 0) -> Any:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     providers = ["CPUExecutionProvider"]
-    if model.ByteSize() < _PROTO_LIMIT:
+    if _weight_bytes(model) < _PROTO_LIMIT // 2 or model.ByteSize() < _PROTO_LIMIT:
         return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=providers)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
@@ -533,25 +552,29 @@ def rounded_copy(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
 # Judging
 
 
-def _constant_names(graph: onnx.GraphProto) -> set[str]:
+def _constant_values(graph: onnx.GraphProto) -> set[str]:
+    """Initializers, Constant outputs and every value computed from constants alone (in node order)."""
     names = {t.name for t in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
-    names |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    for node in graph.node:
+        if all(i in names for i in node.input if i):
+            names.update(o for o in node.output if o)
     return names
 
 
 def _changed_values(graph: onnx.GraphProto) -> set[str]:
-    """Values a fold legitimately changes: outputs of layer/norm nodes and what merely passes them on."""
-    constants = _constant_names(graph)
-    changed: set[str] = set()
+    """Values a fold legitimately changes: constants (folding rewrites them), outputs of layer/norm nodes,
+    and what merely passes such an output on."""
+    constants = _constant_values(graph)
+    changed: set[str] = set(constants)
     for node in graph.node:
         if node.op_type in _CHANGED_OPS:
             changed.update(node.output)
             continue
         inputs = [i for i in node.input if i]
-        if node.op_type == "Concat" and any(i in changed for i in inputs):
+        varying = [i for i in inputs if i not in constants]
+        if node.op_type == "Concat" and any(i in changed for i in varying):
             changed.update(node.output)
-        elif (node.op_type in _PASSING_OPS and any(i in changed for i in inputs)
-              and all(i in changed or i in constants for i in inputs) and sum(i in changed for i in inputs) == 1):
+        elif node.op_type in _PASSING_OPS and len(varying) == 1 and varying[0] in changed:
             changed.update(node.output)
     return changed
 
@@ -635,7 +658,8 @@ def verify(original: onnx.ModelProto | str | os.PathLike, folded: onnx.ModelProt
         notes.append(f"outputs renamed: {output_names} -> {folded_outputs} (compared by position)")
 
     intermediate: list[str] = []
-    changed: set[str] = set()
+    types_original: dict[str, onnx.ValueInfoProto] = {}
+    types_folded: dict[str, onnx.ValueInfoProto] = {}
     if per_node:
         types_original = _value_types(original)
         types_folded = _value_types(folded)
@@ -645,17 +669,22 @@ def verify(original: onnx.ModelProto | str | os.PathLike, folded: onnx.ModelProt
                         if name in types_original and name in types_folded and name not in changed
                         and name not in skip and types_original[name].type.tensor_type.elem_type in FLOAT_TYPES]
         intermediate = list(dict.fromkeys(intermediate))
+    original_names = output_names + intermediate
+    folded_names = folded_outputs + intermediate
 
     def run(which: str, model: onnx.ModelProto, names: Sequence[str], engine=run_onnxruntime) -> list[np.ndarray]:
         try:
             return engine(model, feeds, names)
         except Exception as error:  # any failure to load or run a graph is reported, naming the graph
+            traceback.clear_frames(error.__traceback__)  # no session outlives the run in a frame
             raise ModelRunError(which, error) from error
 
-    reference = run("reference", original, output_names + intermediate, reference_outputs)
-    unfused = run("original", original, output_names + intermediate)
-    fused = run("folded", folded, folded_outputs + intermediate)
-    perturbed = [run("original", rounded_copy(original, seed + trial), output_names + intermediate)
+    reference = run("reference", original, original_names, reference_outputs)
+    # Each graph gets its compared values as graph outputs once; its rounded copies inherit them.
+    original_fetching = _with_outputs(original, original_names, types_original)
+    unfused = run("original", original_fetching, original_names)
+    fused = run("folded", _with_outputs(folded, folded_names, types_folded), folded_names)
+    perturbed = [run("original", rounded_copy(original_fetching, seed + trial), original_names)
                  for trial in range(rounding_trials)]
 
     checks: list[OutputCheck] = []

@@ -21,11 +21,12 @@ A pass that modifies the model it is given, besides returning a result, is noted
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import importlib.util
 import logging
 import multiprocessing
-import os
+import pickle
 import signal
 import time
 import traceback
@@ -117,60 +118,112 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 def audit_one(fold_pass: Pass, target: AuditTarget, *, isolate: bool = True) -> AuditResult:
     """Run ``fold_pass`` on a copy of ``target``'s model and judge what it returns.
 
-    With ``isolate`` (and where the OS can fork) the pass and every run of what it returned happen
-    in a forked child process: a returned graph can crash onnxruntime itself (a segmentation fault
-    on some malformed BatchNormalization nodes), which then is that model's CRASH, not the audit's
-    end. The model and its feeds are built in this process (zoo exports run torch, which is not
-    safe to use in a forked child).
+    With ``isolate`` the pass and every run of what it returned happen in a separate worker process
+    (see :class:`IsolatedJudge`); otherwise in this one.
     """
-    start = time.perf_counter()
-    model = target.build()
-    feeds = target.inputs()
-    if not isolate or not hasattr(os, "fork"):
-        return _judge(fold_pass, target, model, feeds, start, lambda stage: None)
-    return _judge_in_child(fold_pass, target, model, feeds, start)
+    if not isolate:
+        start = time.perf_counter()
+        return _judge(fold_pass, target, target.build(), target.inputs(), start, lambda stage: None)
+    with IsolatedJudge() as judge:
+        return judge(fold_pass, target)
 
 
-def _judge_in_child(fold_pass: Pass, target: AuditTarget, model: onnx.ModelProto, feeds: dict[str, np.ndarray],
-                    start: float) -> AuditResult:
-    context = multiprocessing.get_context("fork")
-    receiver, sender = context.Pipe(duplex=False)
+class IsolatedJudge:
+    """Judges passes in a worker process, so that a graph which crashes onnxruntime itself (a segmentation
+    fault on some malformed BatchNormalization nodes) is that model's CRASH and not the audit's end.
 
-    def child() -> None:
-        faulthandler.disable()  # a native crash is reported as this case's CRASH, not as a traceback dump
+    The worker is a fresh interpreter (``spawn``): onnxruntime does not survive ``fork`` once a session
+    existed in the parent (destroying a session in the child waits forever on the parent's threads). It
+    is started on first use, reused for every model, and restarted after it dies. The pass must be
+    picklable (a module-level function or class instance, as ``MODULE:FUNCTION`` names); the model and
+    its feeds are built here (zoo exports run torch) and sent to the worker.
+    """
+
+    def __init__(self) -> None:
+        self._context = multiprocessing.get_context("spawn")
+        self._process: Any = None
+        self._connection: Any = None
+
+    def __enter__(self) -> IsolatedJudge:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        parent, child = self._context.Pipe()
+        self._process = self._context.Process(target=_worker, args=(child,), name="bnfold audit worker", daemon=True)
+        self._process.start()
+        child.close()
+        self._connection = parent
+
+    def close(self) -> None:
+        if self._process is None:
+            return
         try:
-            outcome = _judge(fold_pass, target, model, feeds, start, lambda stage: sender.send(("stage", stage)))
-            sender.send(("result", outcome))
-        except BaseException as error:  # reported to the parent, which raises it there
-            sender.send(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+            self._connection.send(None)
+        except OSError:
+            pass
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._connection.close()
+        self._process = self._connection = None
 
-    process = context.Process(target=child, name=f"audit {target.name}", daemon=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12+: fork() of a multi-threaded process
-        process.start()
-    sender.close()
-    stage = "starting"
-    message: tuple[str, Any] | None = None
+    def __call__(self, fold_pass: Pass, target: AuditTarget) -> AuditResult:
+        start = time.perf_counter()
+        model, feeds = target.build(), target.inputs()
+        if self._process is None or not self._process.is_alive():
+            self._start()
+        stage = "the worker started"
+        try:
+            self._connection.send((fold_pass, _meta(target), model.SerializeToString(), feeds))
+            while True:
+                kind, payload = self._connection.recv()
+                if kind == "stage":
+                    stage = payload
+                elif kind == "result":
+                    return dataclasses.replace(payload, seconds=time.perf_counter() - start)
+                else:
+                    raise RuntimeError(f"auditing {target.name} failed in the worker: {payload}")
+        except (EOFError, OSError):
+            pass  # the worker died: below
+        self._process.join()
+        code = self._process.exitcode or 0
+        self._connection.close()
+        self._process = self._connection = None
+        cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        return AuditResult(target.name, target.family, "CRASH", None, target.norms_left, None, None,
+                           f"the process died ({cause}) while {stage}", time.perf_counter() - start)
+
+
+def _meta(target: AuditTarget) -> AuditTarget:
+    """``target`` without its build functions (which need not be picklable); the worker gets the model itself."""
+    return AuditTarget(target.name, target.family, _unavailable, _unavailable, target.norms_left)
+
+
+def _unavailable() -> Any:
+    raise RuntimeError("the worker is sent the built model, not the means to build it")
+
+
+def _worker(connection: Any) -> None:
+    """The worker's loop: judge each (pass, target, model, feeds) it is sent until it gets None."""
+    faulthandler.disable()  # a native crash is reported as that model's CRASH, not as a traceback dump
     while True:
         try:
-            kind, payload = receiver.recv()
+            job = connection.recv()
         except EOFError:
-            break
-        if kind == "stage":
-            stage = payload
-        else:
-            message = (kind, payload)
-            break
-    process.join()
-    receiver.close()
-    if message is not None and message[0] == "result":
-        return message[1]
-    if message is not None:
-        raise RuntimeError(f"auditing {target.name} failed: {message[1]}")
-    code = process.exitcode or 0
-    cause = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-    return AuditResult(target.name, target.family, "CRASH", None, target.norms_left, None, None,
-                       f"the process died ({cause}) while {stage}", time.perf_counter() - start)
+            return
+        if job is None:
+            return
+        fold_pass, target, serialized, feeds = job
+        try:
+            outcome = _judge(fold_pass, target, onnx.ModelProto.FromString(serialized), feeds, time.perf_counter(),
+                             lambda stage: connection.send(("stage", stage)))
+            connection.send(("result", outcome))
+        except BaseException as error:  # reported to the parent, which raises it there
+            connection.send(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
 
 
 def _judge(fold_pass: Pass, target: AuditTarget, model: onnx.ModelProto, feeds: dict[str, np.ndarray],
@@ -240,12 +293,27 @@ def _judge(fold_pass: Pass, target: AuditTarget, model: onnx.ModelProto, feeds: 
 
 def run_audit(fold_pass: Pass, targets: Iterable[AuditTarget],
               on_result: Callable[[AuditResult], None] | None = None, *, isolate: bool = True) -> list[AuditResult]:
-    """Audit every target in order; ``on_result`` is called as each finishes (for streaming output)."""
+    """Audit every target in order; ``on_result`` is called as each finishes (for streaming output).
+
+    ``isolate``: judge in a worker process (:class:`IsolatedJudge`). A pass that cannot be pickled
+    (a lambda, a local function) is judged in this process, with a warning logged.
+    """
+    if isolate:
+        try:
+            pickle.dumps(fold_pass)
+        except Exception as error:  # pickling may raise anything for an arbitrary object
+            logger.warning("the pass cannot be sent to a worker process (%s): judging it in this process, where a "
+                           "crash of onnxruntime ends the audit", one_line(error))
+            isolate = False
     results = []
-    for target in targets:
-        logger.info("auditing %s", target.name)
-        outcome = audit_one(fold_pass, target, isolate=isolate)
-        results.append(outcome)
-        if on_result is not None:
-            on_result(outcome)
+    with IsolatedJudge() as judge:
+        for target in targets:
+            logger.info("auditing %s", target.name)
+            if isolate:
+                outcome = judge(fold_pass, target)
+            else:
+                outcome = audit_one(fold_pass, target, isolate=False)
+            results.append(outcome)
+            if on_result is not None:
+                on_result(outcome)
     return results
