@@ -7,8 +7,9 @@ many of its BatchNormalization nodes a correct folder removes, by construction -
 oracle, never the code under test:
 
 - conv/transposed conv (random kernel, group, bias) -> [Identity] -> 1 or 2 BNs: all fold;
-- BN -> [Identity] -> 1x1 conv (explicit zero pads or auto_pad): the BN folds (backward, or forward
-  when what it reads happens to be a conv output read by nothing else -- one fold either way);
+- BN -> [Identity] -> 1x1 conv (explicit zero pads or auto_pad), or -> Pad(reflect/edge) -> 3x3 conv: the BN
+  folds (backward, or forward when what it reads happens to be a conv output read by nothing else -- one fold
+  either way);
 - two convs -> Concat(axis=1) -> BN: folds, a channel slice into each conv;
 - Relu -> BN -> zero-padded 3x3 conv; Relu -> BN -> Relu; Relu -> BN -> transposed conv;
   Relu -> BN -> two convs; conv -> BN added to the conv's own output: none fold;
@@ -87,9 +88,14 @@ def block_conv_bn(p: Program, data: st.DataObject, x: str) -> str:
 
 def block_bn_conv(p: Program, data: st.DataObject, x: str) -> str:
     y = _maybe_identity(p, data, p.b.bn(x, p.name("bn"), C))
-    padding = data.draw(st.sampled_from([{"pads": [0, 0, 0, 0]}, {"auto_pad": "VALID"}, {"auto_pad": "SAME_UPPER"}]))
     p.folds += 1
-    return p.b.conv(y, p.name("conv"), C, C, 1, group=data.draw(st.sampled_from([1, 2])), **padding)
+    group = data.draw(st.sampled_from([1, 2]))
+    if data.draw(st.booleans()):  # a copying Pad (as exporters write reflect/replicate padded convs), then no pads
+        pads = p.b.init(p.name("pads"), np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64))
+        mode = data.draw(st.sampled_from(["reflect", "edge"]))
+        return p.b.conv(p.b.node("Pad", [y, pads], p.name("pad"), mode=mode), p.name("conv"), C, C, 3, group=group)
+    padding = data.draw(st.sampled_from([{"pads": [0, 0, 0, 0]}, {"auto_pad": "VALID"}, {"auto_pad": "SAME_UPPER"}]))
+    return p.b.conv(y, p.name("conv"), C, C, 1, group=group, **padding)
 
 
 def block_concat_bn(p: Program, data: st.DataObject, x: str) -> str:

@@ -592,9 +592,6 @@ def _conv_pads_nothing(node: NodeProto, weight_dims: tuple[int, ...]) -> tuple[b
     return True, ""
 
 
-_PASS_THROUGH = ("Identity", "Dropout")
-
-
 class _Finder:
     """Finds the forward and backward candidates of one norm (the torch adapter's rules, on ONNX nodes)."""
 
@@ -614,7 +611,9 @@ class _Finder:
 
     # -- helpers --------------------------------------------------------------------------
     def passes_through(self, index: int) -> bool:
-        """Identity, inference-mode Dropout (mask unused), and other foldable BNs (the plan checks they fold)."""
+        """Nodes a per-channel affine map commutes with: Identity, inference-mode Dropout (mask unused), a Pad that
+        copies values (reflect / edge / wrap) along non-channel axes, and other foldable BNs (the plan checks
+        that they fold the same way)."""
         node = self.scope.nodes[index]
         if not _is_default(node):
             return False
@@ -624,9 +623,45 @@ class _Finder:
             training_input = len(node.input) > 2 and node.input[2]
             mask = len(node.output) > 1 and node.output[1] and self.scope.namespace.uses[node.output[1]]
             return not training_input and not mask
+        if node.op_type == "Pad":
+            return self.copying_pad(node)
         if node.op_type == "BatchNormalization":
             return (id(self.scope), index) in self.a.norms
         return False
+
+    def copying_pad(self, node: NodeProto) -> bool:
+        """A Pad whose new values are copies of input values (mode reflect, edge or wrap), padding neither the batch
+        nor the channel axis: BN(pad(x)) == pad(BN(x)) exactly."""
+        try:
+            mode = attribute_value(node, "mode", b"constant")
+            mode = mode.decode() if isinstance(mode, bytes) else mode
+            if mode not in ("reflect", "edge", "wrap"):
+                return False
+            axes: list[int] | None = None
+            if self.scope.opset < 11:
+                pads = [int(p) for p in np.asarray(attribute_value(node, "pads", [])).reshape(-1)]
+            else:
+                def ints(position: int) -> list[int] | None:
+                    if len(node.input) <= position or not node.input[position]:
+                        return None
+                    tensor = self.index.constant(self.scope, node.input[position]).tensor
+                    return [int(v) for v in numpy_helper.to_array(tensor).reshape(-1)]
+                pads = ints(1) or []
+                axes = ints(3)
+        except (NotConstant, ValueError):
+            return False
+        if axes is None:
+            rank = len(pads) // 2
+            axes = list(range(rank))
+        else:
+            rank_known = self.index.rank(self.scope, node.input[0])
+            if any(a < 0 for a in axes):
+                if rank_known is None:
+                    return False
+                axes = [a + rank_known if a < 0 else a for a in axes]
+        begin, end = pads[:len(axes)], pads[len(axes):]
+        return len(begin) == len(end) and all(b == 0 and e == 0 for a, b, e in zip(axes, begin, end, strict=True)
+                                               if a in (0, 1))
 
     def readers(self, name: str) -> list[int]:
         return self.scope.consumers.get(name, [])
@@ -894,6 +929,10 @@ class _Finder:
                 current = user
                 continue
             break
+        if node.op_type == "Pad" and _is_default(node):
+            self.note("zero_padding", f"{norm.label} feeds {scope.describe(user)}, which pads with a constant (or "
+                      "along the channel axis): not exact at the borders")
+            return
         if node.op_type == "ConvTranspose" and _is_default(node):
             self.note("transposed_after_bn", f"{norm.label} feeds the transposed conv {scope.describe(user)}: the "
                       "shift is not a per-channel constant")

@@ -531,6 +531,26 @@ def _bn_conv_nobias(b: GraphBuilder) -> None:
     b.output(b.conv(b.bn(x, "bn", 3), "conv", 3, 4, (3,), bias=False, auto_pad="VALID"))
 
 
+@_register("bn_pad_reflect_conv", "bn->conv", folds=1, norms_left=0, opset=18)
+def _bn_pad_reflect_conv(b: GraphBuilder) -> None:
+    """BatchNormalization -> Pad(mode=reflect, H and W by 1, axes given) -> Conv 3x3 without pads (how exporters
+    write a reflect-padded conv): the padded values are copies of BN outputs, so the BN folds into the conv."""
+    x = b.input("x", [2, 3, 6, 6])
+    pads = b.init("pads", np.array([1, 1, 1, 1], dtype=np.int64))
+    axes = b.init("axes", np.array([2, 3], dtype=np.int64))
+    y = b.node("Pad", [b.bn(x, "bn", 3), pads, "", axes], "pad", mode="reflect")
+    b.output(b.conv(y, "conv", 3, 4, 3))
+
+
+@_register("conv_pad_edge_bn", "conv->bn", folds=1, norms_left=0)
+def _conv_pad_edge_bn(b: GraphBuilder) -> None:
+    """Conv -> Pad(mode=edge, every spatial side by 2) -> BatchNormalization: edge padding copies conv outputs, so
+    BN(pad(conv)) = pad(BN(conv)) and the BN folds into the conv; one fold."""
+    x = b.input("x", [2, 3, 6, 6])
+    pads = b.init("pads", np.array([0, 0, 2, 2, 0, 0, 2, 2], dtype=np.int64))
+    b.output(b.bn(b.node("Pad", [b.conv(x, "conv", 3, 4, 3), pads], "pad", mode="edge"), "bn", 4))
+
+
 @_register("bn_bn_conv", "bn->conv", folds=2, norms_left=0)
 def _bn_bn_conv(b: GraphBuilder) -> None:
     """BatchNormalization -> BatchNormalization -> Conv (no padding), the input a graph input: neither BN has
@@ -905,6 +925,25 @@ def _bn_conv_same_3x3(b: GraphBuilder) -> None:
     """BatchNormalization -> Conv 3x3 with auto_pad=SAME_LOWER: zero padding computed at run time; none."""
     x = b.input("x", [2, 3, 6, 6])
     b.output(b.conv(b.bn(x, "bn", 3), "conv", 3, 4, 3, auto_pad="SAME_LOWER"))
+
+
+@_register("bn_pad_zeros_conv", "trap", folds=0, norms_left=1, skips={"bn": ("zero_padding",)})
+def _bn_pad_zeros_conv(b: GraphBuilder) -> None:
+    """BatchNormalization -> Pad(mode=constant, zeros) -> Conv without pads: the zeros come after the BN; not exact
+    at the borders; none."""
+    x = b.input("x", [2, 3, 6, 6])
+    pads = b.init("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64))
+    b.output(b.conv(b.node("Pad", [b.bn(x, "bn", 3), pads], "pad"), "conv", 3, 4, 3))
+
+
+@_register("bn_pad_reflect_channels_conv", "trap", folds=0, norms_left=1,
+           skips={"bn": ("zero_padding", "no_fusable_neighbour")})
+def _bn_pad_channels(b: GraphBuilder) -> None:
+    """BatchNormalization(3) -> Pad(mode=reflect) that also pads the CHANNEL axis (3 -> 5) -> Conv on 5 channels:
+    the extra channels copy other channels' values, so no per-input-channel fold exists; none."""
+    x = b.input("x", [2, 3, 6, 6])
+    pads = b.init("pads", np.array([0, 1, 0, 0, 0, 1, 0, 0], dtype=np.int64))
+    b.output(b.conv(b.node("Pad", [b.bn(x, "bn", 3), pads], "pad", mode="reflect"), "conv", 5, 4, 1))
 
 
 @_register("bn_conv_transpose", "trap", folds=0, norms_left=1, skips={"bn": ("transposed_after_bn",)})
