@@ -377,3 +377,44 @@ def test_rounded_copy_rounds_each_parameter_within_one_unit():
         old = p[tensor.name].astype(np.float64)
         assert np.all(np.abs(new - old) <= 2 * 2.0**-24 * np.abs(old))
     assert any(not np.array_equal(numpy_helper.to_array(t), p[t.name]) for t in copy.graph.initializer)
+
+
+def test_reference_resolves_a_function_attribute_reference():
+    """A BatchNormalization in a model-local function whose epsilon refers to the call's attribute (1e-3)."""
+    from adapters.onnx.suite.cases import get_case
+
+    case = get_case("function_epsilon_attribute")
+    model, feeds = case.build(), case.inputs()
+    (function,) = model.functions
+    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t).astype(np.float64)
+                 for n in function.node if n.op_type == "Constant"}
+    conv = next(n for n in function.node if n.op_type == "Conv")
+    bn = next(n for n in function.node if n.op_type == "BatchNormalization")
+    call = next(n for n in model.graph.node if n.op_type == "ConvBnEps")
+    epsilon = float(np.float32(next(a.f for a in call.attribute if a.name == "eps")))
+    x = next(iter(feeds.values()))
+    scale, shift, mean, var = (constants[i] for i in bn.input[1:])
+    expected = refimpl.batch_norm(refimpl.conv(x, constants[conv.input[1]]), mean, var, scale, shift, epsilon)
+    (y,) = reference_outputs(model, feeds)
+    magnitude = refimpl.conv(np.abs(x), np.abs(constants[conv.input[1]]))
+    assert_within(y, expected, error_bound(np.abs(expected) + magnitude, 6, "float64"))
+
+
+def test_reference_runs_batchnorm_inside_a_model_local_function_in_inference_mode():
+    """The evaluator runs functions without the replacement kernels: an opset-13 BN there would use batch stats."""
+    rng = _rng(9)
+    x = (2 + rng.standard_normal((4, 3, 5))).astype(np.float32)
+    s, b, m = (rng.standard_normal(3).astype(np.float32) for _ in range(3))
+    v = (0.5 + rng.random(3)).astype(np.float32)
+    constants = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(a, name))
+                 for name, a in zip("sbmv", (s, b, m, v), strict=True)]
+    body = [*constants, helper.make_node("BatchNormalization", ["fx", "s", "b", "m", "v"], ["fy"], epsilon=0.25)]
+    function = helper.make_function("bnfold.test", "Norm", ["fx"], ["fy"], body,
+                                    [helper.make_opsetid("", 13)])
+    nodes = [helper.make_node("Norm", ["x"], ["y"], domain="bnfold.test")]
+    model = _model(nodes, [_io("x", x.shape)], [_io("y", x.shape)], opset=13, functions=[function])
+    model.opset_import.append(helper.make_opsetid("bnfold.test", 1))
+    onnx.checker.check_model(model, full_check=True)
+    (y,) = reference_outputs(model, {"x": x})
+    expected = refimpl.batch_norm(x, m, v, s, b, 0.25)
+    assert_within(y, expected, error_bound(np.abs(expected) + 10, 4, "float64"))

@@ -13,7 +13,8 @@ Three engines, three roles:
   those opsets no longer have, the opset-9 kernel treats the always-present ``momentum`` default as
   "training"), and ``ConvTranspose`` with ``group > 1`` raises (onnx/onnx#8446). The replacements
   follow the ONNX operator specification for every opset, including ``spatial=0``, asymmetric
-  ``pads``, ``output_shape``, ``auto_pad`` and training mode.
+  ``pads``, ``output_shape``, ``auto_pad`` and training mode. The evaluator runs model-local
+  functions without replacement kernels, so functions are inlined first.
 - The **models in their own dtype** (:func:`run_onnxruntime`): onnxruntime on the CPU with every
   graph optimization disabled, so that onnxruntime's own Conv+BatchNormalization fusion cannot hide
   a missing or wrong fold.
@@ -44,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
@@ -192,9 +194,16 @@ def retyped_copy(model: onnx.ModelProto, target: int = TensorProto.DOUBLE, *, ba
 # Kernels replacing the reference evaluator's faulty ones
 
 
-def _attributes(op: OpRun) -> dict[str, Any]:
-    """The attributes the node itself sets (the evaluator fills defaults from the newest schema only)."""
-    return {a.name: helper.get_attribute_value(a) for a in op.onnx_node.attribute if not a.ref_attr_name}
+def _attributes(op: OpRun, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The attributes the node sets, those referring to a function's attribute resolved (``given``: the
+    evaluator's keyword arguments, whose defaults come from the newest schema only and are not used)."""
+    found = {}
+    for attribute in op.onnx_node.attribute:
+        if not attribute.ref_attr_name:
+            found[attribute.name] = helper.get_attribute_value(attribute)
+        elif given.get(attribute.name) is not None:
+            found[attribute.name] = given[attribute.name]
+    return found
 
 
 class BatchNormalization(OpRun):
@@ -208,8 +217,8 @@ class BatchNormalization(OpRun):
 
     op_domain = ""
 
-    def _run(self, x, scale, bias, mean, var, **_):
-        attributes = _attributes(self)
+    def _run(self, x, scale, bias, mean, var, **given):
+        attributes = _attributes(self, given)
         epsilon = float(attributes.get("epsilon", 1e-5))
         momentum = float(attributes.get("momentum", 0.9))
         version = int(self.run_params.get("opsets", {}).get("", 15))
@@ -285,8 +294,8 @@ class ConvTranspose(OpRun):
 
     op_domain = ""
 
-    def _run(self, x, w, b=None, **_):
-        attributes = _attributes(self)
+    def _run(self, x, w, b=None, **given):
+        attributes = _attributes(self, given)
         x = np.asarray(x)
         w = np.asarray(w)
         dims = w.ndim - 2
@@ -499,6 +508,9 @@ def reference_outputs(model: onnx.ModelProto | str | os.PathLike, feeds: Mapping
     """
     model = load_model(model)
     names = list(output_names) if output_names is not None else [o.name for o in model.graph.output]
+    if model.functions:
+        # The evaluator runs model-local functions without the replacement kernels: inline them first.
+        model = onnx.inliner.inline_local_functions(model)
     evaluator = ReferenceEvaluator(retyped_copy(model), new_ops=list(REFERENCE_KERNELS))
     inputs = {k: (np.asarray(v, dtype=np.float64) if _is_float_array(v) else np.asarray(v)) for k, v in feeds.items()}
     return [np.asarray(r) for r in evaluator.run(names, inputs)]

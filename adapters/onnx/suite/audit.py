@@ -25,6 +25,7 @@ import dataclasses
 import faulthandler
 import importlib.util
 import logging
+import math
 import multiprocessing
 import pickle
 import signal
@@ -274,7 +275,9 @@ def _judge(fold_pass: Pass, target: AuditTarget, model: onnx.ModelProto, feeds: 
         notes.append(f"{len(caught)} warning(s), first: {caught[0].category.__name__}: {caught[0].message}")
     note = "; ".join(notes)
     if not verdict.ok:
-        parts = [f"error {verdict.ratio:.3g}x the unfused model's (limit 4x)"]
+        nonfinite = not all(math.isfinite(o.fused_error) for o in verdict.outputs)
+        parts = ["the output has NaN or infinite values where the original's is within the error model" if nonfinite
+                 else f"error {verdict.ratio:.3g}x the unfused model's (limit 4x)"]
         if verdict.first_divergence is not None:
             parts.append(verdict.first_divergence.describe())
         parts.extend(o.detail for o in verdict.outputs if o.detail)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import onnx
 
-__all__ = ["PEERS", "onnxoptimizer_fuse_bn", "onnxscript_fuse_bn", "onnxsim_simplify", "onnxslim_slim",
+__all__ = ["PEERS", "TOOL_CALLS", "onnxoptimizer_fuse_bn", "onnxscript_fuse_bn", "onnxsim_simplify", "onnxslim_slim",
            "onnxruntime_basic", "onnxruntime_extended"]
 
 
@@ -44,15 +44,17 @@ def _quiet():
         yield
 
 
-def onnxoptimizer_fuse_bn(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnxoptimizer's ``fuse_bn_into_conv`` pass alone."""
+# Each tool's own call. It may modify or consume the model it is given (the benchmarks hand it a fresh copy,
+# made outside the timed region); the public functions below give it a copy of the caller's model.
+
+
+def _onnxoptimizer(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnxoptimizer
 
-    return onnxoptimizer.optimize(_copy(model), ["fuse_bn_into_conv"])
+    return onnxoptimizer.optimize(model, ["fuse_bn_into_conv"])
 
 
-def onnxscript_fuse_bn(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnxscript's three BatchNorm fusion rewrite rules (Conv, ConvTranspose, Gemm)."""
+def _onnxscript(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxscript import rewriter
     from onnxscript.rewriter.rules.common import (
         fuse_batchnorm_into_conv_rule,
@@ -61,24 +63,22 @@ def onnxscript_fuse_bn(model: onnx.ModelProto) -> onnx.ModelProto:
     )
 
     rules = [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule, fuse_batchnorm_into_gemm_rule]
-    return rewriter.rewrite(_copy(model), pattern_rewrite_rules=rules)
+    return rewriter.rewrite(model, pattern_rewrite_rules=rules)
 
 
-def onnxsim_simplify(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``onnxsim.simplify`` with its defaults (its own output check is off by default: ``check_n=0``)."""
+def _onnxsim(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnxsim
 
     with _quiet():
-        simplified, _ = onnxsim.simplify(_copy(model))
+        simplified, _ = onnxsim.simplify(model)
     return simplified
 
 
-def onnxslim_slim(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``onnxslim.slim`` with its defaults."""
+def _onnxslim(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnxslim
 
     with _quiet():
-        return onnxslim.slim(_copy(model))
+        return onnxslim.slim(model)
 
 
 def _onnxruntime_offline(model: onnx.ModelProto, level_name: str) -> onnx.ModelProto:
@@ -97,6 +97,26 @@ def _onnxruntime_offline(model: onnx.ModelProto, level_name: str) -> onnx.ModelP
         return onnx.load(target)
 
 
+def onnxoptimizer_fuse_bn(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxoptimizer's ``fuse_bn_into_conv`` pass alone."""
+    return _onnxoptimizer(_copy(model))
+
+
+def onnxscript_fuse_bn(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxscript's three BatchNorm fusion rewrite rules (Conv, ConvTranspose, Gemm)."""
+    return _onnxscript(_copy(model))
+
+
+def onnxsim_simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``onnxsim.simplify`` with its defaults (its own output check is off by default: ``check_n=0``)."""
+    return _onnxsim(_copy(model))
+
+
+def onnxslim_slim(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``onnxslim.slim`` with its defaults."""
+    return _onnxslim(_copy(model))
+
+
 def onnxruntime_basic(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model onnxruntime saves after its basic graph optimizations (constant folding, Conv+BN fusion, ...)."""
     return _onnxruntime_offline(model, "ORT_ENABLE_BASIC")
@@ -105,6 +125,15 @@ def onnxruntime_basic(model: onnx.ModelProto) -> onnx.ModelProto:
 def onnxruntime_extended(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model onnxruntime saves after its extended graph optimizations (basic plus its own fused ops)."""
     return _onnxruntime_offline(model, "ORT_ENABLE_EXTENDED")
+
+
+#: The folding tools' own calls, for timing: each may modify the model it is given.
+TOOL_CALLS: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]] = {
+    "onnxoptimizer": _onnxoptimizer,
+    "onnxscript": _onnxscript,
+    "onnxsim": _onnxsim,
+    "onnxslim": _onnxslim,
+}
 
 
 #: Every peer by the name the audit table uses, as ``module:function`` for ``python -m adapters.onnx audit``.
