@@ -143,7 +143,7 @@ def head(p: Program, data: st.DataObject, x: str) -> str:
     if kind == "gemm_bn":
         trans_b = data.draw(st.booleans())
         w = b.weight(p.name("fc.weight"), (3, C) if trans_b else (C, 3), C)
-        alpha = data.draw(st.sampled_from([1.0, 0.5, 2.0]))
+        alpha = data.draw(st.sampled_from([1.0, 0.3, 2.0]))
         y = b.node("Gemm", [flat, w, b.init(p.name("fc.bias"), b.uniform((3,), 0.5))], p.name("fc"),
                    transB=int(trans_b), alpha=alpha)
     else:

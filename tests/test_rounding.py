@@ -11,7 +11,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from refimpl.rounding import bfloat16_bits_to_float32, largest_finite, round_once
+from refimpl.rounding import bfloat16_bits_to_float32, largest_finite, round_once, round_product
 
 
 def _half_value(bits: int) -> Fraction:
@@ -161,3 +161,18 @@ def test_bfloat16_decoding_is_exact_for_every_pattern():
 def test_unknown_format_is_rejected():
     with pytest.raises(ValueError, match="cannot round to"):
         round_once(np.ones(2), "int8")
+
+
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("layout", ["per_row", "per_column", "scalar_row"])
+@pytest.mark.parametrize("pre", [1.0, -0.75])
+def test_round_product_is_round_once_of_the_float64_product(fmt, layout, pre):
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((300, 5, 3)).astype(np.float16 if fmt == "float16" else np.float32)
+    factor = {"per_row": rng.standard_normal((300, 1, 1)) * 40, "per_column": rng.standard_normal((1, 5, 1)) * 40,
+              "scalar_row": np.array([[[1e38]]])}[layout]
+    with np.errstate(over="ignore"):
+        expected = round_once((a.astype(np.float64) * pre) * factor, fmt)
+        got = round_product(a, factor, fmt, pre=pre)
+    assert got.dtype == expected.dtype and got.shape == a.shape
+    assert np.array_equal(got.view(f"u{got.dtype.itemsize}"), expected.view(f"u{expected.dtype.itemsize}"))

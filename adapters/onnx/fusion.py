@@ -33,7 +33,7 @@ import onnx
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper
 
 import refimpl
-from refimpl.rounding import bfloat16_bits_to_float32, largest_finite, round_once
+from refimpl.rounding import bfloat16_bits_to_float32, largest_finite, round_once, round_product
 
 from ..interrupts import interrupts_held
 from ..report import FoldedPair, FusionReport, SkippedNorm, most_specific_reason
@@ -406,22 +406,8 @@ class _NewValue:
 def _scaled_weight(source: TensorProto, what: str, factor: np.ndarray, pre: float, dtype: str) -> bytes:
     """``round_once((W * pre) * factor)`` block by block through a small float64 buffer (see the module doc)."""
     stored = read_array(source, what)
-    out = np.empty(stored.shape, dtype=np.uint16 if dtype == "bfloat16" else stored.dtype)
-    rows = stored.shape[0]
-    per_row = stored[0].size if rows else 0
-    buffer = np.empty(min(rows, _blocks(rows, per_row).step) * per_row, dtype=np.float64)
-    step = _blocks(rows, per_row).step
-    row_factor = factor.shape[0] != 1
-    for start in range(0, rows, step):
-        block = stored[start:start + step]
-        work = buffer[:block.size].reshape(block.shape)
-        if pre != 1.0:
-            np.multiply(block, pre, out=work)
-            np.multiply(work, factor[start:start + step] if row_factor else factor, out=work)
-        else:
-            np.multiply(block, factor[start:start + step] if row_factor else factor, out=work)
-        out[start:start + step] = round_once(work, dtype)
-    del stored, block  # the copy of the old bytes goes before the new bytes are made: two layers' worth at most
+    out = round_product(stored, factor, dtype, pre=pre)
+    del stored  # the copy of the old bytes goes before the new bytes are made: two layers' worth at most
     return out.astype(out.dtype.newbyteorder("<"), copy=False).tobytes()
 
 

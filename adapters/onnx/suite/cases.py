@@ -433,11 +433,11 @@ def _gemm_bn(b: GraphBuilder) -> None:
 
 @_register("gemm_transa_alpha_beta_bn", "linear->bn", folds=1, norms_left=0)
 def _gemm_alpha_bn(b: GraphBuilder) -> None:
-    """Gemm with transA=1 (A is [K, M]), transB=0 (B is [K, N]), alpha=0.5, beta=2, C of shape (1, N) ->
+    """Gemm with transA=1 (A is [K, M]), transB=0 (B is [K, N]), alpha=0.3, beta=2, C of shape (1, N) ->
     BatchNormalization: transA only permutes the input, alpha and beta scale W and C; one fold."""
     x = b.input("x", [4, 3])
     y = b.node("Gemm", [x, b.weight("fc.weight", (4, 5), 4), b.init("fc.bias", b.uniform((1, 5), 0.5))], "fc",
-               transA=1, alpha=0.5, beta=2.0)
+               transA=1, alpha=0.3, beta=2.0)
     b.output(b.bn(y, "bn", 5))
 
 
