@@ -98,8 +98,8 @@ def bfloat16_bits_to_float32(bits: Any) -> np.ndarray:
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
-#: Elements per block of :func:`round_product`'s float64 work (512 KiB: stays in cache).
-_BLOCK = 1 << 16
+#: Elements per block of :func:`round_product`'s float64 work (1 MiB: stays in cache).
+_BLOCK = 1 << 17
 
 
 def round_product(a: np.ndarray, factor: np.ndarray, dtype: Any, *, pre: float = 1.0) -> np.ndarray:
@@ -107,9 +107,10 @@ def round_product(a: np.ndarray, factor: np.ndarray, dtype: Any, *, pre: float =
 
     ``a`` is any float array (float16/float32 values are exact in float64); ``factor`` (float64)
     broadcasts against it and varies along axis 0 or not at all (its axis 0 is 1 or ``a``'s). No
-    full-size float64 temporary is made: the products go through a small buffer, and float32 and
-    float64 results come straight out of numpy's float64 multiply (its output cast is a single
-    IEEE 754 rounding). Returns what :func:`round_once` returns for ``dtype``.
+    full-size float64 temporary is made: each block is widened into a small float64 buffer,
+    multiplied there in place (plain float64 loops, several times faster than numpy's mixed-dtype
+    multiply) and rounded once into the result. Returns what :func:`round_once` returns for
+    ``dtype``.
 
     >>> a = np.array([[1.0, 3.0], [5.0, 7.0]], dtype=np.float16)
     >>> round_product(a, np.array([[0.1], [2.0]]), "float16").tolist()
@@ -122,19 +123,16 @@ def round_product(a: np.ndarray, factor: np.ndarray, dtype: Any, *, pre: float =
     by_row = factor.shape[0] != 1
     out = np.empty(a.shape, dtype=np.uint16 if name == "bfloat16" else np.dtype(name))
     buffer = np.empty(min(rows, step) * per_row, dtype=np.float64)
-    direct = name in ("float32", "float64")
     for start in range(0, rows, step):
         block = a[start:start + step]
-        f = factor[start:start + step] if by_row else factor
-        target = out[start:start + step]
         work = buffer[:block.size].reshape(block.shape)
+        np.copyto(work, block)
         if pre != 1.0:
-            np.multiply(block, pre, out=work, dtype=np.float64)  # (a python float alone would multiply in a's dtype)
-            block = work
-        if direct:
+            work *= pre
+        work *= factor[start:start + step] if by_row else factor
+        if name in ("float32", "float64"):  # the cast is the single IEEE 754 rounding
             with np.errstate(over="ignore"):
-                np.multiply(block, f, out=target, dtype=np.float64, casting="same_kind")
+                np.copyto(out[start:start + step], work, casting="same_kind")
         else:
-            np.multiply(block, f, out=work)
-            target[...] = round_once(work, name)
+            out[start:start + step] = round_once(work, name)
     return out

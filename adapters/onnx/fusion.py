@@ -65,10 +65,6 @@ _KINDS = {(LayerKind.CONV, "forward"): "conv->bn", (LayerKind.CONV_TRANSPOSE, "f
           (LayerKind.CONV, "backward"): "bn->conv", (LayerKind.GEMM, "backward"): "bn->linear",
           (LayerKind.MATMUL, "backward"): "bn->linear"}
 
-#: Elements per block of the float64 buffer that scales a weight (512 KiB: stays in cache).
-_BLOCK = 1 << 16
-
-
 # -- input ----------------------------------------------------------------------------------
 
 def _load(model: Any) -> tuple[ModelProto, bool]:
@@ -278,25 +274,15 @@ def _unit_shape(layer: Layer) -> tuple[int, ...]:
     return (layer.out_channels, 1)
 
 
-def _blocks(rows: int, per_row: int) -> range:
-    return range(0, rows, max(1, _BLOCK // max(per_row, 1)))
-
-
 def _slot_max(stored: np.ndarray, factor_shape: tuple[int, ...]) -> np.ndarray:
-    """max |W| over the positions each factor entry scales (shaped like the factor), block by block."""
-    axes = tuple(i for i, d in enumerate(factor_shape) if d == 1 and stored.shape[i] != 1)
-    rows = stored.shape[0] if stored.ndim else 1
-    per_row = stored[0].size if rows else 0
-    result = np.zeros(factor_shape, dtype=np.float64)
-    step = _blocks(rows, per_row).step
-    for start in range(0, rows, step):
-        block = np.abs(stored[start:start + step]).max(axis=axes, keepdims=True) if axes else \
-            np.abs(stored[start:start + step])
-        if 0 in axes:
-            np.maximum(result, block, out=result)
-        else:
-            result[start:start + step] = block
-    return result
+    """max |W| over the positions each factor entry scales (shaped like the factor): the larger of max W and
+    -min W, two reductions that make no temporary the size of the weight."""
+    axes = tuple(i for i, d in enumerate(factor_shape) if d == 1)
+    if stored.size == 0:
+        return np.zeros(factor_shape)
+    high = stored.max(axis=axes, keepdims=True).astype(np.float64)
+    low = stored.min(axis=axes, keepdims=True).astype(np.float64)
+    return np.maximum(high, -low).reshape(factor_shape)
 
 
 def _relative(change: float, scale: float) -> float:
