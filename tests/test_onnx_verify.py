@@ -418,3 +418,16 @@ def test_reference_runs_batchnorm_inside_a_model_local_function_in_inference_mod
     (y,) = reference_outputs(model, {"x": x})
     expected = refimpl.batch_norm(x, m, v, s, b, 0.25)
     assert_within(y, expected, error_bound(np.abs(expected) + 10, 4, "float64"))
+
+
+def test_verify_ignores_stale_value_info_of_the_folded_graph():
+    """Optimizers leave value_info for values they removed: such a value is not fetched from the folded graph."""
+    original, p = _conv_bn_net()
+    folded = _fold_by_hand(p)
+    for node in folded.graph.node:
+        node.input[:] = ["r1_renamed" if i == "r1" else i for i in node.input]
+        node.output[:] = ["r1_renamed" if o == "r1" else o for o in node.output]
+    folded.graph.value_info.append(_io("r1", ["N", 8, 8, 8]))
+    verdict = verify(original, folded)
+    assert verdict.ok, str(verdict)
+    assert verdict.layers_compared == 0

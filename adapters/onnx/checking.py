@@ -677,8 +677,10 @@ def verify(original: onnx.ModelProto | str | os.PathLike, folded: onnx.ModelProt
         types_folded = _value_types(folded)
         changed = _changed_values(original.graph) | _changed_values(folded.graph)
         skip = set(output_names) | set(folded_outputs) | {i.name for i in original.graph.input}
+        # Values a node of the folded graph computes (its value_info may still describe values it no longer has).
+        produced = {name for _, name in _iter_nodes_outputs(folded.graph)}
         intermediate = [name for _, name in _iter_nodes_outputs(original.graph)
-                        if name in types_original and name in types_folded and name not in changed
+                        if name in produced and name in types_original and name in types_folded and name not in changed
                         and name not in skip and types_original[name].type.tensor_type.elem_type in FLOAT_TYPES]
         intermediate = list(dict.fromkeys(intermediate))
     original_names = output_names + intermediate

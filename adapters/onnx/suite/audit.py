@@ -129,6 +129,10 @@ def audit_one(fold_pass: Pass, target: AuditTarget, *, isolate: bool = True) -> 
         return judge(fold_pass, target)
 
 
+#: After judging a model larger than this the worker is replaced (its heap stays as large as the largest job).
+_RESTART_AFTER_BYTES = 100_000_000
+
+
 class IsolatedJudge:
     """Judges passes in a worker process, so that a graph which crashes onnxruntime itself (a segmentation
     fault on some malformed BatchNormalization nodes) is that model's CRASH and not the audit's end.
@@ -178,13 +182,17 @@ class IsolatedJudge:
         if self._process is None or not self._process.is_alive():
             self._start()
         stage = "the worker started"
+        serialized = model.SerializeToString()
+        del model
         try:
-            self._connection.send((fold_pass, _meta(target), model.SerializeToString(), feeds))
+            self._connection.send((fold_pass, _meta(target), serialized, feeds))
             while True:
                 kind, payload = self._connection.recv()
                 if kind == "stage":
                     stage = payload
                 elif kind == "result":
+                    if len(serialized) > _RESTART_AFTER_BYTES:
+                        self.close()  # a fresh worker, rather than one holding on to a large model's heap
                     return dataclasses.replace(payload, seconds=time.perf_counter() - start)
                 else:
                     raise RuntimeError(f"auditing {target.name} failed in the worker: {payload}")
@@ -219,8 +227,11 @@ def _worker(connection: Any) -> None:
         if job is None:
             return
         fold_pass, target, serialized, feeds = job
+        del job
+        model = onnx.ModelProto.FromString(serialized)
+        del serialized
         try:
-            outcome = _judge(fold_pass, target, onnx.ModelProto.FromString(serialized), feeds, time.perf_counter(),
+            outcome = _judge(fold_pass, target, model, feeds, time.perf_counter(),
                              lambda stage: connection.send(("stage", stage)))
             connection.send(("result", outcome))
         except BaseException as error:  # reported to the parent, which raises it there
