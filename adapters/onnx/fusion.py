@@ -5,12 +5,15 @@ The pass runs in three stages, as the torch adapter's does:
 1. **Analyse** (:mod:`.graph`): index every scope's dataflow and find for each BatchNormalization
    the layer(s) it could fold into -- before it, or after it.
 2. **Plan**: choose one fold per norm (layer -> norm preferred), so that every norm of a chain
-   folds into the same layer the same way; then compute every new weight and bias from refimpl in
-   float64, rounded once to the tensor's dtype. A fold that overflows the dtype is vetoed and the
-   plan redone without it.
-3. **Apply**: rewrite nodes and initializers. Nothing is modified before every decision is taken
-   and every check has passed, so a model given with ``inplace=True`` is left untouched by any
-   error; the rewrite itself runs with Ctrl-C held back.
+   folds into the same layer the same way; then compute every new bias, and every weight's scale,
+   from refimpl in float64. A fold that overflows the dtype is vetoed and the plan redone without
+   it. Where a veto could move a norm to another layer (it has a fold on its other side too, or a
+   concat shares it between layers), the weight is checked here; elsewhere a veto only leaves that
+   layer and its norms as they are, so the check waits for the weight's single read in step 3.
+3. **Apply**: layer by layer, scale the weight, round once to its dtype and write it with the new
+   bias, then remove the folded norms and whatever nothing reads any more. Every error that input
+   can cause is raised before anything is modified, so a model given with ``inplace=True`` is left
+   untouched by it; the rewrite runs with Ctrl-C held back.
 
 Memory: only folded tensors are read, one layer at a time; a weight whose folds all come after
 the layer is scaled row block by row block through a small float64 buffer (``W' = W * S``, ``S``
@@ -24,7 +27,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,10 +125,26 @@ class _Step:
 class _LayerPlan:
     layer: Layer
     steps: list[_Step]
-    factor: np.ndarray | None = None     # forward-only folds: W' = (W * pre) * factor (storage layout)
+    factors: list[np.ndarray] = field(default_factory=list)  # forward-only: W' = W * pre * factors[-1]
     weight: bytes | None = None          # otherwise the new weight, rounded (raw_data)
     bias: np.ndarray | None = None       # the new bias vector (float64)
     changes: list[float] = field(default_factory=list)
+    checked: bool = False                # the weight's overflow check and changes are done
+
+    @property
+    def pre(self) -> float:
+        """Gemm's alpha, folded into the weight (then set to 1)."""
+        return self.layer.alpha if self.layer.kind == LayerKind.GEMM else 1.0
+
+    @property
+    def flipped(self) -> bool:
+        """A [K, N] MatMul / Gemm(transB=0) weight: refimpl's per-row factor is a per-column factor there."""
+        return self.layer.kind == LayerKind.MATMUL or (self.layer.kind == LayerKind.GEMM and not self.layer.trans_b)
+
+    @property
+    def factor(self) -> np.ndarray:
+        """The final factor in the weight's stored layout."""
+        return self.factors[-1].T if self.flipped else self.factors[-1]
 
 
 Choice = tuple[str, Forward | Backward]
@@ -297,51 +315,69 @@ def _fits(value: float, dtype: str) -> bool:
     return bool(np.isfinite(bfloat16_bits_to_float32(rounded) if dtype == "bfloat16" else rounded).all())
 
 
-def _compute(plan: _LayerPlan) -> str | None:
-    """The plan's new bias and new weight (or the factor the weight is scaled by when written); an overflow
-    detail instead when they do not fit the dtype."""
+def _compute(plan: _LayerPlan, check_weight: bool) -> str | None:
+    """The plan's new bias, and its new weight or the factors the weight is scaled by; an overflow detail when
+    they do not fit the dtype. ``check_weight=False`` leaves the weight's check to :func:`_check_weight` when it
+    is written (a forward-only plan: its factors are known without reading the weight)."""
     layer = plan.layer
     what = layer.scope.describe(layer.node)
     weight_dtype = layer.weight.dtype
     assert weight_dtype is not None
     bias_dtype = layer.bias.dtype if layer.bias is not None else weight_dtype
     assert bias_dtype is not None
-    stored = read_array(layer.weight.tensor, what)
     bias = _bias_vector(layer)
-    plan.changes = []
+    plan.changes, plan.factors, plan.checked, plan.weight = [], [], False, None
+    detail = None
     if any(step.direction == "backward" for step in plan.steps):
-        w = _linear_view(layer, stored.astype(np.float64))
+        w = _linear_view(layer, read_array(layer.weight.tensor, what).astype(np.float64))
         for step in plan.steps:
             new_w, bias = _fold(plan, step, w, bias)
             scale = float(np.abs(w).max()) if w.size else 0.0
             plan.changes.append(_relative(float(np.abs(new_w - w).max()) if w.size else 0.0, scale))
             w = new_w
         peak = float(np.abs(w).max()) if w.size else 0.0
-        plan.weight, plan.factor = _encode(_stored_view(layer, w), weight_dtype), None
+        if not _fits(peak, weight_dtype):
+            detail = _overflow_detail(layer, "weight", peak, weight_dtype)
+        plan.weight, plan.checked = _encode(_stored_view(layer, w), weight_dtype), True
     else:
-        unit = _unit_shape(layer)
-        factor = np.ones(unit)
-        pre = abs(layer.alpha) if layer.kind == LayerKind.GEMM else 1.0
-        flipped = _stored_view(layer, factor) is not factor  # a [K, N] weight: the factor is a row, not a column
-        slot_max = _slot_max(stored, unit[::-1] if flipped else unit)
-        slot_max = (slot_max.T if flipped else slot_max) * pre
-        weight_max = float(slot_max.max()) if slot_max.size else 0.0
+        factor = np.ones(_unit_shape(layer))
+        plan.factors.append(factor)
         for step in plan.steps:
-            new_factor, bias = _fold(plan, step, factor, bias)
-            change = float((slot_max * np.abs(new_factor - factor)).max()) if slot_max.size else 0.0
-            plan.changes.append(_relative(change, weight_max))
-            factor = new_factor
-        # Rounding is monotone: the largest |W'| decides whether any element overflows.
-        peak = float((slot_max * np.abs(factor)).max()) if slot_max.size else 0.0
-        plan.factor, plan.weight = (factor.T if flipped else factor), None
+            factor, bias = _fold(plan, step, factor, bias)
+            plan.factors.append(factor)
+        if check_weight:
+            detail = _check_weight(plan, read_array(layer.weight.tensor, what))
     assert bias is not None
     plan.bias = bias
     bias_peak = float(np.abs(bias).max()) if bias.size else 0.0
-    for what_, magnitude, dtype in (("weight", peak, weight_dtype), ("bias", bias_peak, bias_dtype)):
-        if not _fits(magnitude, dtype):
-            return (f"folding into {layer.label} gives a {what_} of magnitude up to {magnitude:.4g}, beyond the "
-                    f"largest finite {dtype} ({largest_finite(dtype):.5g})")
-    return None
+    if detail is None and not _fits(bias_peak, bias_dtype):
+        detail = _overflow_detail(layer, "bias", bias_peak, bias_dtype)
+    return detail
+
+
+def _check_weight(plan: _LayerPlan, stored: np.ndarray) -> str | None:
+    """Each step's weight change and whether ``W * pre * factor`` fits the dtype, from the weight's slot maxima:
+    ``max |W'_k - W_k|`` is the max over slots of ``max |W_slot| * |S_k - S_(k-1)|``, and rounding is monotone,
+    so the largest ``max |W_slot| * |S|`` decides whether any element overflows."""
+    layer = plan.layer
+    unit = plan.factors[0].shape
+    slot_max = _slot_max(stored, unit[::-1] if plan.flipped else unit)
+    slot_max = (slot_max.T if plan.flipped else slot_max) * abs(plan.pre)
+    weight_max = float(slot_max.max()) if slot_max.size else 0.0
+    plan.changes = []
+    for before, after in zip(plan.factors, plan.factors[1:], strict=False):
+        change = float((slot_max * np.abs(after - before)).max()) if slot_max.size else 0.0
+        plan.changes.append(_relative(change, weight_max))
+    plan.checked = True
+    peak = float((slot_max * np.abs(plan.factors[-1])).max()) if slot_max.size else 0.0
+    dtype = layer.weight.dtype
+    assert dtype is not None
+    return None if _fits(peak, dtype) else _overflow_detail(layer, "weight", peak, dtype)
+
+
+def _overflow_detail(layer: Layer, what: str, magnitude: float, dtype: str) -> str:
+    return (f"folding into {layer.label} gives a {what} of magnitude up to {magnitude:.4g}, beyond the largest "
+            f"finite {dtype} ({largest_finite(dtype):.5g})")
 
 
 # -- writing tensors ------------------------------------------------------------------------
@@ -358,15 +394,15 @@ def _encode(values: np.ndarray, dtype: str) -> bytes:
 
 @dataclass
 class _NewValue:
-    """A constant's new value: element type and metadata from ``template``, ``dims``, data made on demand."""
+    """A constant's new value: element type and metadata from ``template``, ``dims`` and data."""
 
     template: TensorProto
     dims: tuple[int, ...]
-    payload: Callable[[], bytes]
+    raw: bytes
 
     def fill(self, out: TensorProto, name: str) -> None:
         """Write the value into the empty tensor ``out`` (made in place: its bytes are copied once)."""
-        raw = self.payload()
+        raw = self.raw
         for fd, value in self.template.ListFields():
             if fd.name not in _DATA_FIELDS and fd.name not in ("name", "dims"):
                 _copy_field(out, fd, value)
@@ -376,7 +412,7 @@ class _NewValue:
 
     def replace(self, tensor: TensorProto) -> None:
         """Rewrite ``tensor`` (the template itself) in place: same name, element type and metadata."""
-        raw = self.payload()
+        raw = self.raw
         for name in _DATA_FIELDS:
             tensor.ClearField(name)
         del tensor.dims[:]
@@ -389,41 +425,42 @@ class _NewValue:
         return out
 
 
-def _scaled_weight(source: TensorProto, what: str, factor: np.ndarray, pre: float, dtype: str) -> bytes:
-    """``round_once((W * pre) * factor)`` block by block through a small float64 buffer (see the module doc)."""
-    stored = read_array(source, what)
-    out = round_product(stored, factor, dtype, pre=pre)
-    del stored  # the copy of the old bytes goes before the new bytes are made: two layers' worth at most
-    return out.astype(out.dtype.newbyteorder("<"), copy=False).tobytes()
-
-
 # -- applying -------------------------------------------------------------------------------
 
-@dataclass
-class _GraphEdits:
-    """What happens to one graph's initializer list."""
-
-    rewrite: dict[str, _NewValue] = field(default_factory=dict)
-    add: list[tuple[str, _NewValue]] = field(default_factory=list)
-
-
 class _Writer:
-    """Applies the plans to ``model`` (the index's model). All decisions are taken; nothing here can fail
-    for an ordinary reason."""
+    """Applies the plans to ``model`` (the index's model), layer by layer; then removes the folded norms and what
+    nothing reads any more. Nothing here fails for a reason the input can cause."""
 
     def __init__(self, index: ModelIndex, source_initializers: list[TensorProto] | None):
         self.index = index
         self.model = index.model
         self.source_initializers = source_initializers   # main initializers when ``model`` is a copy without them
-        self.graph_edits: dict[int, _GraphEdits] = {}
+        self.slots: dict[str, TensorProto] = {}          # (copy) the main initializers a plan writes, still empty
         self.node_inserts: dict[int, list[tuple[int, NodeProto]]] = {}   # scope -> (before node, Constant node)
         self.removed_nodes: dict[int, set[int]] = {}
         self.gone_values: dict[int, set[str]] = {}       # scope -> value names that no longer exist
         self.released: set[tuple[int, str]] = set()      # (namespace, name) that may have lost their last reader
         self.scope_by_id = {id(s): s for s in index.scopes}
 
-    def edits(self, scope: Scope) -> _GraphEdits:
-        return self.graph_edits.setdefault(id(scope), _GraphEdits())
+    @staticmethod
+    def rewritten(ref: ConstRef | None) -> bool:
+        """Whether a layer's constant is rewritten where it is (its only reader is the folded layer)."""
+        return ref is not None and ref.scope.namespace.uses[ref.name] == 1
+
+    def prepare(self, plans: list[_LayerPlan]) -> None:
+        """A copy gets the main graph's initializers here, in their order: a copy of each, except an empty slot
+        for each one a plan rewrites (written once, by the plan)."""
+        if self.source_initializers is None:
+            return
+        main = self.index.scopes[0]
+        mine = {ref.name for plan in plans for ref in (plan.layer.weight, plan.layer.bias)
+                if self.rewritten(ref) and ref is not None and ref.node is None and ref.scope is main}
+        graph = self.model.graph
+        for tensor in self.source_initializers:
+            if tensor.name in mine:
+                self.slots[tensor.name] = graph.initializer.add()
+            else:
+                graph.initializer.add().CopyFrom(tensor)  # add().CopyFrom: far faster than append()
 
     def put_constant(self, layer: Layer, node_index: int, slot: int, ref: ConstRef | None, base: str,
                      value: _NewValue) -> None:
@@ -432,21 +469,28 @@ class _Writer:
         scope = layer.scope
         ns = scope.namespace
         node = scope.nodes[node_index]
-        if ref is not None and ns.uses[ref.name] == 1:
-            if ref.node is None:
-                self.edits(ref.scope).rewrite[ref.name] = value
-            else:
+        if ref is not None and self.rewritten(ref):
+            if ref.node is not None:
                 constant = ref.scope.nodes[ref.node]
                 tensor = value.tensor(ref.name)
                 del constant.attribute[:]
                 constant.attribute.append(helper.make_attribute("value", tensor))
+            elif ref.name in self.slots:
+                value.fill(self.slots.pop(ref.name), ref.name)
+            else:
+                value.replace(ref.tensor)
             return
         name = ns.unique(base)
         if scope.kind == "function":  # no initializers in a function: a Constant node right before the layer
             constant = helper.make_node("Constant", [], [name], value=value.tensor(name))
             self.node_inserts.setdefault(id(scope), []).append((layer.node, constant))
         else:
-            self.edits(scope).add.append((name, value))
+            graph = scope.proto
+            assert isinstance(graph, GraphProto)
+            tensor = graph.initializer.add()
+            value.fill(tensor, name)
+            if scope.kind == "graph" and self.model.ir_version < 4:  # below IR 4 initializers are also inputs
+                graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
         if ref is not None:
             self.released.add((id(ns), ref.name))
         if slot < len(node.input):
@@ -454,33 +498,34 @@ class _Writer:
         else:
             node.input.extend([""] * (slot - len(node.input)) + [name])
 
-    def write_plan(self, plan: _LayerPlan) -> None:
+    def commit(self, plan: _LayerPlan) -> str | None:
+        """Write the plan's weight and bias and rewire its node; an overflow detail instead (nothing written)
+        when the weight, checked only now, does not fit its dtype."""
         layer = plan.layer
         scope = layer.scope
         node = scope.nodes[layer.node]
-        what = scope.describe(layer.node)
         weight_dtype = layer.weight.dtype
         assert weight_dtype is not None and plan.bias is not None
-        if plan.factor is not None:
-            factor = plan.factor
-            pre = layer.alpha if layer.kind == LayerKind.GEMM else 1.0
-            source = layer.weight.tensor
-
-            def weight_payload() -> bytes:
-                return _scaled_weight(source, what, factor, pre, weight_dtype)
-        else:
+        if plan.weight is not None:
             raw = plan.weight
-            assert raw is not None
-
-            def weight_payload() -> bytes:
-                return raw
+        else:
+            stored = read_array(layer.weight.tensor, scope.describe(layer.node))
+            if not plan.checked:
+                detail = _check_weight(plan, stored)
+                if detail is not None:
+                    self.keep(plan)
+                    return detail
+            rounded = round_product(stored, plan.factor, weight_dtype, pre=plan.pre)
+            del stored  # the copy of the old bytes goes before the new bytes are made: two layers' worth at most
+            raw = rounded.astype(rounded.dtype.newbyteorder("<"), copy=False).tobytes()
+            del rounded
         self.put_constant(layer, layer.node, 1, layer.weight, f"{layer.weight.name}_folded",
-                          _NewValue(layer.weight.tensor, layer.weight.dims, weight_payload))
+                          _NewValue(layer.weight.tensor, layer.weight.dims, raw))
 
         template = layer.bias.tensor if layer.bias is not None else layer.weight.tensor
-        bias_raw = _encode(plan.bias, FLOAT_TYPES[template.data_type])
         two_d = layer.bias is not None and len(layer.bias.dims) == 2
-        bias = _NewValue(template, (1, layer.out_channels) if two_d else (layer.out_channels,), lambda: bias_raw)
+        bias = _NewValue(template, (1, layer.out_channels) if two_d else (layer.out_channels,),
+                         _encode(plan.bias, FLOAT_TYPES[template.data_type]))
         base = f"{node.name or layer.weight.name}_bias_folded"
         if layer.kind == LayerKind.MATMUL and layer.add is not None:
             slot = 1 if scope.nodes[layer.add].input[0] == node.output[0] else 0
@@ -493,6 +538,13 @@ class _Writer:
                     attr.f = 1.0  # alpha is in the folded weight, beta in the folded C
         if layer.kind == LayerKind.MATMUL and layer.add is None:
             node.op_type = "Gemm"  # MatMul of a proven 2-D input + a bias: a Gemm with C
+        return None
+
+    def keep(self, plan: _LayerPlan) -> None:
+        """A plan vetoed while writing: a copy's empty slots for its constants get the original values."""
+        for ref in (plan.layer.weight, plan.layer.bias):
+            if ref is not None and ref.name in self.slots and ref.node is None:
+                self.slots.pop(ref.name).CopyFrom(ref.tensor)
 
     def remove_norms(self, choice: dict[tuple[int, int], Choice]) -> None:
         """Remove folded norms, wiring their readers to the right value: after a layer the layer's output (or
@@ -534,13 +586,10 @@ class _Writer:
                 self.released.update((id(scope.namespace), name) for name in bn.input[1:])
 
     def finish(self) -> None:
-        """Remove what nothing reads any more, insert new Constant nodes, write the initializer lists.
-
-        Every new tensor is made (reading the original weights) before anything is deleted."""
-        index = self.index
+        """Remove the folded norms' nodes and the initializers, Constant nodes and value_info that nothing
+        reads or names any more; insert the new Constant nodes of functions."""
         uses = self._count_uses()
-        dead: dict[int, set[str]] = {}
-        for scope in index.scopes:
+        for scope in self.index.scopes:
             ns_uses = uses[id(scope.namespace)]
             released = {name for ns, name in self.released if ns == id(scope.namespace) and not ns_uses.get(name)}
             removed = self.removed_nodes.setdefault(id(scope), set())
@@ -549,21 +598,14 @@ class _Writer:
                         and node.output[0] in released:
                     removed.add(i)
                     self.gone_values.setdefault(id(scope), set()).add(node.output[0])
-            if isinstance(scope.proto, GraphProto):
-                dead[id(scope)] = released & set(scope.initializers)
-        for scope in index.scopes:
-            if isinstance(scope.proto, GraphProto):
-                self._write_initializers(scope, dead[id(scope)])
-        for scope in index.scopes:
             self._rewrite_nodes(scope)
             gone = self.gone_values.get(id(scope), set())
             infos = scope.proto.value_info
             for i in range(len(infos) - 1, -1, -1):
                 if infos[i].name in gone:
                     del infos[i]
-        for scope in index.scopes:
             if isinstance(scope.proto, GraphProto):
-                self._drop_initializers(scope, dead[id(scope)])
+                self._drop_initializers(scope, released & set(scope.initializers))
 
     def _count_uses(self) -> dict[int, dict[str, int]]:
         counts: dict[int, dict[str, int]] = {}
@@ -606,40 +648,15 @@ class _Writer:
             for constant in reversed(before.get(i, [])):
                 nodes.insert(i, constant)
 
-    def _write_initializers(self, scope: Scope, dead: set[str]) -> None:
-        """New and rewritten initializers (the main graph of a copy gets its whole list here)."""
-        graph = scope.proto
-        assert isinstance(graph, GraphProto)
-        edits = self.graph_edits.get(id(scope), _GraphEdits())
-        if scope.kind == "graph" and self.source_initializers is not None:
-            for tensor in self.source_initializers:
-                if tensor.name not in dead:
-                    value = edits.rewrite.get(tensor.name)
-                    if value is None:
-                        graph.initializer.add().CopyFrom(tensor)  # add().CopyFrom: far faster than append()
-                    else:
-                        value.fill(graph.initializer.add(), tensor.name)
-        else:
-            for tensor in graph.initializer:
-                value = edits.rewrite.get(tensor.name)
-                if value is not None:
-                    value.replace(tensor)
-        for name, value in edits.add:
-            tensor = graph.initializer.add()
-            value.fill(tensor, name)
-            if scope.kind == "graph" and self.model.ir_version < 4:  # below IR 4 initializers are also inputs
-                graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
-
     def _drop_initializers(self, scope: Scope, dead: set[str]) -> None:
         graph = scope.proto
         assert isinstance(graph, GraphProto)
         if not dead:
             return
-        if not (scope.kind == "graph" and self.source_initializers is not None):
-            initializers = graph.initializer
-            for i in range(len(initializers) - 1, -1, -1):
-                if initializers[i].name in dead:
-                    del initializers[i]
+        initializers = graph.initializer
+        for i in range(len(initializers) - 1, -1, -1):
+            if initializers[i].name in dead:
+                del initializers[i]
         if scope.kind == "graph" and self.model.ir_version < 4:
             inputs = graph.input
             for i in range(len(inputs) - 1, -1, -1):
@@ -689,37 +706,59 @@ def fuse(model: ModelProto | str | os.PathLike, *, inplace: bool = False) -> tup
         plans = planner.layer_plans(choice)
         overflowed = False
         for plan in plans:
-            detail = _compute(plan)
+            detail = _compute(plan, check_weight=not _veto_is_local(plan, analysis, choice))
             if detail is not None:
                 planner.vetoed_layers[plan.layer.key] = ("overflow", detail)
                 overflowed = True
         if not overflowed:
             break
-    report = _report(analysis, planner, plans, choice)
+    labels = {key: scope.label(node) for key, (scope, node) in analysis.all_norms.items()}
+    labels.update((plan.layer.key, plan.layer.label) for plan in plans)
     writer = _Writer(index, main_initializers)
+    written: list[_LayerPlan] = []
     with interrupts_held():
+        writer.prepare(plans)
         for plan in plans:
-            writer.write_plan(plan)
+            detail = writer.commit(plan)
+            if detail is None:
+                written.append(plan)
+                continue
+            for step in plan.steps:  # a local veto: this layer and its norms stay as they are
+                planner.note(step.norm.key, "overflow", detail)
+                choice.pop(step.norm.key, None)
         writer.remove_norms(choice)
         writer.finish()
+    report = _report(analysis, planner, written, choice, labels)
     log.info("%s", report.summary())
     return target, report
 
 
-def _report(analysis: Analysis, planner: _Planner, plans: list[_LayerPlan],
-            choice: dict[tuple[int, int], Choice]) -> FusionReport:
+def _veto_is_local(plan: _LayerPlan, analysis: Analysis, choice: dict[tuple[int, int], Choice]) -> bool:
+    """Whether vetoing this plan could only leave its layer and its norms as they are: every norm folds after the
+    layer, wholly into it, with no fold on its other side to fall back to."""
+    for step in plan.steps:
+        key = step.norm.key
+        cand = choice[key][1]
+        if step.direction != "forward" or not isinstance(cand, Forward) or len(cand.parts) != 1 \
+                or key in analysis.backward:
+            return False
+    return True
+
+
+def _report(analysis: Analysis, planner: _Planner, plans: list[_LayerPlan], choice: dict[tuple[int, int], Choice],
+            labels: dict[tuple[int, int], str]) -> FusionReport:
+    """The report; ``labels`` names every norm and layer by its key (taken before the nodes changed)."""
     report = FusionReport()
     for plan in plans:
         kind = plan.layer.kind
         for step, change in zip(plan.steps, plan.changes, strict=True):
-            report.folded.append(FoldedPair(norm=step.norm.label, layer=plan.layer.label,
+            report.folded.append(FoldedPair(norm=labels[step.norm.key], layer=labels[plan.layer.key],
                                             kind=_KINDS[(kind, step.direction)], max_rel_change=change))
-    for scope, node in analysis.index.norms():
+    for key in analysis.all_norms:
         report.norms_found += 1
-        key = (id(scope), node)
         if key in choice:
             continue
-        label = scope.label(node)
+        label = labels[key]
         if key in analysis.rejected:
             report.skipped.append(SkippedNorm(label, *analysis.rejected[key]))
             continue

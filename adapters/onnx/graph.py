@@ -497,6 +497,7 @@ class Backward:
 @dataclass
 class Analysis:
     index: ModelIndex
+    all_norms: dict[tuple[int, int], tuple[Scope, int]] = field(default_factory=dict)  # every BN, in model order
     norms: dict[tuple[int, int], Norm] = field(default_factory=dict)
     forward: dict[tuple[int, int], Forward] = field(default_factory=dict)
     backward: dict[tuple[int, int], Backward] = field(default_factory=dict)
@@ -513,6 +514,7 @@ def find_candidates(index: ModelIndex) -> Analysis:
     analysis = Analysis(index)
     for scope, node in index.norms():
         key = (id(scope), node)
+        analysis.all_norms[key] = (scope, node)
         try:
             norm = _norm(index, scope, node)
         except NotConstant as exc:

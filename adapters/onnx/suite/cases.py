@@ -978,6 +978,21 @@ def _fp16_overflow(b: GraphBuilder) -> None:
     b.output(b.bn(b.conv(y, "conv2", 4, 4, 3, **_PAD1), "bn2", 4))
 
 
+@_register("fp16_overflow_falls_back", "trap", folds=1, norms_left=0, dtype=np.float16)
+def _fp16_overflow_fallback(b: GraphBuilder) -> None:
+    """float16 Conv (weights up to 8) -> BN (s = 3.2e4) -> Conv 1x1 without pads: folding into the first conv
+    overflows float16, so the BN folds forward into nothing and BACKWARD into the 1x1 conv instead (its weights
+    are at most 0.87, times 3.2e4 fits); one fold, nothing left."""
+    x = b.input("x", [2, 3, 6, 6], scale=1e-3)
+    w = b.init("conv1.weight", (b.rng.choice([-8.0, -1.0, 1.0, 8.0], (4, 3, 3, 3))).astype(np.float16))
+    y = b.node("Conv", [x, w], "conv1")
+    params = [np.full(4, 100.0), np.zeros(4), np.zeros(4), np.zeros(4)]
+    names = [b.init(f"bn.{p}", a.astype(np.float16))
+             for p, a in zip(("scale", "B", "mean", "var"), params, strict=True)]
+    y = b.node("BatchNormalization", [y, *names], "bn")
+    b.output(b.conv(y, "conv2", 4, 4, 1))
+
+
 @_register("cancelling_bias", "trap", folds=1, norms_left=0)
 def _cancelling_bias(b: GraphBuilder) -> None:
     """Conv bias within 1e-4 of the BN's running mean (b - mu nearly cancels) and a small variance: the fold is
