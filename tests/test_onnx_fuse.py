@@ -398,9 +398,21 @@ def test_unreadable_files(tmp_path):
     _one_line(excinfo)
 
 
+def _two_wide_convs() -> onnx.ModelProto:
+    """Conv -> BN -> Relu -> Conv -> BN with weights too large for the checker's skeleton (> 1024 values)."""
+    b = GraphBuilder("two_wide_convs")
+    x = b.input("x", [1, 3, 5, 5])
+    y = b.node("Relu", [b.bn(b.conv(x, "conv1", 3, 48, 3, pads=[1, 1, 1, 1]), "bn1", 48)], "relu")
+    b.output(b.bn(b.conv(y, "conv2", 48, 48, 1), "bn2", 48))
+    return b.model()
+
+
 def _broken(kind: str) -> onnx.ModelProto:
-    model = get_case("conv_bn_bn").build()
-    if kind == "invalid":
+    model = get_case("conv_bn_bn").build() if kind != "weight_bytes" else _two_wide_convs()
+    if kind == "weight_bytes":  # the second of two folded convs: the first must not be written either
+        t = next(t for t in model.graph.initializer if t.name == "conv2.weight")
+        t.raw_data = t.raw_data[:-4]
+    elif kind == "invalid":
         conv = _node(model, "conv")
         del conv.input[1:]
     elif kind == "channels":
@@ -422,6 +434,7 @@ def _broken(kind: str) -> onnx.ModelProto:
     ("invalid", r"invalid ONNX model: .*conv"),
     ("channels", r"'bn1' has 5 channels but Conv 'conv' has 4 output channels"),
     ("variance", r"cannot fold conv -> bn2 .*bn_var must be finite and non-negative; channel 1 .*-0\.5"),
+    ("weight_bytes", r"Conv 'conv2': tensor 'conv2.weight' holds a different number of bytes than its dims"),
     ("old_opset", r"imports opset 6 .*supported: 7 to"),
     ("new_opset", r"imports opset \d+ .*supported: 7 to"),
 ])

@@ -53,6 +53,7 @@ from .graph import (
     Norm,
     Scope,
     _copy_field,
+    check_readable,
     find_candidates,
     read_array,
     skeleton,
@@ -347,6 +348,8 @@ def _compute(plan: _LayerPlan, check_weight: bool) -> str | None:
             plan.factors.append(factor)
         if check_weight:
             detail = _check_weight(plan, read_array(layer.weight.tensor, what))
+        else:
+            check_readable(layer.weight.tensor, what)  # reading it when writing must not fail
     assert bias is not None
     plan.bias = bias
     bias_peak = float(np.abs(bias).max()) if bias.size else 0.0

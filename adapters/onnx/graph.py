@@ -36,7 +36,8 @@ from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProt
 from refimpl.rounding import bfloat16_bits_to_float32
 
 __all__ = ["DEFAULT_DOMAINS", "MIN_OPSET", "FLOAT_TYPES", "Scope", "ModelIndex", "ConstRef", "Layer", "Norm",
-           "Forward", "Backward", "Analysis", "LayerKind", "find_candidates", "read_array", "NotConstant"]
+           "Forward", "Backward", "Analysis", "LayerKind", "find_candidates", "read_array", "check_readable",
+           "NotConstant"]
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 #: BatchNormalization-7 is the oldest version whose semantics are folded (opsets 1-6 have is_test / consumed_inputs).
@@ -91,6 +92,37 @@ def read_array(tensor: TensorProto, what: str) -> np.ndarray:
         return numpy_helper.to_array(tensor)
     except Exception as exc:  # malformed typed data: report it as bad input
         raise ValueError(f"{what}: tensor '{tensor.name}' cannot be read ({exc})") from exc
+
+
+def check_readable(tensor: TensorProto, what: str) -> None:
+    """What :func:`read_array` would raise for ``tensor``, found without copying its data: the data is in the
+    model and its size matches the dims (a serialized size compared with the header's plus the data's)."""
+    if tensor.data_location == TensorProto.EXTERNAL and not tensor.HasField("raw_data"):
+        raise ValueError(f"{what}: tensor '{tensor.name}' is stored in external data that is not loaded; load the "
+                         "model with its external data (onnx.load(path)) or pass the file path")
+    count = math.prod(int(d) for d in tensor.dims)
+    if tensor.HasField("raw_data"):
+        itemsize = 2 if tensor.data_type == TensorProto.BFLOAT16 else np.dtype(_NUMPY[tensor.data_type]).itemsize
+        header = TensorProto()
+        for fd, value in tensor.ListFields():
+            if fd.name != "raw_data":
+                _copy_field(header, fd, value)
+        size = count * itemsize
+        # raw_data is field 9, length-delimited: one tag byte, the length as a varint, the bytes.
+        if tensor.ByteSize() != header.ByteSize() + 1 + len(_varint(size)) + size:
+            raise ValueError(f"{what}: tensor '{tensor.name}' holds a different number of bytes than its dims "
+                             f"{[int(d) for d in tensor.dims]} need ({size})")
+    else:
+        read_array(tensor, what)  # typed fields (float_data, ...): small in practice; read them
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 def attribute_value(node: NodeProto, name: str, default: object = None) -> object:
