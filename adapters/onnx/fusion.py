@@ -15,11 +15,14 @@ The pass runs in three stages, as the torch adapter's does:
    can cause is raised before anything is modified, so a model given with ``inplace=True`` is left
    untouched by it; the rewrite runs with Ctrl-C held back.
 
-Memory: only folded tensors are read, one layer at a time; a weight whose folds all come after
-the layer is scaled row block by row block through a small float64 buffer (``W' = W * S``, ``S``
-refimpl's fold of a unit kernel, as the torch adapter does), so the float64 work never holds more
-than one block. A weight initializer read by anything else keeps its value: the folded layer gets
-a new initializer. Initializers and Constant nodes that nothing reads any more are removed.
+Memory and time: only folded tensors are read, one layer at a time, and only once where the
+overflow check can wait for the write. A weight whose folds all come after the layer is scaled
+as ``W' = W * S`` (``S`` refimpl's fold of a unit kernel, as the torch adapter does) through a
+small float64 buffer, rounded once block by block (:func:`refimpl.rounding.round_product`), so at
+most two copies of one layer's weight are in flight. A weight initializer read by anything else
+keeps its value: the folded layer gets a new initializer. Initializers and Constant nodes that
+nothing reads any more are removed. (The protobuf runtime keeps a replaced tensor's old bytes
+until the whole model is freed, so the model grows by the folded weights either way.)
 """
 
 from __future__ import annotations

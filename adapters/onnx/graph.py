@@ -16,9 +16,9 @@ within a *namespace*: the main graph with all its subgraphs, or one function wit
 
 A fold pairs a BatchNormalization with a layer in the same scope through values that nothing
 else reads (:func:`find_candidates`), following the torch adapter's rules: conv/linear -> BN
-(through Identity, inference-mode Dropout and other BNs of a chain), a BN after a Concat of conv
-outputs (channel slices along the channel axis, the whole BN into each conv along any other
-axis), and BN -> conv/linear when exact.
+(through Identity, inference-mode Dropout, a Pad that copies values, and other BNs of a chain),
+a BN after a Concat of conv outputs (channel slices along the channel axis, the whole BN into
+each conv along any other axis), and BN -> conv/linear when exact.
 """
 
 from __future__ import annotations
