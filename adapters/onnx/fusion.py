@@ -55,8 +55,8 @@ from .graph import (
     ModelIndex,
     Norm,
     Scope,
-    _copy_field,
     check_readable,
+    copy_field,
     find_candidates,
     read_array,
     skeleton,
@@ -108,10 +108,10 @@ def _copy_without_main_initializers(model: ModelProto) -> ModelProto:
     copy = ModelProto()
     for fd, value in model.ListFields():
         if fd.name != "graph":
-            _copy_field(copy, fd, value)
+            copy_field(copy, fd, value)
     for fd, value in model.graph.ListFields():
         if fd.name != "initializer":
-            _copy_field(copy.graph, fd, value)
+            copy_field(copy.graph, fd, value)
     return copy
 
 
@@ -411,7 +411,7 @@ class _NewValue:
         raw = self.raw
         for fd, value in self.template.ListFields():
             if fd.name not in _DATA_FIELDS and fd.name not in ("name", "dims"):
-                _copy_field(out, fd, value)
+                copy_field(out, fd, value)
         out.name = name
         out.dims.extend(self.dims)
         out.raw_data = raw

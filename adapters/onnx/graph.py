@@ -36,8 +36,8 @@ from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProt
 from refimpl.rounding import bfloat16_bits_to_float32
 
 __all__ = ["DEFAULT_DOMAINS", "MIN_OPSET", "FLOAT_TYPES", "Scope", "ModelIndex", "ConstRef", "Layer", "Norm",
-           "Forward", "Backward", "Analysis", "LayerKind", "find_candidates", "read_array", "check_readable",
-           "NotConstant"]
+           "Forward", "Backward", "Analysis", "LayerKind", "find_candidates", "read_array",
+           "check_readable", "copy_field", "skeleton", "NotConstant"]
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 #: BatchNormalization-7 is the oldest version whose semantics are folded (opsets 1-6 have is_test / consumed_inputs).
@@ -106,7 +106,7 @@ def check_readable(tensor: TensorProto, what: str) -> None:
         header = TensorProto()
         for fd, value in tensor.ListFields():
             if fd.name != "raw_data":
-                _copy_field(header, fd, value)
+                copy_field(header, fd, value)
         size = count * itemsize
         # raw_data is field 9, length-delimited: one tag byte, the length as a varint, the bytes.
         if tensor.ByteSize() != header.ByteSize() + 1 + len(_varint(size)) + size:
@@ -391,11 +391,11 @@ def skeleton(model: ModelProto, initializers: dict[str, TensorProto]) -> ModelPr
     for fd, value in model.ListFields():
         if fd.name in ("graph", "training_info"):
             continue
-        _copy_field(skel, fd, value)
+        copy_field(skel, fd, value)
     graph = skel.graph
     for fd, value in model.graph.ListFields():
         if fd.name not in ("initializer", "input"):
-            _copy_field(graph, fd, value)
+            copy_field(graph, fd, value)
     graph.input.extend(model.graph.input)
     listed = {i.name for i in model.graph.input}
     for name, tensor in initializers.items():
@@ -407,7 +407,7 @@ def skeleton(model: ModelProto, initializers: dict[str, TensorProto]) -> ModelPr
     return skel
 
 
-def _copy_field(target, fd, value) -> None:
+def copy_field(target, fd, value) -> None:
     """Copy one field's value (protobuf's repeated ``add().CopyFrom`` is several times faster than ``extend``)."""
     if fd.is_repeated and fd.type == fd.TYPE_MESSAGE:
         field = getattr(target, fd.name)
@@ -792,7 +792,7 @@ class _Finder:
         layer.add, layer.bias = add, ref
         return True
 
-    def proven_2d(self, name: str) -> int | None:
+    def rank(self, name: str) -> int | None:
         return self.index.rank(self.scope, name)
 
     # -- conv/linear -> norm --------------------------------------------------------------
@@ -866,7 +866,7 @@ class _Finder:
                 return False
             return True  # a Gemm's output is (M, N): the norm's channel axis 1 is the Gemm's columns
         if layer.kind == LayerKind.MATMUL:
-            rank = self.proven_2d(node.input[0])
+            rank = self.rank(node.input[0])
             if rank is None:
                 self.note("rank_unknown", f"{pair}: the MatMul input '{node.input[0]}' is not proven 2-D by shape "
                           "inference (the norm's channels are the MatMul's columns only on (N, C) data)")
@@ -1006,7 +1006,7 @@ class _Finder:
             if layer.bias is not None and not self.per_channel_bias(layer, layer.bias):
                 return
         else:
-            rank = self.proven_2d(node.input[0])
+            rank = self.rank(node.input[0])
             if rank != 2:
                 code = "rank_unknown" if rank is None else "no_fusable_neighbour"
                 self.note(code, f"{pair}: the norm's input is not proven 2-D (rank {rank})")
