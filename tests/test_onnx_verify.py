@@ -431,3 +431,12 @@ def test_verify_ignores_stale_value_info_of_the_folded_graph():
     verdict = verify(original, folded)
     assert verdict.ok, str(verdict)
     assert verdict.layers_compared == 0
+
+
+def test_verify_notes_an_original_that_overflows_on_the_inputs():
+    f16 = TensorProto.FLOAT16
+    nodes = [helper.make_node("Mul", ["x", "k"], ["y"])]
+    model = _model(nodes, [_io("x", [4, 4], f16)], [_io("y", [4, 4], f16)],
+                   [numpy_helper.from_array(np.array(60000, dtype=np.float16), "k")])
+    verdict = verify(model, model)  # standard normal inputs: |x| > 1.1 overflows float16
+    assert any("not finite on these inputs" in note for note in verdict.notes), str(verdict)

@@ -708,6 +708,9 @@ def verify(original: onnx.ModelProto | str | os.PathLike, folded: onnx.ModelProt
             notes.append(f"output {name} is {unfused[k].dtype}, not compared")
             continue
         result, max_abs, detail = _judge(fused[k], unfused[k], reference[k], [p[k] for p in perturbed])
+        if result is not None and not math.isfinite(result.unfused_error):
+            notes.append(f"the original's own output {name} is not finite on these inputs (overflow in "
+                         f"{unfused[k].dtype.name}?): choose inputs that keep it finite")
         if result is None:
             checks.append(OutputCheck(path, False, math.inf, 0.0, 0.0, math.inf, math.inf, detail))
         else:
