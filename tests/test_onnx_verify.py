@@ -440,3 +440,40 @@ def test_verify_notes_an_original_that_overflows_on_the_inputs():
                    [numpy_helper.from_array(np.array(60000, dtype=np.float16), "k")])
     verdict = verify(model, model)  # standard normal inputs: |x| > 1.1 overflows float16
     assert any("not finite on these inputs" in note for note in verdict.notes), str(verdict)
+
+
+def test_verify_accepts_a_fold_through_a_reflect_pad():
+    """BN -> Pad(reflect) -> Conv folds into the conv: the Pad's output then legitimately differs (not compared),
+    while a Relu between Pad and Conv makes the same fold wrong, and its output is named."""
+    rng = _rng(11)
+    s, b, m = (rng.standard_normal(3) for _ in range(3))
+    v = rng.uniform(0.5, 2, 3)
+    w = rng.standard_normal((4, 3, 3, 3))
+    pads = numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64), "pads")
+
+    def graph(nodes, inits):
+        return _model(nodes, [_io("x", [2, 3, 6, 6])], [_io("y", [2, 4, 6, 6])], [pads, *inits], opset=18)
+
+    original = graph([helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["n"]),
+                      helper.make_node("Pad", ["n", "pads"], ["p"], mode="reflect"),
+                      helper.make_node("Relu", ["p"], ["r"]),
+                      helper.make_node("Conv", ["r", "w"], ["y"])],
+                     _inits(s=s.astype(np.float32), b=b.astype(np.float32), m=m.astype(np.float32),
+                            v=v.astype(np.float32), w=w.astype(np.float32)))
+    wf, bf = refimpl.fold_bn_conv(w.astype(np.float32).astype(np.float64), None, m.astype(np.float32),
+                                  v.astype(np.float32), 1e-5, s.astype(np.float32), b.astype(np.float32))
+    folded = graph([helper.make_node("Pad", ["x", "pads"], ["p"], mode="reflect"),
+                    helper.make_node("Relu", ["p"], ["r"]),
+                    helper.make_node("Conv", ["r", "wf", "bf"], ["y"])],
+                   _inits(wf=wf.astype(np.float32), bf=bf.astype(np.float32)))
+    verdict = verify(original, folded)
+    assert not verdict.ok and verdict.first_divergence is not None
+    assert verdict.first_divergence.path == "r"  # the Relu's output, not the Pad's
+    no_relu = [n for n in original.graph.node if n.op_type != "Relu"]
+    no_relu[-1].input[0] = "p"
+    original_direct = graph(no_relu, list(original.graph.initializer)[1:])
+    folded_direct = graph([helper.make_node("Pad", ["x", "pads"], ["p"], mode="reflect"),
+                           helper.make_node("Conv", ["p", "wf", "bf"], ["y"])],
+                          _inits(wf=wf.astype(np.float32), bf=bf.astype(np.float32)))
+    verdict = verify(original_direct, folded_direct)
+    assert verdict.ok, str(verdict)

@@ -27,8 +27,9 @@ Three engines, three roles:
 Besides the graph outputs, every intermediate value the two graphs share by name is compared the
 same way (in the original's node order) unless folding legitimately changes it: constants and what
 is computed from constants alone (a fold rewrites a Constant node's value in place), the outputs of
-Conv, ConvTranspose, Gemm, MatMul and BatchNormalization nodes, and what merely reshapes, renames,
-concatenates or offsets such a value by constants. The first value that breaks the error model is
+Conv, ConvTranspose, Gemm, MatMul and BatchNormalization nodes, and what merely moves, copies,
+averages, concatenates or offsets such a value by constants (a folder may fold through a Pad or a
+Reshape, whose output then legitimately differs). The first value that breaks the error model is
 named, with the nodes that could have caused it.
 """
 
@@ -70,9 +71,12 @@ _DTYPE_ATTRIBUTES = frozenset({"to", "dtype", "output_dtype"})
 
 #: Ops whose outputs a fold changes (the folded layers themselves and the norms folded away).
 _CHANGED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization"})
-#: Ops that hand on a changed value reshaped, renamed or offset by constants: their output changes too.
+#: Ops that hand on a changed value moved, copied, averaged or offset by constants -- what a folder may fold a
+#: BatchNormalization through (BN -> Pad(reflect) -> Conv, Conv -> Reshape -> BN, ...): their output changes too.
 _PASSING_OPS = frozenset({"Identity", "Dropout", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose",
-                          "Split", "Slice", "Cast", "Add", "Sub", "Mul", "Div"})
+                          "Split", "Slice", "Gather", "Pad", "Expand", "Tile", "Resize", "Upsample", "DepthToSpace",
+                          "SpaceToDepth", "AveragePool", "GlobalAveragePool", "ReduceMean", "Cast", "Add", "Sub",
+                          "Mul", "Div"})
 
 _PROTO_LIMIT = 1_800_000_000  # serialized protobufs are capped at 2 GiB; larger models go through a file
 
