@@ -226,7 +226,7 @@ class BatchNormalization(OpRun):
         epsilon = float(attributes.get("epsilon", 1e-5))
         momentum = float(attributes.get("momentum", 0.9))
         version = int(self.run_params.get("opsets", {}).get("", 15))
-        outputs = [name for name in self.onnx_node.output]
+        outputs = list(self.onnx_node.output)
         if version >= 14:
             training = bool(attributes.get("training_mode", 0))
         elif version >= 7:
