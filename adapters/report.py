@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["FoldedPair", "SkippedNorm", "MergedBranches", "SkippedMerge", "FusionReport", "REASONS", "FOLD_KINDS"]
+__all__ = ["FoldedPair", "SkippedNorm", "MergedBranches", "SkippedMerge", "FusionReport", "REASONS",
+           "REASON_PRIORITY", "FOLD_KINDS", "most_specific_reason"]
 
 #: Fold kinds, named in dataflow order.
 FOLD_KINDS = ("conv->bn", "conv_transpose->bn", "linear->bn", "bn->conv", "bn->linear")
@@ -24,6 +25,9 @@ REASONS = {
     "parametrized": "the neighbour's weight is parametrized",
     "overflow": "the fused weight or bias does not fit the parameter dtype",
     "unsupported_layer": "the neighbour is quantized or otherwise unsupported",
+    # ONNX graphs
+    "not_constant": "a parameter (of the norm or its neighbour) is a graph input or computed, not a constant",
+    "not_per_channel": "parameters vary along more than the channel axis (spatial=0 statistics, a matrix bias)",
     # Merging parallel branches (structural re-parameterisation): why a sum of branches is left as it is.
     "different_inputs": "the operands of the sum are affine functions of different tensors",
     "nonlinear_branch": "an operand of the sum is not an affine function of the sum's input (an activation, ...)",
@@ -42,6 +46,19 @@ REASONS = {
     "sum_in_model_forward": "the sum is computed in the model's own forward, which is kept (merging would have to "
                             "replace the model itself)",
 }
+
+#: When several reasons apply to one norm left unfused, the most specific (earliest here) is reported;
+#: codes missing here come last.
+REASON_PRIORITY = ("overflow", "no_running_stats", "not_constant", "not_per_channel", "reused_incompatibly",
+                   "parametrized", "unsupported_layer", "rank_unknown", "output_used_elsewhere", "zero_padding",
+                   "transposed_after_bn", "untraceable", "unknown_norm", "no_fusable_neighbour")
+
+
+def most_specific_reason(reasons: list[tuple[str, str]]) -> tuple[str, str]:
+    """The ``(code, detail)`` among ``reasons`` whose code comes first in :data:`REASON_PRIORITY`."""
+    def rank(reason: tuple[str, str]) -> int:
+        return REASON_PRIORITY.index(reason[0]) if reason[0] in REASON_PRIORITY else len(REASON_PRIORITY)
+    return min(reasons, key=rank)
 
 
 @dataclass(frozen=True)

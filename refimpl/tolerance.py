@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["UNIT_ROUNDOFF", "SAFETY", "MODEL_RATIO", "unit_roundoff", "error_bound", "Comparison", "compare",
-           "assert_within", "relative_rms_error", "ModelComparison", "compare_models"]
+           "assert_within", "relative_rms_error", "ModelComparison", "compare_models", "perturb_once"]
 
 #: Unit roundoff ``u`` (half the machine epsilon) of each compute precision. TF32 keeps fp16's
 #: 10-bit mantissa with fp32's range; bf16 keeps 7 bits.
@@ -238,3 +238,18 @@ def compare_models(fused: Any, unfused: Any, reference: Any, dtype: Any, *, rati
     limit = ratio * max(unfused_error, perturbed_error, unit_roundoff(dtype))
     return ModelComparison(ok=fused_error <= limit, fused_error=fused_error, unfused_error=unfused_error,
                            limit=limit, perturbed_error=perturbed_error)
+
+
+def perturb_once(values: Any, dtype: Any, rng: np.random.Generator) -> np.ndarray:
+    """``values * (1 + delta)`` in float64, ``delta`` uniform in ``[-u, u]`` per element, ``u`` of ``dtype``.
+
+    Stored back in ``dtype``, this is one more rounding of every element: the parameters of the
+    ``perturbed`` baseline of :func:`compare_models`.
+
+    >>> y = perturb_once(np.ones(1000), "float16", np.random.default_rng(0))
+    >>> bool(np.all(np.abs(y - 1) <= 2.0**-11)) and bool(np.any(y != 1))
+    True
+    """
+    x = np.asarray(values, dtype=np.float64)
+    u = unit_roundoff(dtype)
+    return x * (1 + rng.uniform(-u, u, size=x.shape))

@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import signal
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
@@ -30,7 +28,8 @@ from torch.nn.parameter import is_lazy
 
 import refimpl
 
-from ..report import FoldedPair, FusionReport, SkippedNorm
+from ..interrupts import interrupts_held
+from ..report import FoldedPair, FusionReport, SkippedNorm, most_specific_reason
 from .graph import (
     CallSite,
     FoldCandidate,
@@ -49,11 +48,6 @@ from .running import as_args, copy_model, describe_inputs, eval_mode, listed, me
 __all__ = ["fuse", "fuse_conv_bn", "FoldedNormAct"]
 
 log = logging.getLogger("adapters.torch")
-
-# When several explanations apply to one unfused norm, the most specific is reported.
-_REASON_PRIORITY = ("overflow", "reused_incompatibly", "parametrized", "unsupported_layer", "rank_unknown",
-                    "output_used_elsewhere", "zero_padding", "transposed_after_bn", "untraceable",
-                    "no_fusable_neighbour")
 
 
 class FoldedNormAct(nn.Module):
@@ -650,7 +644,7 @@ def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelI
                   for plan in plans if plan.layer.bias is None}
     buffers = _work_buffers(in_place)
 
-    with _interrupts_held():
+    with interrupts_held():
         with torch.no_grad():
             for plan in in_place:
                 weight = plan.target.detach()
@@ -694,25 +688,6 @@ def _apply(plans: list[_LayerPlan], folded_norms: list[nn.Module], index: ModelI
                 attr, module = value
                 target._modules[attr] = module
         raise
-
-
-@contextlib.contextmanager
-def _interrupts_held():
-    """Hold back SIGINT (Ctrl-C) until the block ends, so in-place rewriting is never cut short.
-
-    Only the main thread can install signal handlers; elsewhere the block runs as it is.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            raise KeyboardInterrupt
 
 
 # -- the public entry points ----------------------------------------------------------------
@@ -836,11 +811,6 @@ def _veto_hidden_calls(planner: _Planner, index: ModelIndex, analysis: SiteAnaly
                 planner.vetoed_layers[module_id] = veto
 
 
-def _pick_reason(reasons: list[tuple[str, str]]) -> tuple[str, str]:
-    best = min(reasons, key=lambda r: _REASON_PRIORITY.index(r[0]) if r[0] in _REASON_PRIORITY else 99)
-    return best
-
-
 def _under(name: str, prefixes: dict[str, str]) -> str | None:
     """The longest proper ancestor (or the name itself) of ``name`` found in ``prefixes``."""
     parts = name.split(".")
@@ -876,7 +846,7 @@ def _build_report(model, index, traced, analysis, planner, plans, folded_norm_id
         if id(norm) in planner.vetoed_norms:
             reasons.append(planner.vetoed_norms[id(norm)])
         if reasons:
-            report.skipped.append(SkippedNorm(name, *_pick_reason(reasons)))
+            report.skipped.append(SkippedNorm(name, *most_specific_reason(reasons)))
             continue
         if id(norm) not in analysis.sites:
             opaque = _under(name, traced.opaque)
