@@ -100,11 +100,28 @@ def time_variants(models: dict[str, nn.Module], x: torch.Tensor, *, rounds: int,
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def count_calls(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+def count_module_calls(model: nn.Module, x: torch.Tensor) -> int:
+    """Calls of any module during one forward pass (each costs Python overhead besides its arithmetic)."""
+    calls = 0
+
+    def count(module, args):
+        nonlocal calls
+        calls += 1
+
+    handle = nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return calls
+
+
+def count_calls(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
     from adapters.torch.suite.cases import count_norm_calls
     from adapters.torch.suite.merge_cases import count_layer_calls
 
-    return count_layer_calls(model, x), count_norm_calls(model, x)
+    return count_layer_calls(model, x), count_norm_calls(model, x), count_module_calls(model, x)
 
 
 ACCURACY_VARIANTS = ("ours", "fuse", "ours (fp32, then converted)", "timm (fp32, then converted)",
@@ -156,7 +173,8 @@ def timing_rows(name: str, args, rounds: int, thread_counts: list[int], table: T
         row = [name, threads, "CPU" if threads == 1 else "wall", f"{ms['unfused']:.1f}"]
         row += [f"{ms[v]:.1f} ({ms['unfused'] / ms[v]:.2f}×)" for v in ("fuse", "ours", "timm")]
         row += [f"{ms['ours'] / ms['timm']:.3f}", "/".join(str(calls[v][0]) for v in VARIANTS),
-                "/".join(str(calls[v][1]) for v in ("fuse", "ours", "timm"))]
+                "/".join(str(calls[v][1]) for v in ("fuse", "ours", "timm")),
+                "/".join(str(calls[v][2]) for v in ("fuse", "ours", "timm"))]
         table.rows.append(row)
         table.records.append({"model": name, "threads": threads, "ms": ms, "calls": calls})
     torch.set_num_threads(1)
@@ -206,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     timing = Table("Inference time, fp32, batch 1 (median ms per forward pass; speed-up over unfused)",
                    ["model", "threads", "clock", "unfused ms", "BN folding alone ms", "ours ms", "timm's own ms",
-                    "ours / timm", "convs+linears (unfused/fuse/ours/timm)", "norms left (fuse/ours/timm)"])
+                    "ours / timm", "convs+linears (unfused/fuse/ours/timm)", "norms left (fuse/ours/timm)",
+                    "module calls (fuse/ours/timm)"])
     timing.notes.append("ours / timm < 1 means ours is faster; CPU time with 1 thread, wall time with more.")
     accuracy_table = Table(
         f"Accuracy: relative RMS error vs the float64 original over the unfused model's own, mean (worst) of "
@@ -224,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             timing_rows(name, args, rounds, thread_counts, timing)
         except Exception as exc:  # keep the other models' numbers
             log.exception("%s: not timed", name)
-            timing.rows.append([name, "—", "—", f"fails: {short_error(exc)}"] + ["—"] * 6)
+            timing.rows.append([name, "—", "—", f"fails: {short_error(exc)}"] + ["—"] * 7)
     for name in models if args.only != "timing" else ():
         try:
             accuracy_rows(name, args, accuracy_table)

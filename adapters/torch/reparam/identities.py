@@ -77,25 +77,28 @@ def drop_folded_identities(model: nn.Module, folded_norms: list[str]) -> list[st
             continue
         if type(module) is nn.Identity and not _has_hooks(module):
             identities.add(id(module))
-    if not identities:
-        return []
-    index = ModelIndex(model)
-    traced = trace_regions(model, index)
-    callers = _callers(traced.regions)
-    region_roots = {id(region.root) for region in traced.regions}
-    plan: list[tuple[nn.Module, str, str]] = []
+    candidates = []  # (container, its name, its children, the names of its trailing folded Identities)
     for parent_name, parent in model.named_modules():
-        if parent is model or not _is_sequential(parent) or id(parent) in region_roots:
+        if parent is model or not _is_sequential(parent):
             continue
         children = [(name, child) for name, child in parent._modules.items() if child is not None]
-        if not children or any(callers.get(id(child)) != {id(parent)} for _, child in children):
-            continue
         trailing = []
         for name, child in reversed(children):
             if id(child) not in identities:
                 break
-            trailing.append((parent, name, f"{parent_name}.{name}" if parent_name else name))
-        plan += reversed(trailing)
+            trailing.append(name)
+        if trailing:
+            candidates.append((parent, parent_name, [child for _, child in children], trailing[::-1]))
+    if not candidates:
+        return []
+    traced = trace_regions(model, ModelIndex(model))
+    callers = _callers(traced.regions)
+    region_roots = {id(region.root) for region in traced.regions}
+    plan: list[tuple[nn.Module, str, str]] = []
+    for parent, parent_name, children, trailing in candidates:
+        if id(parent) in region_roots or any(callers.get(id(child)) != {id(parent)} for child in children):
+            continue
+        plan += [(parent, name, f"{parent_name}.{name}" if parent_name else name) for name in trailing]
     for parent, name, _ in plan:
         del parent._modules[name]
     return [qualified for _, _, qualified in plan]
