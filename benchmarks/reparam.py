@@ -11,9 +11,10 @@ the model's own re-parameterisation (``timm.utils.reparameterize_model``, which 
 hand-written ``reparameterize``/``fuse``; the RepConv backbone has none, so that column repeats unfused).
 
 Time (CPU, fp32, batch 1). The variants run interleaved -- one forward pass of each in turn, ``--rounds``
-times -- and each cell is the median. With one thread (the default) the time is the process's CPU time
-(``time.process_time``), which other processes on a shared machine do not inflate; with more threads
-(``--threads-list 1,2``) it is wall time (``time.perf_counter``), since CPU time would add up the threads.
+times, each round starting one variant later -- and each cell is the median. With one thread (the default)
+the time is the process's CPU time (``time.process_time``), which other processes on a shared machine do
+not inflate; with more threads (``--threads-list 1,2``) it is wall time (``time.perf_counter``), since CPU
+time would add up the threads.
 
 Accuracy. The relative RMS error of the output against a float64 run of the original, divided by the
 unfused model's own error in the same dtype (fp32 and fp16), for ours and BN folding alone on the model
@@ -86,14 +87,21 @@ def _clock(threads: int) -> Callable[[], float]:
 
 
 def time_variants(models: dict[str, nn.Module], x: torch.Tensor, *, rounds: int, threads: int) -> dict[str, float]:
-    """Median seconds per forward pass of each model, run interleaved (one pass of each per round)."""
+    """Median seconds per forward pass of each model, run interleaved (one pass of each per round).
+
+    Each round starts one model later than the last, so that every model runs equally often in every place of
+    the round: the model run first in a round is slower (by ~1% for two copies of one model on a 2-core AMD EPYC),
+    and a fixed order would hand that to one of them.
+    """
     clock = _clock(threads)
     samples: dict[str, list[float]] = {name: [] for name in models}
+    order = list(models.items())
     with torch.inference_mode():
         for model in models.values():  # warm-up
             model(x)
-        for _ in range(rounds):
-            for name, model in models.items():
+        for round_index in range(rounds):
+            shift = round_index % len(order)
+            for name, model in order[shift:] + order[:shift]:
                 start = clock()
                 model(x)
                 samples[name].append(clock() - start)
