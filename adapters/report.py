@@ -150,6 +150,9 @@ class FusionReport:
     norms_found: int = 0
     merged: list[MergedBranches] = field(default_factory=list)
     merges_skipped: list[SkippedMerge] = field(default_factory=list)
+    #: Qualified names of the ``nn.Identity`` modules that folded norms left and that were removed from their
+    #: sequential containers (``reparameterize`` only; ``fuse`` keeps every module).
+    removed_identities: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         folded_norms = len({p.norm for p in self.folded})
@@ -162,6 +165,8 @@ class FusionReport:
         else:
             text = (f"{len(self.folded)} fold(s): {folded_norms} of {self.norms_found} norm layer(s) folded, "
                     f"{len(self.skipped)} left")
+        if self.removed_identities:
+            text += f"; {len(self.removed_identities)} Identity module(s) left by folded norms removed"
         if self.training_mode:
             text += "; the model was in training mode: folded with eval semantics (running statistics)"
         return text
@@ -202,4 +207,5 @@ class FusionReport:
             "norms_found": int(self.norms_found),
             "merged": [asdict(m) for m in self.merged],
             "merges_skipped": [asdict(m) for m in self.merges_skipped],
+            "removed_identities": list(self.removed_identities),
         }

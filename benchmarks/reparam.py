@@ -11,9 +11,10 @@ the model's own re-parameterisation (``timm.utils.reparameterize_model``, which 
 hand-written ``reparameterize``/``fuse``; the RepConv backbone has none, so that column repeats unfused).
 
 Time (CPU, fp32, batch 1). The variants run interleaved -- one forward pass of each in turn, ``--rounds``
-times -- and each cell is the median. With one thread (the default) the time is the process's CPU time
-(``time.process_time``), which other processes on a shared machine do not inflate; with more threads
-(``--threads-list 1,2``) it is wall time (``time.perf_counter``), since CPU time would add up the threads.
+times, each round starting one variant later -- and each cell is the median. With one thread (the default)
+the time is the process's CPU time (``time.process_time``), which other processes on a shared machine do
+not inflate; with more threads (``--threads-list 1,2``) it is wall time (``time.perf_counter``), since CPU
+time would add up the threads.
 
 Accuracy. The relative RMS error of the output against a float64 run of the original, divided by the
 unfused model's own error in the same dtype (fp32 and fp16), for ours and BN folding alone on the model
@@ -86,25 +87,49 @@ def _clock(threads: int) -> Callable[[], float]:
 
 
 def time_variants(models: dict[str, nn.Module], x: torch.Tensor, *, rounds: int, threads: int) -> dict[str, float]:
-    """Median seconds per forward pass of each model, run interleaved (one pass of each per round)."""
+    """Median seconds per forward pass of each model, run interleaved (one pass of each per round).
+
+    Each round starts one model later than the last, so that every model runs equally often in every place of
+    the round: the model run first in a round is slower (by ~1% for two copies of one model on a 2-core AMD EPYC),
+    and a fixed order would hand that to one of them.
+    """
     clock = _clock(threads)
     samples: dict[str, list[float]] = {name: [] for name in models}
+    order = list(models.items())
     with torch.inference_mode():
         for model in models.values():  # warm-up
             model(x)
-        for _ in range(rounds):
-            for name, model in models.items():
+        for round_index in range(rounds):
+            shift = round_index % len(order)
+            for name, model in order[shift:] + order[:shift]:
                 start = clock()
                 model(x)
                 samples[name].append(clock() - start)
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def count_calls(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+def count_module_calls(model: nn.Module, x: torch.Tensor) -> int:
+    """Calls of any module during one forward pass (each costs Python overhead besides its arithmetic)."""
+    calls = 0
+
+    def count(module, args):
+        nonlocal calls
+        calls += 1
+
+    handle = nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return calls
+
+
+def count_calls(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
     from adapters.torch.suite.cases import count_norm_calls
     from adapters.torch.suite.merge_cases import count_layer_calls
 
-    return count_layer_calls(model, x), count_norm_calls(model, x)
+    return count_layer_calls(model, x), count_norm_calls(model, x), count_module_calls(model, x)
 
 
 ACCURACY_VARIANTS = ("ours", "fuse", "ours (fp32, then converted)", "timm (fp32, then converted)",
@@ -156,7 +181,8 @@ def timing_rows(name: str, args, rounds: int, thread_counts: list[int], table: T
         row = [name, threads, "CPU" if threads == 1 else "wall", f"{ms['unfused']:.1f}"]
         row += [f"{ms[v]:.1f} ({ms['unfused'] / ms[v]:.2f}×)" for v in ("fuse", "ours", "timm")]
         row += [f"{ms['ours'] / ms['timm']:.3f}", "/".join(str(calls[v][0]) for v in VARIANTS),
-                "/".join(str(calls[v][1]) for v in ("fuse", "ours", "timm"))]
+                "/".join(str(calls[v][1]) for v in ("fuse", "ours", "timm")),
+                "/".join(str(calls[v][2]) for v in ("fuse", "ours", "timm"))]
         table.rows.append(row)
         table.records.append({"model": name, "threads": threads, "ms": ms, "calls": calls})
     torch.set_num_threads(1)
@@ -206,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     timing = Table("Inference time, fp32, batch 1 (median ms per forward pass; speed-up over unfused)",
                    ["model", "threads", "clock", "unfused ms", "BN folding alone ms", "ours ms", "timm's own ms",
-                    "ours / timm", "convs+linears (unfused/fuse/ours/timm)", "norms left (fuse/ours/timm)"])
+                    "ours / timm", "convs+linears (unfused/fuse/ours/timm)", "norms left (fuse/ours/timm)",
+                    "module calls (fuse/ours/timm)"])
     timing.notes.append("ours / timm < 1 means ours is faster; CPU time with 1 thread, wall time with more.")
     accuracy_table = Table(
         f"Accuracy: relative RMS error vs the float64 original over the unfused model's own, mean (worst) of "
@@ -224,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             timing_rows(name, args, rounds, thread_counts, timing)
         except Exception as exc:  # keep the other models' numbers
             log.exception("%s: not timed", name)
-            timing.rows.append([name, "—", "—", f"fails: {short_error(exc)}"] + ["—"] * 6)
+            timing.rows.append([name, "—", "—", f"fails: {short_error(exc)}"] + ["—"] * 7)
     for name in models if args.only != "timing" else ():
         try:
             accuracy_rows(name, args, accuracy_table)

@@ -9,9 +9,12 @@ float64 numpy transcriptions of their definitions, mirroring ``torch.nn.function
 from .fold import bn_scale_shift, fold_bn_conv, fold_bn_linear, fold_conv_bn, fold_linear_bn
 from .merge import (
                     ConvGeometry,
+                    Kernel,
                     MergeError,
                     add_branches,
+                    avg_pool_geometry,
                     avg_pool_kernel,
+                    chain_kernels,
                     check_padding_shift,
                     compose_geometry,
                     compose_kernels,
@@ -20,8 +23,9 @@ from .merge import (
                     pad_kernel,
                     regroup_kernel,
                     scale_channels,
+                    sum_kernels,
 )
-from .ops import batch_norm, conv, conv_transpose, linear
+from .ops import avg_pool, batch_norm, conv, conv_transpose, linear
 from .tolerance import (
                         MODEL_RATIO,
                         SAFETY,
@@ -40,7 +44,8 @@ __all__ = [
     "bn_scale_shift", "fold_conv_bn", "fold_linear_bn", "fold_bn_conv", "fold_bn_linear",
     "ConvGeometry", "MergeError", "pad_kernel", "identity_kernel", "avg_pool_kernel", "scale_channels",
     "regroup_kernel", "add_branches", "compose_kernels", "merge_geometry", "compose_geometry", "check_padding_shift",
-    "conv", "conv_transpose", "batch_norm", "linear",
+    "avg_pool_geometry", "Kernel", "sum_kernels", "chain_kernels",
+    "conv", "conv_transpose", "batch_norm", "linear", "avg_pool",
     "UNIT_ROUNDOFF", "SAFETY", "MODEL_RATIO", "unit_roundoff", "error_bound", "Comparison", "compare", "assert_within",
     "relative_rms_error", "ModelComparison", "compare_models",
 ]

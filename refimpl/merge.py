@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from array_api_compat import array_namespace
 from array_api_compat import device as array_device
+
+from .fold import fold_conv_bn
 
 __all__ = [
     "MERGE_REASONS",
@@ -45,6 +47,10 @@ __all__ = [
     "merge_geometry",
     "compose_geometry",
     "check_padding_shift",
+    "avg_pool_geometry",
+    "Kernel",
+    "sum_kernels",
+    "chain_kernels",
 ]
 
 Array = Any
@@ -52,7 +58,8 @@ Array = Any
 #: Reason codes :class:`MergeError` carries. They are codes of the project's one reason vocabulary
 #: (``adapters.report.REASONS``), which explains each; refimpl depends on no adapter, so they are listed here.
 MERGE_REASONS = ("stride_mismatch", "dilation_mismatch", "padding_misaligned", "padding_mode_mismatch",
-                 "groups_incompatible", "channels_mismatch", "sequential_unsupported", "zero_padding")
+                 "groups_incompatible", "channels_mismatch", "sequential_unsupported", "zero_padding",
+                 "unsupported_layer")
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -352,6 +359,53 @@ def check_padding_shift(outer_weight: Array, inner_bias: Array | None, geometry:
         value = float(shift[(channel,) + tap_index])
         raise MergeError("zero_padding", f"zero padding after a constant term: output channel {channel}, tap "
                          f"{tap_index} reads the padding and would see {value:.6g} instead of 0")
+
+
+def avg_pool_geometry(kernel_size: Sequence[int], stride: Sequence[int] | None = None,
+                      padding: Sequence[int] | None = None, *, count_include_pad: bool = True, ceil_mode: bool = False,
+                      divisor_override: int | None = None) -> ConvGeometry:
+    """The geometry of the convolution that equals an average pool, which must be one.
+
+    Average pooling divides each window's sum by ``prod(kernel_size)`` (or ``divisor_override``),
+    counting the zeros of its padding -- the convolution with :func:`avg_pool_kernel` and the pool's
+    stride and zero padding. Two options make the divisor depend on the position, and then no
+    convolution equals the pool: ``count_include_pad=False`` with padding (border windows are divided
+    by the taps inside the input only) unless ``divisor_override`` fixes the divisor, and
+    ``ceil_mode=True`` (a last, partial window is averaged over fewer taps, and the output has a
+    size a convolution does not produce).
+
+    Parameters
+    ----------
+    kernel_size, stride, padding : sequences of int, one entry per spatial dim
+        As ``torch.nn.AvgPoolNd`` (``stride`` defaults to ``kernel_size``, ``padding`` to zeros).
+    count_include_pad, ceil_mode, divisor_override
+        As ``torch.nn.AvgPoolNd``.
+
+    Raises
+    ------
+    MergeError
+        ``unsupported_layer`` when the pool is not a convolution.
+
+    Examples
+    --------
+    >>> avg_pool_geometry((3, 3), (1, 1), (1, 1))
+    ConvGeometry(kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), padding_mode='zeros')
+    >>> try:
+    ...     avg_pool_geometry((3,), (1,), (1,), count_include_pad=False)
+    ... except MergeError as error:
+    ...     print(error.reason)
+    unsupported_layer
+    """
+    kernel = tuple(int(k) for k in kernel_size)
+    strides = kernel if stride is None else tuple(int(v) for v in stride)
+    pads = (0,) * len(kernel) if padding is None else tuple(int(v) for v in padding)
+    if ceil_mode:
+        raise MergeError("unsupported_layer", "an average pool with ceil_mode=True is not a convolution (a last, "
+                         "partial window is averaged over fewer positions)")
+    if not count_include_pad and any(pads) and divisor_override is None:
+        raise MergeError("unsupported_layer", f"an average pool with count_include_pad=False and padding {pads} is "
+                         "not a convolution (the divisor changes at the borders)")
+    return ConvGeometry(kernel, strides, pads, (1,) * len(kernel), "zeros")
 
 
 # -- kernels ----------------------------------------------------------------------------------
@@ -688,3 +742,158 @@ def compose_kernels(outer_weight: Array, outer_bias: Array | None, inner_weight:
         raise ValueError(f"compose_kernels needs a 1x1 kernel on one side; got outer {o_shape}, inner {i_shape}")
     shift = xp.reshape(xp.matmul(summed, xp.reshape(inner_bias, (g, mg, 1))), (out,))
     return weight, outer_bias + shift
+
+
+# -- whole branches ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Kernel:
+    """One convolution (a linear layer: no spatial dims) equal to an affine function of an input.
+
+    ``conv(x, weight, bias)`` with ``geometry`` and ``groups``; ``weight`` is ``[out, in/groups, *kernel]``
+    and ``bias`` has shape ``(out,)``. A branch is evaluated into a Kernel step by step (a layer,
+    then its BatchNorm, a scale, ...) and branches are summed (:func:`sum_kernels`) or chained
+    (:func:`chain_kernels`) as Kernels.
+
+    ``regroupable``: the kernel is made of the identity, BatchNorms, per-channel scales and average
+    pools only, so every output channel reads its own input channel and it joins any grouping of
+    the same channels (:func:`regroup_kernel`). A conv layer's kernel keeps its own groups.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.zeros(1)
+    >>> k = Kernel.identity(2, 1, like=x).scaled(np.array([2.0, 3.0]))
+    >>> k.weight.ravel().tolist(), k.groups, k.regroupable
+    ([2.0, 3.0], 2, True)
+    """
+
+    weight: Array
+    bias: Array
+    geometry: ConvGeometry
+    groups: int
+    regroupable: bool = False
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.weight.shape[1]) * self.groups
+
+    @classmethod
+    def identity(cls, channels: int, spatial_dims: int, *, like: Array) -> Kernel:
+        """The identity map of ``channels`` channels (depthwise, regroupable)."""
+        xp = array_namespace(like)
+        weight = identity_kernel(channels, spatial_dims, groups=channels, like=like)
+        return cls(weight, xp.zeros((channels,), dtype=like.dtype, device=array_device(like)),
+                   ConvGeometry.pointwise(spatial_dims), channels, True)
+
+    @classmethod
+    def avg_pool(cls, channels: int, geometry: ConvGeometry, *, divisor: int | None = None, like: Array) -> Kernel:
+        """An average pool with the geometry :func:`avg_pool_geometry` returned (depthwise, regroupable)."""
+        xp = array_namespace(like)
+        weight = avg_pool_kernel(channels, geometry.kernel_size, groups=channels, divisor=divisor, like=like)
+        return cls(weight, xp.zeros((channels,), dtype=like.dtype, device=array_device(like)), geometry, channels,
+                   True)
+
+    def scaled(self, scale: Array | float) -> Kernel:
+        """A constant scale (a scalar or one value per output channel) applied after this kernel."""
+        weight, bias = scale_channels(self.weight, self.bias, scale)
+        return replace(self, weight=weight, bias=bias)
+
+    def batch_norm(self, running_mean: Array, running_var: Array, eps: float, weight: Array | None = None,
+                   bias: Array | None = None) -> Kernel:
+        """An eval-mode BatchNorm applied after this kernel, folded with :func:`refimpl.fold_conv_bn`."""
+        folded_weight, folded_bias = fold_conv_bn(self.weight, self.bias, running_mean, running_var, eps, weight, bias,
+                                                  groups=self.groups)
+        return replace(self, weight=folded_weight, bias=folded_bias)
+
+    def regrouped(self, groups: int) -> Array:
+        """This kernel's weight laid out for ``groups`` groups."""
+        return self.weight if groups == self.groups else regroup_kernel(self.weight, self.groups, groups)
+
+
+def sum_kernels(kernels: Sequence[Kernel], coefficients: Sequence[float] | None = None,
+                constant: Array | float | None = None) -> Kernel:
+    """The one convolution equal to ``sum_i c_i kernel_i(x) + constant`` (all reading the same ``x``).
+
+    The geometry must merge exactly (:func:`merge_geometry`), all kernels must have the same input and
+    output channels, and the conv layers among them the same groups; regroupable kernels (identity,
+    BatchNorm, scale, pool) are laid out in those groups (:func:`regroup_kernel`), then every kernel
+    is centred in the largest and summed (:func:`add_branches`).
+
+    Raises
+    ------
+    MergeError
+        ``channels_mismatch``, ``groups_incompatible`` or a reason of :func:`merge_geometry`.
+
+    Examples
+    --------
+    RepVGG in one dim, on integers: a 3-tap conv, a 1-tap conv and the identity.
+
+    >>> import numpy as np
+    >>> g3 = ConvGeometry((3,), (1,), (1,), (1,))
+    >>> k3 = Kernel(np.array([[[1.0, 2.0, 3.0]]]), np.array([0.5]), g3, 1)
+    >>> k1 = Kernel(np.array([[[10.0]]]), np.array([0.0]), ConvGeometry.pointwise(1), 1)
+    >>> merged = sum_kernels([k3, k1, Kernel.identity(1, 1, like=np.zeros(1))])
+    >>> merged.weight.tolist(), merged.bias.tolist(), merged.geometry == g3
+    ([[[1.0, 13.0, 3.0]]], [0.5], True)
+    """
+    kernels = list(kernels)
+    if not kernels:
+        raise ValueError("sum_kernels needs at least one kernel")
+    outs = sorted({k.out_channels for k in kernels})
+    ins = sorted({k.in_channels for k in kernels})
+    if len(outs) > 1 or len(ins) > 1:
+        raise MergeError("channels_mismatch", f"the branches have output channels {outs} and input channels {ins}")
+    geometry = merge_geometry([k.geometry for k in kernels])
+    fixed = sorted({k.groups for k in kernels if not k.regroupable})
+    if len(fixed) > 1:
+        raise MergeError("groups_incompatible", f"the conv branches have groups {fixed}")
+    groups = fixed[0] if fixed else kernels[0].groups
+    weight, bias = add_branches([k.regrouped(groups) for k in kernels], [k.bias for k in kernels], coefficients,
+                                constant)
+    return Kernel(weight, bias, geometry, groups, all(k.regroupable for k in kernels))
+
+
+def chain_kernels(outer: Kernel, inner: Kernel) -> Kernel:
+    """The one convolution equal to ``outer(inner(x))``, where one of the two is pointwise.
+
+    The geometry composes by :func:`compose_geometry`; when ``inner`` is the pointwise one, its
+    constant term must survive ``outer``'s zero padding (:func:`check_padding_shift`). Conv layers
+    on both sides must have the same groups; a regroupable side takes the other's.
+
+    Raises
+    ------
+    MergeError
+        ``channels_mismatch``, ``groups_incompatible``, ``sequential_unsupported``, ``zero_padding``.
+
+    Examples
+    --------
+    A 1x1 conv without bias, then a 3-tap conv with padding 1: exact (no constant term).
+
+    >>> import numpy as np
+    >>> inner = Kernel(np.array([[[2.0]]]), np.array([0.0]), ConvGeometry.pointwise(1), 1)
+    >>> outer = Kernel(np.array([[[1.0, 2.0, 3.0]]]), np.array([1.0]), ConvGeometry((3,), (1,), (1,), (1,)), 1)
+    >>> chained = chain_kernels(outer, inner)
+    >>> chained.weight.tolist(), chained.bias.tolist(), chained.geometry.padding
+    ([[[2.0, 4.0, 6.0]]], [1.0], (1,))
+    """
+    if outer.in_channels != inner.out_channels:
+        raise MergeError("channels_mismatch", f"a layer reading {outer.in_channels} channels follows one writing "
+                         f"{inner.out_channels}")
+    geometry = compose_geometry(outer.geometry, inner.geometry)
+    if outer.regroupable:
+        groups = inner.groups
+    elif inner.regroupable or outer.groups == inner.groups:
+        groups = outer.groups
+    else:
+        raise MergeError("groups_incompatible", f"a conv with groups={outer.groups} follows one with "
+                         f"groups={inner.groups}")
+    outer_weight, inner_weight = outer.regrouped(groups), inner.regrouped(groups)
+    if inner.geometry.is_pointwise:
+        check_padding_shift(outer_weight, inner.bias, outer.geometry, groups=groups)
+    weight, bias = compose_kernels(outer_weight, outer.bias, inner_weight, inner.bias, groups=groups)
+    return Kernel(weight, bias, geometry, groups, outer.regroupable and inner.regroupable)

@@ -4,7 +4,7 @@ Each function mirrors its ``torch.nn.functional`` counterpart argument for argum
 order, defaults), so a test can swap one for the other: :func:`conv` (``conv1d``/``conv2d``/
 ``conv3d``, plus the ``padding_mode`` of ``nn.ConvNd``), :func:`conv_transpose`
 (``conv_transpose{1,2,3}d``), :func:`batch_norm` (eval mode: no ``training`` or ``momentum``, so
-``eps`` is keyword only) and :func:`linear`. Inputs are converted with
+``eps`` is keyword only), :func:`linear` and :func:`avg_pool` (``avg_pool{1,2,3}d``). Inputs are converted with
 ``np.asarray(..., dtype=float64)`` (callers convert torch tensors); results are float64.
 
 These ops are the oracle the folds are checked against, so they never call ``refimpl.fold``.
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["conv", "conv_transpose", "batch_norm", "linear"]
+__all__ = ["conv", "conv_transpose", "batch_norm", "linear", "avg_pool"]
 
 #: ``nn.ConvNd`` padding modes and the ``numpy.pad`` mode with the same semantics.
 _NUMPY_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -488,3 +488,87 @@ def linear(input: Any, weight: Any, bias: Any = None) -> np.ndarray:
     if bias is not None:
         y = y + bias
     return y
+
+
+def avg_pool(input: Any, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None,
+             padding: int | Sequence[int] = 0, ceil_mode: bool = False, count_include_pad: bool = True,
+             divisor_override: int | None = None) -> np.ndarray:
+    """N-d average pooling in float64, as ``torch.nn.functional.avg_pool{1,2,3}d``.
+
+    Parameters
+    ----------
+    input : array_like, shape (N, C, *spatial)
+        The number of spatial dims is ``len(kernel_size)`` for a tuple, else ``input.ndim - 2``.
+    kernel_size, stride, padding : int or tuple of ints
+        ``stride`` defaults to ``kernel_size``; zero padding on both sides, at most half the kernel.
+    ceil_mode : bool
+        Round the output size up (a last window may stick out of the padded input; it must start
+        inside the input or its left padding).
+    count_include_pad : bool
+        Divide by the taps inside the zero-padded input (``True``) or inside the input only.
+    divisor_override : int, optional
+        Divide every window by this instead.
+
+    Returns
+    -------
+    numpy.ndarray, float64, shape (N, C, *out)
+
+    Notes
+    -----
+    Window ``i`` covers positions ``s*i - p ... s*i - p + k - 1``; its sum (padding zeros count as 0)
+    is divided by the number of its positions inside ``[-p, L + p)`` (``count_include_pad``) or
+    inside ``[0, L)``, as torch does.
+
+    Examples
+    --------
+    >>> avg_pool([[[3.0, 6.0, 9.0, 12.0]]], 3, 1, 1).tolist()
+    [[[3.0, 6.0, 9.0, 7.0]]]
+    >>> avg_pool([[[3.0, 6.0, 9.0, 12.0]]], 3, 1, 1, count_include_pad=False).tolist()
+    [[[4.5, 6.0, 9.0, 10.5]]]
+    """
+    x = _f64("input", input)
+    dims = len(kernel_size) if isinstance(kernel_size, (tuple, list)) else x.ndim - 2
+    context = (f"input.shape={x.shape}, kernel_size={kernel_size!r}, stride={stride!r}, padding={padding!r}, "
+               f"ceil_mode={ceil_mode!r}")
+    if dims < 1 or x.ndim != dims + 2:
+        raise ValueError(f"avg_pool: input must be (N, C, *spatial) with one spatial dim per kernel entry; {context}")
+    kernel = _int_tuple("kernel_size", kernel_size, dims, context)
+    strides = kernel if stride is None else _int_tuple("stride", stride, dims, context)
+    pads = _int_tuple("padding", padding, dims, context)
+    if min(kernel) < 1 or min(strides) < 1 or min(pads) < 0 or any(2 * p > k for p, k in zip(pads, kernel,
+                                                                                              strict=True)):
+        raise ValueError(f"avg_pool: kernel and stride must be positive and padding at most half the kernel; "
+                         f"{context}")
+    if divisor_override is not None and (isinstance(divisor_override, bool) or operator.index(divisor_override) < 1):
+        raise ValueError(f"avg_pool: divisor_override must be a positive int, got {divisor_override!r}")
+    spatial = x.shape[2:]
+    out_shape = []
+    for n, k, s, p in zip(spatial, kernel, strides, pads, strict=True):
+        span = n + 2 * p - k
+        if span < 0:
+            raise ValueError(f"avg_pool: the window is larger than the padded input; {context}")
+        out = (-(-span // s) if ceil_mode else span // s) + 1
+        if ceil_mode and (out - 1) * s >= n + p:  # the last window must start inside the input or left padding
+            out -= 1
+        out_shape.append(out)
+    # Zeros on the right as far as the last window reaches (ceil_mode), and masks of the positions that count.
+    right = [max(p, (o - 1) * s + k - n - p) for n, k, s, p, o in zip(spatial, kernel, strides, pads, out_shape,
+                                                                       strict=True)]
+    widths = [(0, 0), (0, 0), *((p, r) for p, r in zip(pads, right, strict=True))]
+    padded = np.pad(x, widths)
+    inside_input = np.pad(np.ones((1, 1) + spatial), widths)
+    inside_padding = np.pad(np.ones((1, 1) + tuple(n + 2 * p for n, p in zip(spatial, pads, strict=True))),
+                            [(0, 0), (0, 0), *((0, r - p) for p, r in zip(pads, right, strict=True))])
+
+    def window_sums(a: np.ndarray) -> np.ndarray:
+        total = np.zeros(a.shape[:2] + tuple(out_shape))
+        for offset in itertools.product(*(range(k) for k in kernel)):
+            total += a[(slice(None), slice(None)) + tuple(slice(o, o + s * (n - 1) + 1, s) for o, s, n in
+                                                          zip(offset, strides, out_shape, strict=True))]
+        return total
+
+    if divisor_override is not None:
+        divisor: Any = float(divisor_override)
+    else:
+        divisor = window_sums(inside_padding if count_include_pad else inside_input)
+    return window_sums(padded) / divisor

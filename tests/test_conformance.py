@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from refimpl import bn_scale_shift, compare, conformance, error_bound
+from refimpl import conv as refimpl_conv
 from refimpl.__main__ import main
 
 torch = pytest.importorskip("torch")
@@ -53,12 +54,29 @@ class TestVectors:
         assert (tmp_path / "manifest.json").read_bytes() == (conformance.VECTORS_DIR / "manifest.json").read_bytes()
 
     def test_coverage_of_folds_and_verdicts(self, vectors):
-        assert {v["fold"] for v in vectors.values()} == {"conv_bn", "linear_bn", "bn_conv", "bn_linear"}
+        assert {v["fold"] for v in vectors.values()} == {"conv_bn", "linear_bn", "bn_conv", "bn_linear", "merge"}
         assert {v["expected"]["verdict"] for v in vectors.values()} == set(conformance.VERDICTS)
         assert {v["storage_dtype"] for v in vectors.values()} == {"float64", "float32", "float16", "bfloat16"}
-        assert any(v["layer"].get("transposed") and v["layer"]["groups"] > 1 for v in vectors.values())
-        assert {v["layer"].get("padding_mode") for v in vectors.values() if v["fold"] == "bn_conv"} >= {
+        folds = [v for v in vectors.values() if v["fold"] != "merge"]
+        assert any(v["layer"].get("transposed") and v["layer"]["groups"] > 1 for v in folds)
+        assert {v["layer"].get("padding_mode") for v in folds if v["fold"] == "bn_conv"} >= {
             "zeros", "reflect", "replicate", "circular"}
+
+    def test_coverage_of_merges(self, vectors):
+        merges = [v for v in vectors.values() if v["fold"] == "merge"]
+        layers = [v["expected"]["layer"] for v in merges if "layer" in v["expected"]]
+        ops = [op for v in merges for b in v["inputs"]["branches"] for op in b["ops"]]
+        assert {op["op"] for op in ops} == {"layer", "batch_norm", "avg_pool", "scale"}
+        assert {v["storage_dtype"] for v in merges} == {"float64", "float32", "float16", "bfloat16"}
+        assert {layer["type"] for layer in layers} == {"conv", "linear"}
+        assert {layer.get("padding_mode") for layer in layers} >= {"zeros", "reflect"}
+        assert any(layer.get("groups", 1) > 1 for layer in layers)
+        assert any(max(layer.get("stride", [1])) > 1 for layer in layers)
+        assert any(max(layer.get("dilation", [1])) > 1 for layer in layers)
+        assert any(b["coefficient"] < 0 for v in merges for b in v["inputs"]["branches"])
+        assert any(v["inputs"]["after"] for v in merges) and any(not b["ops"] for v in merges
+                                                                  for b in v["inputs"]["branches"])
+        assert sum(v["expected"]["verdict"] == "mergeable" for v in merges) == 17 and len(merges) == 25
 
     def test_float64_values_round_trip_exactly(self, vectors):
         # The JSON holds Python's shortest repr; parsing must give back the generator's float64 bits.
@@ -276,6 +294,104 @@ class TestCheck:
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 1, done.stderr
         assert "FAIL  bn_linear: missing from the results" in done.stdout
+
+
+class TestMergeCheck:
+    """``check`` on merge vectors: refimpl's own results pass (TestCheck); deliberately wrong merges fail."""
+
+    @staticmethod
+    def _scale(bn: dict) -> np.ndarray:
+        return bn["weight"] / np.sqrt(bn["running_var"] + bn["eps"])
+
+    @staticmethod
+    def _shift(bn: dict) -> np.ndarray:
+        return bn["bias"] - bn["running_mean"] * TestMergeCheck._scale(bn)
+
+    def test_kernel_not_centred_fails(self, tmp_path, vectors, good_results, capsys):
+        # A merge that pads the 1x1 kernel and the identity on the right instead of centring them.
+        name = "merge_repvgg_3x3_1x1_identity"
+        conv3, conv1, alone = conformance.decode_merge_inputs(vectors[name]["inputs"])["branches"]
+        s3, s1, s0 = (self._scale(b["ops"][-1]["bn"]) for b in (conv3, conv1, alone))
+        weight = conv3["ops"][0]["weight"] * s3[:, None, None, None]
+        weight[:, :, 0, 0] += conv1["ops"][0]["weight"][:, :, 0, 0] * s1[:, None] + np.diag(s0)
+        results = copy.deepcopy(good_results)
+        results["results"][name]["weight"] = weight.tolist()
+        code, out = run_check(tmp_path, results, capsys)
+        assert code == 1
+        line = case_line(out, name)
+        assert line.startswith(f"FAIL  {name}: weight[") and line.split("]")[0].endswith(("0, 0", "1, 1")), line
+
+    def test_bias_missing_a_branch_fails(self, tmp_path, vectors, good_results, capsys):
+        # BN(conv3x3 + conv1x1 + x): a merge that forgets the conv1x1's own bias.
+        name = "merge_bn_after_sum"
+        inputs = conformance.decode_merge_inputs(vectors[name]["inputs"])
+        after = inputs["after"][0]["bn"]
+        results = copy.deepcopy(good_results)
+        bias = np.array(results["results"][name]["bias"]) - self._scale(after) * inputs["branches"][1]["ops"][0]["bias"]
+        results["results"][name]["bias"] = bias.tolist()
+        code, out = run_check(tmp_path, results, capsys)
+        assert code == 1 and case_line(out, name).startswith(f"FAIL  {name}: bias[")
+
+    @pytest.mark.parametrize("name", ["merge_repvgg_float16", "merge_repvgg_bfloat16"])
+    def test_double_rounded_low_precision_fails(self, tmp_path, vectors, good_results, capsys, name):
+        # Each branch folded in float64 and rounded to the storage dtype, then the branches summed
+        # there: two roundings where the vector requires one.
+        dtype = getattr(torch, vectors[name]["storage_dtype"])
+        conv3, conv1, alone = conformance.decode_merge_inputs(vectors[name]["inputs"])["branches"]
+        kernels, biases = [], []
+        for branch, size in ((conv3, 3), (conv1, 1), (alone, 1)):
+            bn = branch["ops"][-1]["bn"]
+            weight = branch["ops"][0]["weight"] if len(branch["ops"]) == 2 else np.eye(4).reshape(4, 4, 1, 1)
+            pad = (3 - size) // 2
+            kernel = np.pad(weight * self._scale(bn)[:, None, None, None], [(0, 0), (0, 0), (pad, pad), (pad, pad)])
+            kernels.append(torch.tensor(kernel).to(dtype))
+            biases.append(torch.tensor(self._shift(bn)).to(dtype))
+        weight, bias = kernels[0] + kernels[1] + kernels[2], biases[0] + biases[1] + biases[2]
+        results = copy.deepcopy(good_results)
+        results["results"][name] = {"weight": weight.double().tolist(), "bias": bias.double().tolist(),
+                                    "layer": results["results"][name]["layer"]}
+        code, out = run_check(tmp_path, results, capsys)
+        assert code == 1
+        line = case_line(out, name)
+        assert line.startswith("FAIL") and "bit for bit" in line, line
+
+    def test_wrong_merge_verdicts_fail(self, tmp_path, good_results, capsys):
+        results = copy.deepcopy(good_results)
+        entries = results["results"]
+        entries["merge_even_kernel"] = {"weight": np.ones((2, 2, 2, 2)).tolist(), "bias": [0.0, 0.0]}
+        entries["compose_zero_padding"] = {"verdict": "not_mergeable: padding_misaligned"}
+        entries["merge_reflect_with_unpadded"] = {"verdict": "not_mergeable: padding_mode_mismatch"}
+        code, out = run_check(tmp_path, results, capsys)
+        assert code == 1
+        assert case_line(out, "merge_even_kernel").endswith(
+            "expected verdict 'not_mergeable: padding_misaligned', got merged weights")
+        assert case_line(out, "compose_zero_padding").endswith(
+            "expected verdict 'not_mergeable: zero_padding', got verdict 'not_mergeable: padding_misaligned'")
+        assert case_line(out, "merge_reflect_with_unpadded").endswith(
+            "mergeable, but the results give verdict 'not_mergeable: padding_mode_mismatch'")
+
+    def test_wrong_or_missing_geometry_fails(self, tmp_path, good_results, capsys):
+        results = copy.deepcopy(good_results)
+        entries = results["results"]
+        entries["merge_reflect_with_unpadded"]["layer"]["padding_mode"] = "zeros"
+        entries["merge_repvgg_stride2_no_identity"]["layer"]["padding"] = [0, 0]
+        del entries["merge_acnet_1x3_3x1"]["layer"]
+        code, out = run_check(tmp_path, results, capsys)
+        assert code == 1
+        assert "layer: padding_mode 'zeros', expected 'reflect'" in case_line(out, "merge_reflect_with_unpadded")
+        assert "layer: padding [0, 0], expected [1, 1]" in case_line(out, "merge_repvgg_stride2_no_identity")
+        assert "layer: missing" in case_line(out, "merge_acnet_1x3_3x1")
+        assert "3 failed" in out
+
+    def test_output_padded_with_zeros_instead_of_reflect_fails(self, tmp_path, vectors, good_results, capsys):
+        name = "merge_reflect_with_unpadded"
+        entry = good_results["results"][name]
+        x = conformance.decode_tensor(vectors[name]["probe"]["x"])
+        results = copy.deepcopy(good_results)
+        results["results"][name]["output"] = refimpl_conv(x, np.array(entry["weight"]), np.array(entry["bias"]),
+                                                          padding=1).tolist()
+        code, out = run_check(tmp_path, results, capsys)
+        assert code == 1 and case_line(out, name).startswith(f"FAIL  {name}: output[")
 
 
 class TestOutputs:

@@ -17,9 +17,13 @@ from hypothesis import strategies as st
 
 from refimpl import (
     ConvGeometry,
+    Kernel,
     MergeError,
     add_branches,
+    avg_pool_geometry,
     avg_pool_kernel,
+    batch_norm,
+    chain_kernels,
     check_padding_shift,
     compare,
     compose_geometry,
@@ -32,6 +36,7 @@ from refimpl import (
     pad_kernel,
     regroup_kernel,
     scale_channels,
+    sum_kernels,
 )
 from refimpl.merge import MERGE_REASONS
 
@@ -358,6 +363,79 @@ def test_compose_needs_a_pointwise_layer():
         compose_kernels(np.ones((1, 1, 3)), None, np.ones((1, 1, 3)), None)
     with pytest.raises(ValueError, match=r"reads 2 channels \(groups=1\) but inner_weight \(3, 1, 1\) writes 3"):
         compose_kernels(np.ones((1, 2, 3)), None, np.ones((3, 1, 1)), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole branches: Kernel, sum_kernels, chain_kernels, avg_pool_geometry
+
+def test_sum_kernels_of_a_grouped_conv_a_norm_a_scale_and_a_pool_is_the_branches():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 4, 6, 6))
+    wg, bg = rng.standard_normal((4, 2, 3, 3)), rng.standard_normal(4)
+    mean, var, gamma, beta = rng.standard_normal(4), rng.uniform(0.5, 2, 4), rng.standard_normal(4), \
+        rng.standard_normal(4)
+    scale = rng.standard_normal(4)
+    conv_branch = Kernel(wg, bg, ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1)), 2)
+    norm_branch = Kernel.identity(4, 2, like=x).batch_norm(mean, var, 1e-5, gamma, beta)
+    pool_branch = Kernel.avg_pool(4, avg_pool_geometry((3, 3), (1, 1), (1, 1)), like=x).scaled(scale)
+    merged = sum_kernels([conv_branch, norm_branch, pool_branch], [1.0, -1.0, 1.0])
+    assert merged.groups == 2 and not merged.regroupable and merged.geometry == conv_branch.geometry
+    pooled = conv(x, np.full((4, 1, 3, 3), 1 / 9), padding=1, groups=4)
+    expected = (conv(x, wg, bg, padding=1, groups=2) - batch_norm(x, mean, var, gamma, beta, eps=1e-5)
+                + scale[:, None, None] * pooled)
+    s = np.abs(gamma) / np.sqrt(var + 1e-5)
+    magnitude = (conv(abs(x), abs(wg), abs(bg), padding=1, groups=2)
+                 + s[:, None, None] * (abs(x) + abs(mean)[:, None, None]) + abs(beta)[:, None, None]
+                 + abs(scale)[:, None, None] * conv(abs(x), np.full((4, 1, 3, 3), 1 / 9), padding=1, groups=4))
+    _within(conv(x, merged.weight, merged.bias, padding=1, groups=2), expected, magnitude, 2 * 18 + 12)
+
+
+def test_sum_and_chain_refuse_with_reasons():
+    like = np.zeros(1)
+    dense = Kernel(np.ones((4, 4, 1, 1)), np.zeros(4), ConvGeometry.pointwise(2), 1)
+    grouped = Kernel(np.ones((4, 2, 1, 1)), np.zeros(4), ConvGeometry.pointwise(2), 2)
+    wider = Kernel(np.ones((6, 4, 1, 1)), np.zeros(6), ConvGeometry.pointwise(2), 1)
+    cases = [(lambda: sum_kernels([dense, grouped]), "groups_incompatible"),
+             (lambda: sum_kernels([dense, wider]), "channels_mismatch"),
+             (lambda: sum_kernels([dense, Kernel.identity(3, 2, like=like)]), "channels_mismatch"),
+             (lambda: chain_kernels(dense, wider), "channels_mismatch"),
+             (lambda: chain_kernels(grouped, dense), "groups_incompatible"),
+             (lambda: chain_kernels(Kernel(np.ones((4, 4, 3, 3)), np.zeros(4), ConvGeometry((3, 3), (1, 1), (1, 1),
+                                                                                            (1, 1)), 1),
+                                    Kernel(np.ones((4, 4, 1, 1)), np.ones(4), ConvGeometry.pointwise(2), 1)),
+              "zero_padding")]
+    for attempt, reason in cases:
+        with pytest.raises(MergeError) as caught:
+            attempt()
+        assert caught.value.reason == reason
+    # A regroupable kernel takes the conv's groups on either side of a chain.
+    assert chain_kernels(grouped, Kernel.identity(4, 2, like=like)).groups == 2
+    assert chain_kernels(Kernel.identity(4, 2, like=like), grouped).groups == 2
+
+
+@pytest.mark.parametrize("kwargs, is_conv", [
+    ({"padding": (1, 1)}, True), ({"padding": (0, 0), "count_include_pad": False}, True),
+    ({"padding": (1, 1), "count_include_pad": False}, False),
+    ({"padding": (1, 1), "count_include_pad": False, "divisor_override": 9}, True),
+    ({"padding": (0, 0), "ceil_mode": True}, False),
+])
+def test_avg_pool_geometry_accepts_exactly_the_pools_that_are_convolutions(kwargs, is_conv):
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(3).standard_normal((1, 2, 6, 6))
+    extra = {"divisor_override": kwargs["divisor_override"]} if "divisor_override" in kwargs else {}
+    pooled = torch.nn.functional.avg_pool2d(torch.from_numpy(x), 3, 2, kwargs["padding"],
+                                            kwargs.get("ceil_mode", False), kwargs.get("count_include_pad", True),
+                                            **extra).numpy()
+    kernel = avg_pool_kernel(2, (3, 3), groups=2, divisor=kwargs.get("divisor_override"), like=x)
+    as_conv = conv(x, kernel, stride=2, padding=kwargs["padding"], groups=2)
+    magnitude = conv(abs(x), abs(kernel), stride=2, padding=kwargs["padding"], groups=2)
+    same = as_conv.shape == pooled.shape and compare(as_conv, pooled, error_bound(magnitude, 10, "float64")).ok
+    try:
+        geometry = avg_pool_geometry((3, 3), (2, 2), **kwargs)
+    except MergeError as error:
+        assert error.reason == "unsupported_layer" and not is_conv and not same
+        return
+    assert is_conv and same and geometry == ConvGeometry((3, 3), (2, 2), kwargs["padding"], (1, 1))
 
 
 # --------------------------------------------------------------------------------------------

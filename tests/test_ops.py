@@ -17,7 +17,7 @@ import scipy.signal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refimpl import batch_norm, conv, conv_transpose, linear
+from refimpl import avg_pool, batch_norm, conv, conv_transpose, linear
 from refimpl.tolerance import assert_within, error_bound
 
 torch = pytest.importorskip("torch")
@@ -347,3 +347,39 @@ class TestLinear:
         with pytest.raises(ValueError, match=message) as info:
             linear(np.zeros(x_shape), np.zeros(w_shape), b)
         assert f"input.shape={x_shape}" in str(info.value) and f"weight.shape={w_shape}" in str(info.value)
+
+
+class TestAvgPool:
+    @pytest.mark.parametrize("dims", [1, 2, 3])
+    @pytest.mark.parametrize("ceil_mode", [False, True])
+    @pytest.mark.parametrize("count_include_pad", [False, True])
+    def test_against_torch(self, dims, ceil_mode, count_include_pad):
+        pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[dims - 1]
+        rng = np.random.default_rng(dims)
+        for kernel, stride, padding, divisor in [(3, 2, 1, None), (2, 1, 1, None), ((3,) * dims, None, 0, None),
+                                                 (3, 2, 1, 5 if dims > 1 else None)]:
+            x = rng.standard_normal((2, 3) + (7,) * dims)
+            extra = {} if divisor is None else {"divisor_override": divisor}
+            expected = pool(_t(x), kernel, stride, padding, ceil_mode, count_include_pad, **extra).numpy()
+            actual = avg_pool(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor)
+            assert actual.shape == expected.shape
+            # A window's sum, then one division: taps + 1 roundings of at most |x| each.
+            taps = math.prod(kernel) if isinstance(kernel, tuple) else kernel**dims
+            magnitude = avg_pool(np.abs(x), kernel, stride, padding, ceil_mode, count_include_pad, divisor)
+            assert_within(actual, expected, error_bound(magnitude, taps + 1, "float64"))
+
+    def test_by_hand(self):
+        x = [[[3.0, 6.0, 9.0, 12.0]]]
+        assert avg_pool(x, 3, 1, 1).tolist() == [[[3.0, 6.0, 9.0, 7.0]]]  # (0 + 3 + 6) / 3 at the left border
+        assert avg_pool(x, 3, 1, 1, count_include_pad=False).tolist() == [[[4.5, 6.0, 9.0, 10.5]]]
+        assert avg_pool(x, 2, 3, 0, ceil_mode=True).tolist() == [[[4.5, 12.0]]]  # the last window holds one value
+        assert avg_pool(x, 2, 2, divisor_override=1).tolist() == [[[9.0, 21.0]]]
+
+    @pytest.mark.parametrize("kwargs, message", [
+        ({"kernel_size": 3, "padding": 2}, "padding at most half the kernel"),
+        ({"kernel_size": (3, 3)}, "one spatial dim per kernel entry"),
+        ({"kernel_size": 9}, "larger than the padded input"),
+    ])
+    def test_value_errors(self, kwargs, message):
+        with pytest.raises(ValueError, match=message):
+            avg_pool(np.zeros((1, 1, 4)), **kwargs)

@@ -21,7 +21,9 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+from refimpl import conv as refimpl_conv
 from refimpl import error_bound
+from refimpl import linear as refimpl_linear
 from refimpl.conformance import VECTORS_DIR, load_vectors
 
 torch = pytest.importorskip("torch")
@@ -283,3 +285,399 @@ def test_every_case_geometry_meets_the_probe_oracle():
     assert any(max(layer.get("dilation", [1])) > 1 for layer in layers)
     assert any(max(layer.get("stride", [1])) > 1 for layer in layers)
     assert {VECTORS[name]["fold"] for name in WITH_PROBE} == {"conv_bn", "linear_bn", "bn_conv", "bn_linear"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Merge vectors: the merged layer by exact arithmetic, the branches by torch's float64 ops
+#
+# Independent of refimpl.merge: each branch becomes a *dense* kernel (groups spelled out as zero
+# blocks) in 60-digit decimals, composed and centred by the formulas of spec/folding.md section 8;
+# the probe runs the original branches with torch.nn.functional. Neither uses refimpl's kernel algebra.
+
+MERGES = sorted(name for name, v in VECTORS.items() if v["fold"] == "merge")
+MERGEABLE = [name for name in MERGES if VECTORS[name]["expected"]["verdict"] == "mergeable"]
+MERGE_REFUSED = [name for name in MERGES if name not in MERGEABLE]
+# Roundings any float64 merge of these vectors may make on one element's longest path (the deepest
+# is a chain: BN fold 4 + composition over <= 8 mid channels + sum of <= 5 branches + scales).
+MERGE_ROUNDINGS = 64
+
+
+def test_the_oracles_cover_every_merge_vector():
+    assert len(MERGEABLE) == 17 and len(MERGE_REFUSED) == 8
+    assert sum(VECTORS[name]["storage_dtype"] in FORMATS for name in MERGEABLE) == 2
+
+
+def _zeros(shape) -> np.ndarray:
+    return np.full(shape, Decimal(0), dtype=object)
+
+
+class Dense:
+    """An affine map of the input as one dense convolution in decimals: weight [out, in, *k], bias, geometry."""
+
+    def __init__(self, weight, bias, kernel, stride, padding, dilation, mode="zeros"):
+        self.weight, self.bias = weight, bias
+        self.kernel, self.stride, self.padding, self.dilation = (tuple(kernel), tuple(stride), tuple(padding),
+                                                                 tuple(dilation))
+        self.mode = mode
+
+    @property
+    def pointwise(self) -> bool:
+        return set(self.kernel) <= {1} and set(self.stride) <= {1} and not any(self.padding)
+
+    @classmethod
+    def diagonal(cls, values, dims, kernel=None, stride=None, padding=None):
+        """Each channel reads its own input channel, with the same value at every tap."""
+        kernel = kernel or (1,) * dims
+        weight = _zeros((len(values), len(values)) + tuple(kernel))
+        for c, v in enumerate(values):
+            weight[c, c] = v
+        return cls(weight, _zeros(len(values)), kernel, stride or (1,) * dims, padding or (0,) * dims, (1,) * dims)
+
+
+def _dense_layer(op: dict, absolute: bool) -> Dense:
+    layer = op["layer"]
+    weight = _decimals(op["weight"])
+    bias = _decimals(op["bias"]) if op["bias"] is not None else _zeros(weight.shape[0])
+    if absolute:
+        weight, bias = np.abs(weight), np.abs(bias)
+    if layer["type"] == "linear":
+        return Dense(weight, bias, (), (), (), ())
+    groups, (out, per_group) = layer["groups"], weight.shape[:2]
+    dense = _zeros((out, per_group * groups) + weight.shape[2:])
+    for o in range(out):
+        g = o // (out // groups)
+        dense[o, g * per_group:(g + 1) * per_group] = weight[o]
+    return Dense(dense, bias, layer["kernel_size"], layer["stride"], layer["padding"], layer["dilation"],
+                 layer["padding_mode"])
+
+
+def _bn_scale_shift(bn: dict, absolute: bool) -> tuple[np.ndarray, np.ndarray]:
+    mean, var = _decimals(bn["running_mean"]), _decimals(bn["running_var"])
+    gamma = _decimals(bn["weight"]) if bn["weight"] is not None else np.array([Decimal(1)] * len(mean), dtype=object)
+    beta = _decimals(bn["bias"]) if bn["bias"] is not None else _zeros(len(mean))
+    s = np.array([g / (v + Decimal(bn["eps"])).sqrt() for g, v in zip(gamma, var, strict=True)], dtype=object)
+    if absolute:
+        return np.abs(s), np.abs(beta) + np.abs(mean) * np.abs(s)
+    return s, beta - mean * s
+
+
+def _chain(outer: Dense, inner: Dense) -> Dense:
+    """outer(inner(x)) when one is pointwise: a sum over the middle channels, the constant through every tap."""
+    if inner.pointwise:
+        a = inner.weight.reshape(inner.weight.shape[:2])
+        weight = np.moveaxis(np.tensordot(np.moveaxis(outer.weight, 1, -1), a, axes=([-1], [0])), -1, 1)
+        taps_summed = outer.weight.reshape(outer.weight.shape[:2] + (-1,)).sum(axis=2)
+        return Dense(weight, outer.bias + np.dot(taps_summed, inner.bias), outer.kernel, outer.stride,
+                     outer.padding, outer.dilation, outer.mode)
+    assert outer.pointwise, "a chain of two layers neither of which is pointwise"
+    a = outer.weight.reshape(outer.weight.shape[:2])
+    weight = np.tensordot(a, inner.weight, axes=([1], [0]))
+    return Dense(weight, outer.bias + np.dot(a, inner.bias), inner.kernel, inner.stride, inner.padding,
+                 inner.dilation, inner.mode)
+
+
+def _dense_op(op: dict, current: Dense, absolute: bool) -> Dense:
+    kind = op["op"]
+    if kind == "batch_norm":
+        s, t = _bn_scale_shift(op["bn"], absolute)
+        column = s.reshape((-1,) + (1,) * (current.weight.ndim - 1))
+        return Dense(current.weight * column, current.bias * s + t, current.kernel, current.stride,
+                     current.padding, current.dilation, current.mode)
+    if kind == "scale":
+        s = _decimals(op["scale"])
+        s = np.array(np.abs(s), dtype=object) if absolute else s
+        column = s.reshape((-1,) + (1,) * (current.weight.ndim - 1)) if s.ndim else s
+        return Dense(current.weight * column, current.bias * s, current.kernel, current.stride, current.padding,
+                     current.dilation, current.mode)
+    if kind == "avg_pool":
+        count = Decimal(math.prod(op["kernel_size"]))
+        pool = Dense.diagonal([1 / count] * current.weight.shape[0], len(op["kernel_size"]), op["kernel_size"],
+                              op["stride"], op["padding"])
+        return _chain(pool, current)
+    return _chain(_dense_layer(op, absolute), current)
+
+
+def exact_merge(vector: dict, absolute: bool = False) -> Dense:
+    """The merged layer of a merge vector in 60-digit decimals (``absolute``: every term's absolute value)."""
+    inputs = vector["inputs"]
+    dims, channels = inputs["dims"], inputs["in_channels"]
+    with localcontext() as ctx:
+        ctx.prec = DIGITS
+        terms = []
+        for branch in inputs["branches"]:
+            term = Dense.diagonal([Decimal(1)] * channels, dims)
+            for op in branch["ops"]:
+                term = _dense_op(op, term, absolute)
+            coefficient = Decimal(abs(branch["coefficient"]) if absolute else branch["coefficient"])
+            terms.append((coefficient, term))
+        # Centre every kernel in the largest; the padding each branch implies must agree.
+        size = tuple(max(t.kernel[d] for _, t in terms) for d in range(dims))
+        weight, bias = _zeros(terms[0][1].weight.shape[:2] + size), _zeros(terms[0][1].weight.shape[0])
+        paddings, dilations = set(), set()
+        for coefficient, t in terms:
+            offsets = [(size[d] - t.kernel[d]) // 2 for d in range(dims)]
+            assert all((size[d] - t.kernel[d]) % 2 == 0 for d in range(dims))
+            dilation = tuple(t.dilation[d] if t.kernel[d] > 1 else None for d in range(dims))
+            dilations.add(dilation)
+            region = (slice(None), slice(None)) + tuple(slice(o, o + k) for o, k in zip(offsets, t.kernel,
+                                                                                         strict=True))
+            weight[region] = weight[region] + coefficient * t.weight
+            bias = bias + coefficient * t.bias
+        merged_dilation = tuple(next((d[i] for d in dilations if d[i] is not None), 1) for i in range(dims))
+        for _, t in terms:
+            paddings.add(tuple(t.padding[d] + merged_dilation[d] * (size[d] - t.kernel[d]) // 2 for d in range(dims)))
+        assert len(paddings) == 1, paddings
+        modes = {t.mode for _, t in terms if any(t.padding)} or {"zeros"}
+        assert len(modes) == 1
+        strides = {t.stride for _, t in terms}
+        assert len(strides) == 1
+        merged = Dense(weight, bias, size, strides.pop(), paddings.pop(), merged_dilation, modes.pop())
+        for op in inputs["after"]:
+            merged = _dense_op(op, merged, absolute)
+        return merged
+
+
+def _grouped_to_dense(vector: dict, stored: np.ndarray) -> np.ndarray:
+    layer = vector["expected"]["layer"]
+    if layer["type"] == "linear":
+        return stored
+    groups, (out, per_group) = layer["groups"], stored.shape[:2]
+    dense = np.zeros((out, per_group * groups) + stored.shape[2:], dtype=stored.dtype)
+    for o in range(out):
+        g = o // (out // groups)
+        dense[o, g * per_group:(g + 1) * per_group] = stored[o]
+    return dense
+
+
+def _dense_to_grouped(vector: dict, dense: np.ndarray) -> np.ndarray:
+    groups = vector["expected"]["layer"].get("groups", 1)
+    out, per_group = dense.shape[0], dense.shape[1] // groups
+    return np.stack([dense[o, o // (out // groups) * per_group:(o // (out // groups) + 1) * per_group]
+                     for o in range(out)])
+
+
+def merge_violations(vector: dict) -> list[str]:
+    """Elements of the float64 expected merged weight and bias off the exact merge beyond the error model, the
+    geometry if it differs, and stored magnitudes that do not bound the terms."""
+    exact, magnitude = exact_merge(vector), exact_merge(vector, absolute=True)
+    layer = vector["expected"]["layer"]
+    violations = []
+    if layer["type"] == "conv":
+        geometry = (tuple(layer["kernel_size"]), tuple(layer["stride"]), tuple(layer["padding"]),
+                    tuple(layer["dilation"]), layer["padding_mode"])
+        if geometry != (exact.kernel, exact.stride, exact.padding, exact.dilation, exact.mode):
+            real = (exact.kernel, exact.stride, exact.padding, exact.dilation, exact.mode)
+            return [f"layer {geometry} but the exact merge has {real}"]
+    for what, real, terms in (("weight", exact.weight, magnitude.weight), ("bias", exact.bias, magnitude.bias)):
+        entry = vector["expected"][what]
+        stored = np.asarray(entry["data"], dtype=np.float64).reshape(entry["shape"])
+        stored = _grouped_to_dense(vector, stored) if what == "weight" else stored
+        if stored.shape != real.shape:
+            return violations + [f"{what} has shape {stored.shape}, the exact merge {real.shape}"]
+        error = np.array([float(abs(Decimal(a) - b)) for a, b in zip(stored.ravel(), real.ravel(), strict=True)])
+        bound = error_bound(np.array([float(m) for m in terms.ravel()]), MERGE_ROUNDINGS, "float64")
+        violations += [f"{what}[{i}]: stored {stored.ravel()[i]!r}, exact {real.ravel()[i]}, error {error[i]:.3g} > "
+                       f"bound {bound[i]:.3g}" for i in np.flatnonzero(error > bound)]
+        if "magnitude" in vector["tolerance"].get(what, {}):
+            stored_terms = np.asarray(vector["tolerance"][what]["magnitude"]["data"])
+            stored_terms = (_grouped_to_dense(vector, stored_terms.reshape(entry["shape"])) if what == "weight"
+                            else stored_terms).ravel()
+            violations += [f"{what} magnitude[{i}] {stored_terms[i]!r} < the terms' {terms.ravel()[i]}"
+                           for i in range(stored_terms.size) if Decimal(stored_terms[i]) < terms.ravel()[i]]
+    return violations
+
+
+@pytest.mark.parametrize("name", MERGEABLE)
+def test_merged_expected_values_are_the_exact_merge(name):
+    assert merge_violations(VECTORS[name]) == []
+
+
+@pytest.mark.parametrize("name", [n for n in MERGEABLE if VECTORS[n]["storage_dtype"] in FORMATS])
+def test_merged_low_precision_bits_are_the_correctly_rounded_exact_merge(name):
+    vector = VECTORS[name]
+    exact = exact_merge(vector)
+    for what, real in (("weight", exact.weight), ("bias", exact.bias)):
+        expected = vector["expected"][f"{what}_rounded"]
+        if what == "weight":  # the dense exact merge, read at the grouped layout's entries
+            real = _dense_to_grouped(vector, real)
+        by_hand = [round_by_hand(v, vector["storage_dtype"]) for v in real.ravel()]
+        assert expected["bits"] == [f"0x{bits:04x}" for _, bits in by_hand], what
+        assert expected["data"] == [float(value) for value, _ in by_hand], what
+
+
+def _torch_op(op: dict, y: torch.Tensor, absolute: bool) -> torch.Tensor:
+    kind = op["op"]
+    if kind == "layer":
+        weight, bias = _tensor(op["weight"]), _tensor(op["bias"])
+        if absolute:
+            weight, bias = weight.abs(), None if bias is None else bias.abs()
+        return _torch_layer(op["layer"], y, weight, bias)
+    if kind == "batch_norm":
+        bn = {key: _tensor(value) if isinstance(value, dict) else value for key, value in op["bn"].items()}
+        mean, gamma, beta = bn["running_mean"], bn["weight"], bn["bias"]
+        if absolute:  # (|y| + |mu|) |s| + |beta|
+            mean = -mean.abs()
+            gamma, beta = None if gamma is None else gamma.abs(), None if beta is None else beta.abs()
+        return F.batch_norm(y, mean, bn["running_var"], gamma, beta, training=False, eps=bn["eps"])
+    if kind == "avg_pool":
+        pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(op["kernel_size"]) - 1]
+        extra = {} if op["divisor_override"] is None else {"divisor_override": op["divisor_override"]}
+        return pool(y, op["kernel_size"], op["stride"], op["padding"], False, op["count_include_pad"], **extra)
+    scale = _tensor(op["scale"])
+    scale = scale.abs() if absolute else scale
+    return y * (scale if scale.dim() == 0 else scale.reshape((1, -1) + (1,) * (y.dim() - 2)))
+
+
+def torch_branches(inputs: dict, x: torch.Tensor, absolute: bool = False) -> torch.Tensor:
+    """The original expression run with torch's float64 ops: every branch, scaled, summed, then ``after``."""
+    total = torch.zeros(())
+    for branch in inputs["branches"]:
+        y = x
+        for op in branch["ops"]:
+            y = _torch_op(op, y, absolute)
+        total = total + (abs(branch["coefficient"]) if absolute else branch["coefficient"]) * y
+    for op in inputs["after"]:
+        total = _torch_op(op, total, absolute)
+    return total
+
+
+def _probe_bound(vector: dict, x: torch.Tensor) -> np.ndarray:
+    """The float64 error model for two runs of the expression: every reduction on the way plus the merged layer's
+    (the largest branch layer's for a refused merge)."""
+    inputs = vector["inputs"]
+    ops = [op for branch in inputs["branches"] for op in branch["ops"]] + inputs["after"]
+    reductions = [math.prod(op["weight"]["shape"][1:]) if op["op"] == "layer" else math.prod(op.get("kernel_size", [1]))
+                  for op in ops]
+    merged = (math.prod(vector["expected"]["weight"]["shape"][1:]) if "weight" in vector["expected"]
+              else max(reductions))
+    magnitude = torch_branches(inputs, x.abs(), absolute=True)
+    return error_bound(magnitude.numpy(), sum(reductions) + merged + MERGE_ROUNDINGS, "float64")
+
+
+def merged_probe_ratios(vector: dict) -> tuple[float, float]:
+    """(stored probe output, refimpl.conv of the expected merged layer) against torch's run of the branches:
+    the largest |difference| over its bound, for each."""
+    x = _tensor(vector["probe"]["x"])
+    y = torch_branches(vector["inputs"], x)
+    bound = _probe_bound(vector, x)
+    stored = np.asarray(vector["probe"]["y"]["data"]).reshape(vector["probe"]["y"]["shape"])
+    assert stored.shape == tuple(y.shape)
+    layer = vector["expected"]["layer"]
+    weight, bias = (np.asarray(vector["expected"][w]["data"]).reshape(vector["expected"][w]["shape"])
+                    for w in ("weight", "bias"))
+    if layer["type"] == "linear":
+        merged = refimpl_linear(x.numpy(), weight, bias)
+    else:
+        merged = refimpl_conv(x.numpy(), weight, bias, stride=layer["stride"], padding=layer["padding"],
+                              dilation=layer["dilation"], groups=layer["groups"], padding_mode=layer["padding_mode"])
+    if merged.shape != stored.shape:
+        return float((np.abs(y.numpy() - stored) / bound).max()), math.inf
+    return float((np.abs(y.numpy() - stored) / bound).max()), float((np.abs(y.numpy() - merged) / bound).max())
+
+
+@pytest.mark.parametrize("name", MERGEABLE)
+def test_merge_probe_is_torchs_float64_branches_and_the_merged_layer_reproduces_them(name):
+    stored, merged = merged_probe_ratios(VECTORS[name])
+    assert stored <= 1 and merged <= 1, (stored, merged)
+
+
+# Refusals: the premise of each verdict, checked on the branches themselves.
+
+def _branch_outputs(vector: dict, x: torch.Tensor) -> list[torch.Tensor]:
+    outputs = []
+    for branch in vector["inputs"]["branches"]:
+        y = x
+        for op in branch["ops"]:
+            y = _torch_op(op, y, absolute=False)
+        outputs.append(y)
+    return outputs
+
+
+def _layers(vector: dict) -> list[dict]:
+    return [op["layer"] for branch in vector["inputs"]["branches"] for op in branch["ops"] if op["op"] == "layer"]
+
+
+def refusal_premise(vector: dict) -> bool:
+    """Whether the branches show what the expected verdict says (torch float64 and the layer entries)."""
+    verdict, inputs = vector["expected"]["verdict"], vector["inputs"]
+    generator = torch.Generator().manual_seed(0)
+
+    def x_of(size: int) -> torch.Tensor:
+        return torch.randn((1, inputs["in_channels"]) + (size,) * inputs["dims"], generator=generator,
+                           dtype=torch.float64)
+
+    if verdict in ("not_mergeable: stride_mismatch", "not_mergeable: padding_misaligned"):
+        # The branch outputs do not even have the same size at every input size.
+        return any(len({tuple(y.shape) for y in _branch_outputs(vector, x_of(size))}) > 1 for size in range(4, 13))
+    if verdict == "not_mergeable: dilation_mismatch":
+        # No common dilation: neither kernel centres in the other. (A dense kernel with dilation 1 could hold
+        # both; refimpl's merge keeps one dilation and refuses.)
+        return len({tuple(layer["dilation"]) for layer in _layers(vector) if max(layer["kernel_size"]) > 1}) > 1
+    if verdict == "not_mergeable: padding_mode_mismatch":
+        # One conv with the summed kernel differs from the branches at the borders, whichever mode it pads with.
+        x = x_of(5)
+        y = sum(_branch_outputs(vector, x))
+        layers = [op for branch in inputs["branches"] for op in branch["ops"]]
+        weight = sum(_tensor(op["weight"]) for op in layers)
+        bias = sum(_tensor(op["bias"]) for op in layers)
+        bound = _probe_bound(vector, x)
+        return all(((_torch_layer({**layers[0]["layer"], "padding_mode": mode}, x, weight, bias) - y).abs().numpy()
+                    > bound).any() for mode in ("zeros", "reflect"))
+    if verdict == "not_mergeable: zero_padding":
+        # The exact composition, padded as the outer conv pads, differs from the chain at the borders only.
+        x = x_of(5)
+        y = sum(_branch_outputs(vector, x))
+        composed = exact_merge(vector)
+        weight = torch.tensor(composed.weight.astype(float))
+        bias = torch.tensor(composed.bias.astype(float))
+        merged = _torch_layer({**_layers(vector)[-1], "groups": 1}, x, weight, bias)
+        wrong = ((merged - y).abs().numpy() > _probe_bound(vector, x))[0, 0]
+        return bool(wrong.any()) and not wrong[1:-1, 1:-1].any()
+    if verdict == "not_mergeable: sequential_unsupported":
+        pointwise = [set(layer["kernel_size"]) == {1} and set(layer["stride"]) == {1} and not any(layer["padding"])
+                     for layer in _layers(vector)]
+        return len(pointwise) == 2 and not any(pointwise)
+    if verdict == "not_mergeable: unsupported_layer":
+        # The pool differs from the convolution with 1/n at every tap, at the borders.
+        pool = next(op for branch in inputs["branches"] for op in branch["ops"] if op["op"] == "avg_pool")
+        x = x_of(5)
+        channels = inputs["in_channels"]
+        kernel = torch.full((channels, 1, *pool["kernel_size"]), 1 / math.prod(pool["kernel_size"]),
+                            dtype=torch.float64)
+        as_conv = F.conv2d(x, kernel, stride=pool["stride"], padding=pool["padding"], groups=channels)
+        return bool(((_torch_op(pool, x, absolute=False) - as_conv).abs().numpy() > _probe_bound(vector, x)).any())
+    raise AssertionError(f"no oracle for the verdict {verdict!r}")
+
+
+@pytest.mark.parametrize("name", MERGE_REFUSED)
+def test_merge_refusals_have_their_premise(name):
+    assert refusal_premise(VECTORS[name])
+
+
+def test_merge_oracles_detect_a_wrong_vector():
+    """Each merge oracle fails a vector changed just beyond what float64 merging can explain."""
+    vector = copy.deepcopy(VECTORS["merge_repmixer_difference"])
+    vector["expected"]["weight"]["data"][4] *= 1 + 2.0**-44  # 512 float64 units of roundoff
+    assert [v.split(":")[0] for v in merge_violations(vector)] == ["weight[4]"]
+    vector = copy.deepcopy(VECTORS["compose_1x1_bn_3x3_valid"])
+    vector["expected"]["bias"]["data"][1] += 2.0**-40
+    assert [v.split(":")[0] for v in merge_violations(vector)] == ["bias[1]"]
+    vector = copy.deepcopy(VECTORS["merge_reflect_with_unpadded"])
+    vector["expected"]["layer"]["padding_mode"] = "zeros"
+    assert merge_violations(vector)[0].startswith("layer") and merged_probe_ratios(vector)[1] > 1
+    vector = copy.deepcopy(VECTORS["merge_repvgg_3x3_1x1_identity"])
+    weight = np.asarray(vector["expected"]["weight"]["data"]).reshape(vector["expected"]["weight"]["shape"])
+    weight[:, :, [0, 1], [0, 1]] = weight[:, :, [1, 0], [1, 0]]  # the centre tap moved to a corner
+    vector["expected"]["weight"]["data"] = weight.ravel().tolist()
+    assert merge_violations(vector) and merged_probe_ratios(vector)[1] > 1
+    vector = copy.deepcopy(VECTORS["merge_linear_bn_before"])
+    vector["probe"]["y"]["data"][5] *= 1 + 2.0**-40
+    assert merged_probe_ratios(vector)[0] > 1
+    vector = copy.deepcopy(VECTORS["merge_repvgg_float16"])
+    bits = vector["expected"]["bias_rounded"]["bits"]
+    bits[2] = f"0x{int(bits[2], 16) + 1:04x}"  # one ulp
+    exact = exact_merge(vector)
+    assert [f"0x{b:04x}" for _, b in (round_by_hand(v, "float16") for v in exact.bias)] != bits
+    vector = copy.deepcopy(VECTORS["compose_zero_padding"])
+    vector["inputs"]["branches"][0]["ops"][2]["layer"]["padding"] = [0, 0]  # unpadded: the chain is exact
+    assert not refusal_premise(vector)

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from ..tolerance import Comparison, compare, error_bound
-from .encoding import RESULTS_FORMAT, decode_tensor
+from .branches import GEOMETRY_KEYS
+from .encoding import RESULTS_FORMAT, decode_tensor, positive_verdict
 from .rounding import LOW_PRECISION, bits_to_values, ulp_distance, values_to_bits
 
 __all__ = ["CaseOutcome", "ResultsFormatError", "check_results"]
@@ -123,6 +124,20 @@ def _compare_output(vector: dict, entry: dict) -> Part:
     return _describe(compare(actual, expected, bound), "output")
 
 
+def _compare_geometry(vector: dict, entry: dict) -> Part:
+    """A merged conv's kernel size, stride, padding, dilation, groups and padding mode: exactly."""
+    expected = vector["expected"]["layer"]
+    given = entry.get("layer")
+    if not isinstance(given, dict):
+        return False, math.inf, ("layer: missing (give the merged conv's "
+                                 f"{', '.join(GEOMETRY_KEYS)} as 'layer')")
+    wrong = [f"{key} {given.get(key)!r}, expected {expected[key]!r}" for key in GEOMETRY_KEYS
+             if given.get(key) != expected[key]]
+    if wrong:
+        return False, math.inf, "layer: " + "; ".join(wrong)
+    return True, 0.0, "layer geometry exact"
+
+
 def _check_case(vector: dict, entry: Any) -> CaseOutcome:
     name = vector["name"]
     if entry is None:
@@ -130,19 +145,23 @@ def _check_case(vector: dict, entry: Any) -> CaseOutcome:
     if not isinstance(entry, dict):
         raise ResultsFormatError(f"results[{name!r}] must be an object, got {type(entry).__name__}")
     expected_verdict = vector["expected"]["verdict"]
-    verdict = entry.get("verdict", "foldable" if ("weight" in entry or "weight_bits" in entry) else None)
+    positive = positive_verdict(vector)
+    verdict = entry.get("verdict", positive if ("weight" in entry or "weight_bits" in entry) else None)
     if verdict is not None and not isinstance(verdict, str):
         raise ResultsFormatError(f"results[{name!r}]['verdict'] must be a string, got {verdict!r}")
-    if expected_verdict != "foldable":
+    if expected_verdict != positive:
         if verdict == expected_verdict:
             return CaseOutcome(name, True, f"verdict {verdict!r}")
         got = "no verdict" if verdict is None else (
-            "folded weights" if verdict == "foldable" else f"verdict {verdict!r}")
+            f"{'merged' if positive == 'mergeable' else 'folded'} weights" if verdict == positive
+            else f"verdict {verdict!r}")
         return CaseOutcome(name, False, f"expected verdict {expected_verdict!r}, got {got}")
-    if verdict != "foldable":
+    if verdict != positive:
         got = "neither weights nor a verdict" if verdict is None else f"verdict {verdict!r}"
-        return CaseOutcome(name, False, f"foldable, but the results give {got}")
+        return CaseOutcome(name, False, f"{positive}, but the results give {got}")
     parts = [_compare_tensor(vector, entry, "weight"), _compare_tensor(vector, entry, "bias")]
+    if vector["expected"].get("layer", {}).get("type") == "conv":
+        parts.append(_compare_geometry(vector, entry))
     if "output" in entry and "probe" in vector:
         parts.append(_compare_output(vector, entry))
     failed = [detail for ok, _, detail in parts if not ok]

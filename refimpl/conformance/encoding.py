@@ -12,17 +12,20 @@ from typing import Any, overload
 
 import numpy as np
 
-__all__ = ["FORMAT", "MANIFEST_FORMAT", "RESULTS_FORMAT", "VERDICTS", "encode_tensor", "decode_tensor",
-           "encode_magnitude", "encode_bn", "decode_bn", "dumps"]
+__all__ = ["FORMAT", "MANIFEST_FORMAT", "RESULTS_FORMAT", "VERDICTS", "MERGE", "positive_verdict", "encode_tensor",
+           "decode_tensor", "encode_magnitude", "encode_bn", "decode_bn", "encode_merge_inputs", "decode_merge_inputs",
+           "dumps"]
 
 #: Format tags written into every vector file and expected in every results file.
 FORMAT = "bnfold-conformance-vector/1"
 MANIFEST_FORMAT = "bnfold-conformance-manifest/1"
 RESULTS_FORMAT = "bnfold-conformance-results/1"
 
-#: Every verdict a case may expect. "foldable" is implied by a case with expected weights.
+#: Every verdict a case may expect. "foldable" (a fold) or "mergeable" (a merge) is implied by a case with
+#: expected weights.
 VERDICTS = {
     "foldable": "the BatchNorm folds exactly into the layer",
+    "mergeable": "the branches merge exactly into one layer",
     "not_foldable: zero_padding": "BatchNorm before a zero-padded conv with a nonzero shift: the padding zeros "
                                   "enter after the BatchNorm, so the folded conv is wrong at the borders",
     "not_foldable: transposed_after_bn": "BatchNorm before a transposed conv: the number of taps reaching an output "
@@ -31,7 +34,27 @@ VERDICTS = {
                                       "even in eval mode",
     "invalid: negative_variance": "a running variance is negative: no real scale exists",
     "invalid: channel_mismatch": "the BatchNorm's channel count differs from the layer's channels it touches",
+    "not_mergeable: stride_mismatch": "the branches have different strides",
+    "not_mergeable: dilation_mismatch": "branches with kernels larger than 1 have different dilations",
+    "not_mergeable: padding_misaligned": "a smaller kernel centred in the largest would not read the positions its "
+                                         "branch reads (kernel sizes differing by an odd number of taps, or padding "
+                                         "other than the merged padding minus the centring offset)",
+    "not_mergeable: padding_mode_mismatch": "the branches that pad use different padding modes",
+    "not_mergeable: zero_padding": "a chain's pointwise layer has a constant term that a tap of the zero-padded "
+                                   "layer after it reads in the padding: the merged conv would see it instead of 0",
+    "not_mergeable: sequential_unsupported": "a chain of two layers neither of which is pointwise (kernel 1, "
+                                             "stride 1, no padding)",
+    "not_mergeable: unsupported_layer": "a branch holds a layer that is no convolution, such as an average pool "
+                                        "whose divisor changes at the borders (count_include_pad=False with padding)",
 }
+
+#: A vector's ``fold`` entry for a merge of branches (the BatchNorm folds name their dataflow order).
+MERGE = "merge"
+
+
+def positive_verdict(vector: dict) -> str:
+    """The verdict of a vector's case when it has expected weights: "mergeable" for a merge, else "foldable"."""
+    return "mergeable" if vector["fold"] == MERGE else "foldable"
 
 #: The tensors of a vector's ``inputs.bn`` entry (each may be null).
 BN_TENSORS = ("running_mean", "running_var", "weight", "bias")
@@ -81,6 +104,35 @@ def decode_bn(bn: dict) -> dict:
     for key in BN_TENSORS:
         out[key] = decode_tensor(bn[key])
     return out
+
+
+def _map_op_tensors(op: dict, tensor: Any, bn: Any) -> dict:
+    out = dict(op)
+    if op["op"] == "layer":
+        out["weight"], out["bias"] = tensor(op["weight"]), None if op["bias"] is None else tensor(op["bias"])
+    elif op["op"] == "batch_norm":
+        out["bn"] = bn(op["bn"])
+    elif op["op"] == "scale":
+        out["scale"] = tensor(op["scale"])
+    return out
+
+
+def _map_merge_inputs(inputs: dict, tensor: Any, bn: Any) -> dict:
+    out = dict(inputs)
+    out["branches"] = [{**branch, "ops": [_map_op_tensors(op, tensor, bn) for op in branch["ops"]]}
+                       for branch in inputs["branches"]]
+    out["after"] = [_map_op_tensors(op, tensor, bn) for op in inputs["after"]]
+    return out
+
+
+def encode_merge_inputs(inputs: dict) -> dict:
+    """A merge vector's ``inputs`` (branches of ops, ops after the sum) with every tensor encoded."""
+    return _map_merge_inputs(inputs, encode_tensor, encode_bn)
+
+
+def decode_merge_inputs(inputs: dict) -> dict:
+    """A merge vector's ``inputs`` with every tensor decoded to float64 arrays (or ``None``)."""
+    return _map_merge_inputs(inputs, decode_tensor, decode_bn)
 
 
 def dumps(obj: Any) -> str:

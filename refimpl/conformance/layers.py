@@ -9,6 +9,7 @@ folded element (the fold run on absolute values) and the number of roundings beh
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -30,14 +31,18 @@ N_WEIGHT = 4
 _N_BIAS_AFTER = 7
 
 
-def conv_layer(dims: int, in_channels: int, out_channels: int, kernel: int, *, stride: int = 1, padding: int = 0,
-               dilation: int = 1, groups: int = 1, transposed: bool = False, output_padding: int = 0,
-               padding_mode: str = "zeros", bias: bool = True) -> dict:
-    """A conv (or transposed conv) layer entry with the same size, stride, ... in every spatial dim."""
+def conv_layer(dims: int, in_channels: int, out_channels: int, kernel: int | Sequence[int], *,
+               stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1,
+               groups: int = 1, transposed: bool = False, output_padding: int = 0, padding_mode: str = "zeros",
+               bias: bool = True) -> dict:
+    """A conv (or transposed conv) layer entry; an int size, stride, ... applies to every spatial dim."""
+    def per_dim(value: int | Sequence[int]) -> list[int]:
+        return [int(v) for v in value] if isinstance(value, Sequence) else [int(value)] * dims
+
     layer: dict[str, Any] = {
         "type": "conv", "dims": dims, "in_channels": in_channels, "out_channels": out_channels,
-        "kernel_size": [kernel] * dims, "stride": [stride] * dims, "padding": [padding] * dims,
-        "dilation": [dilation] * dims, "groups": groups, "transposed": transposed, "padding_mode": padding_mode,
+        "kernel_size": per_dim(kernel), "stride": per_dim(stride), "padding": per_dim(padding),
+        "dilation": per_dim(dilation), "groups": groups, "transposed": transposed, "padding_mode": padding_mode,
         "bias": bias}
     if transposed:
         layer["output_padding"] = [output_padding] * dims

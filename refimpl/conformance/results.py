@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from ..fold import bn_scale_shift
-from .encoding import RESULTS_FORMAT, decode_bn, decode_tensor
+from .branches import layer_geometry, merge_branches, merge_verdict, merged_layer
+from .encoding import MERGE, RESULTS_FORMAT, decode_bn, decode_merge_inputs, decode_tensor
 from .layers import apply_layer, fold_pair, in_channels, out_channels
 from .rounding import LOW_PRECISION, round_to_dtype, values_to_bits
 
@@ -16,7 +17,9 @@ __all__ = ["judge_verdict", "reference_results"]
 
 
 def judge_verdict(vector: dict) -> str:
-    """refimpl's verdict on a vector's layer pair, decided from its layer and inputs alone."""
+    """refimpl's verdict on a vector's layer pair (or branches), decided from its layer and inputs alone."""
+    if vector["fold"] == MERGE:
+        return merge_verdict(decode_merge_inputs(vector["inputs"]))
     layer, fold, bn = vector["layer"], vector["fold"], decode_bn(vector["inputs"]["bn"])
     if not bn["track_running_stats"] or bn["running_mean"] is None or bn["running_var"] is None:
         return "not_foldable: no_running_stats"
@@ -46,23 +49,31 @@ def _bits(values: np.ndarray, dtype: str) -> Any:
 
 
 def reference_results(vectors: dict[str, dict], implementation: str = "refimpl") -> dict:
-    """A results file computed by refimpl: folds in float64, rounds once to the storage dtype."""
+    """A results file computed by refimpl: folds and merges in float64, rounds once to the storage dtype."""
     results = {}
     for name, vector in sorted(vectors.items()):
         verdict = judge_verdict(vector)
-        if verdict != "foldable":
+        if verdict not in ("foldable", "mergeable"):
             results[name] = {"verdict": verdict}
             continue
         inputs, dtype = vector["inputs"], vector["storage_dtype"]
-        weight, bias = fold_pair(vector["fold"], vector["layer"], decode_tensor(inputs["weight"]),
-                                 decode_tensor(inputs["bias"]), decode_bn(inputs["bn"]))
+        entry: dict[str, Any] = {"verdict": verdict}
+        if vector["fold"] == MERGE:
+            decoded = decode_merge_inputs(inputs)
+            kernel = merge_branches(decoded).kernel
+            layer = merged_layer(kernel, decoded["dims"])
+            weight, bias = kernel.weight, kernel.bias
+            entry["layer"] = layer_geometry(layer)
+        else:
+            layer = vector["layer"]
+            weight, bias = fold_pair(vector["fold"], layer, decode_tensor(inputs["weight"]),
+                                     decode_tensor(inputs["bias"]), decode_bn(inputs["bn"]))
         weight, bias = round_to_dtype(weight, dtype), round_to_dtype(bias, dtype)
-        entry: dict[str, Any] = {"verdict": "foldable"}
         if dtype in LOW_PRECISION:
             entry["weight_bits"], entry["bias_bits"] = _bits(weight, dtype), _bits(bias, dtype)
         else:
             entry["weight"], entry["bias"] = _nested(weight), _nested(bias)
         if "probe" in vector:
-            entry["output"] = _nested(apply_layer(vector["layer"], decode_tensor(vector["probe"]["x"]), weight, bias))
+            entry["output"] = _nested(apply_layer(layer, decode_tensor(vector["probe"]["x"]), weight, bias))
         results[name] = entry
     return {"format": RESULTS_FORMAT, "implementation": implementation, "results": results}

@@ -50,15 +50,16 @@ def manifest(vectors: dict[str, dict]) -> dict:
                 "passes": "|actual[i] - expected[i]| <= bound[i] for every element i, expected being the "
                           "float64 value in 'expected'",
                 "magnitude": "the sum of the absolute values of every term that makes up the element (the fold "
-                             "run on |W|, |b|, |gamma|, |beta|, -|mu|; for the probe, the folded layer run on |x| "
-                             "and |W'| plus the bias magnitude), rounded up to 8 significant bits",
+                             "run on |W|, |b|, |gamma|, |beta|, -|mu|; a merge run on these and |scale|, "
+                             "|coefficient|; for the probe, the folded layer run on |x| and |W'| plus the bias "
+                             "magnitude, or the merged magnitudes run on |x|), rounded up to 8 significant bits",
             },
             "bit_exact": {
                 "applies_to": [d for d in storage if d in LOW_PRECISION],
                 "unit_roundoff": {d: unit_roundoff(d) for d in storage if d in LOW_PRECISION},
-                "expected": "'weight_rounded' / 'bias_rounded': the float64 fold rounded once, to nearest with "
-                            "ties to even, to the storage dtype ('correctly rounded'); 'data' holds the exact value "
-                            "as float64 and 'bits' the raw 16 bits in hex",
+                "expected": "'weight_rounded' / 'bias_rounded': the float64 fold (or merge) rounded once, to "
+                            "nearest with ties to even, to the storage dtype ('correctly rounded'); 'data' holds the "
+                            "exact value as float64 and 'bits' the raw 16 bits in hex",
                 "passes": "every element has exactly the expected bits (0 ulp). Each expected value lies farther "
                           "from a rounding midpoint than the float64 fold's error bound, so it is the correctly "
                           "rounded value of the exact real fold and any implementation that folds in float64 (or "
@@ -66,6 +67,8 @@ def manifest(vectors: dict[str, dict]) -> dict:
                           "parameter dtype, which these cases exist to catch: its error is typically 1 to 4 ulp.",
             },
             "verdict": {"passes": "the results entry's 'verdict' equals the expected verdict string exactly"},
+            "layer": {"passes": "a merge into a conv: the results entry's 'layer' has the 'kernel_size', 'stride', "
+                                "'padding', 'dilation', 'groups' and 'padding_mode' of 'expected.layer', exactly"},
         },
     }
 

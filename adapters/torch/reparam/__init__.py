@@ -19,6 +19,8 @@ The pass:
    else is left of that forward); swap the blocks in (same qualified names),
    then fold the remaining norms with :func:`~adapters.torch.fuse`. If anything raises, every swap is
    undone.
+4. **Tidy** (``identities``): remove the ``nn.Identity`` that folded norms left at the end of sequential
+   containers, where no code can tell (the module call it costs is what timm's own ``fuse`` saves).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from ...report import FusionReport, MergedBranches, SkippedMerge
 from ..fusion import check_model, fuse, observe
 from ..graph import ModelIndex, Region, trace_regions
 from .analysis import Apply, Expr, Scale, Sum, SumRoot, describe, find_sums, layers_in
+from .identities import drop_folded_identities
 from .kernels import MergedLayer, Refusal, evaluate_group
 from .rewrite import MergeEdit, bare_layer, build_block, free_name, modules_called, rewrite_graph, trace_block
 
@@ -87,7 +90,10 @@ def reparameterize(model: nn.Module, *, inplace: bool = False,
         under the same qualified name, by a ``torch.fx.GraphModule`` of its forward with the merged
         layer (``reparam_conv`` / ``reparam_linear``) in place of the branches, its other children
         keeping their names and classes -- or by the merged layer itself when the block's forward was
-        the sum alone (RepViT's token mixer). Folded norms become ``nn.Identity`` as with ``fuse``.
+        the sum alone (RepViT's token mixer). Folded norms become ``nn.Identity`` as with ``fuse``; such an
+        Identity at the end of a module whose forward is ``nn.Sequential.forward`` (a conv + BatchNorm
+        container) is removed where nothing else can tell -- the remaining children keep their names,
+        positions and ``state_dict`` keys (``report.removed_identities``; see ``reparam/identities.py``).
     inplace : bool
         Rewrite ``model`` itself; otherwise a deep copy, and ``model`` is untouched.
     example_inputs : tensor or tuple of tensors, optional
@@ -178,6 +184,7 @@ def reparameterize(model: nn.Module, *, inplace: bool = False,
     report.norms_found = norms_found
     report.merged = merged
     report.merges_skipped = skipped_report
+    report.removed_identities = drop_folded_identities(model, [pair.norm for pair in report.folded])
     if merged:
         log.info("merged %d sum(s) of branches in %d block(s)", len(merged), len(replacements))
     return model, report

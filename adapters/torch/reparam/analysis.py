@@ -33,11 +33,13 @@ from typing import cast
 import torch
 from torch import fx, nn
 
+import refimpl
+
 from ..graph import LayerKind, ModelIndex, Region, is_identity_in_eval, value_users
 from ..norms import NormInfo
 
 __all__ = ["Source", "Apply", "Scale", "Sum", "Constant", "Expr", "Group", "SumRoot", "find_sums", "sum_operands",
-           "expression_nodes", "layers_in", "describe", "source_of"]
+           "expression_nodes", "layers_in", "describe", "source_of", "avg_pool_geometry"]
 
 
 @dataclass(eq=False)
@@ -519,14 +521,26 @@ def _apply(node: fx.Node, op: _Op, inner: Expr) -> Expr:
     return Apply(node, op.role, cast(nn.Module, op.module), inner)
 
 
+def avg_pool_geometry(module: nn.Module) -> refimpl.ConvGeometry:
+    """The geometry of the convolution an ``nn.AvgPool1d/2d/3d`` is; ``refimpl.MergeError`` when it is none."""
+    pool = cast(nn.AvgPool2d, module)  # AvgPool1d/2d/3d share these attributes
+    dims = next(i + 1 for i, kind in enumerate(_AVG_POOLS) if isinstance(pool, kind))
+
+    def spread(value) -> tuple[int, ...]:
+        return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * dims
+
+    stride = spread(pool.stride) if pool.stride is not None else None
+    return refimpl.avg_pool_geometry(spread(pool.kernel_size), stride, spread(pool.padding),
+                                     count_include_pad=bool(pool.count_include_pad), ceil_mode=bool(pool.ceil_mode),
+                                     divisor_override=getattr(pool, "divisor_override", None))
+
+
 def _avg_pool_refusal(module: nn.Module) -> str:
     """Why an average pool is not a convolution ('' when it is one)."""
-    module = cast(nn.AvgPool2d, module)  # AvgPool1d/2d/3d share these attributes
-    if module.ceil_mode:
-        return "ceil_mode=True (a last, partial window is averaged over fewer positions)"
-    padding = module.padding if isinstance(module.padding, tuple) else (module.padding,)
-    if not module.count_include_pad and any(int(p) > 0 for p in padding):
-        return "count_include_pad=False with padding (the divisor changes at the borders)"
+    try:
+        avg_pool_geometry(module)
+    except refimpl.MergeError as error:
+        return str(error)
     return ""
 
 

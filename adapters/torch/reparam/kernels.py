@@ -1,12 +1,13 @@
 """Evaluating an affine expression of branches into one convolution (or linear layer), with refimpl.
 
-Every step is a :mod:`refimpl` function on float64 tensors on the parameters' device: a branch's conv
-weight as it is, its BatchNorm folded with :func:`refimpl.fold_conv_bn`, the identity and average-pool
-kernels, per-channel scales, moving a depthwise kernel into the merged grouping, centring kernels in
-the largest and summing (:func:`refimpl.add_branches`), composing a 1x1 layer with another
-(:func:`refimpl.compose_kernels`). The geometry of every step is checked by refimpl's exactness rules
-(:func:`refimpl.merge_geometry`, :func:`refimpl.compose_geometry`, :func:`refimpl.check_padding_shift`);
-a step that is not exact raises :class:`Refusal` with the report's reason code. The result is rounded
+Every step is refimpl's kernel algebra (:class:`refimpl.Kernel`) on float64 tensors on the parameters'
+device: a branch's conv weight as it is, its BatchNorm folded (:meth:`refimpl.Kernel.batch_norm`), the
+identity and average-pool kernels, per-channel scales, sums of branches (:func:`refimpl.sum_kernels`:
+regrouping, centring, summing) and chains with a 1x1 layer (:func:`refimpl.chain_kernels`). The geometry
+of every step is checked by refimpl's exactness rules (:func:`refimpl.merge_geometry`,
+:func:`refimpl.compose_geometry`, :func:`refimpl.check_padding_shift`, :func:`refimpl.avg_pool_geometry`);
+a step that is not exact raises :class:`Refusal` with the report's reason code. This module only reads
+the torch modules (their parameters, geometry and statistics) and builds the new layer. The result is rounded
 once to the parameter dtype by :func:`~adapters.torch.precision.round_once`.
 """
 
@@ -19,13 +20,14 @@ import torch
 from torch import nn
 
 import refimpl
+from refimpl import Kernel
 
 from ..graph import ModelIndex, is_same_padded_conv
 from ..norms import NormInfo, NormKind, norm_stats
 from ..precision import round_once
-from .analysis import Apply, Expr, Scale, Source, Sum, layers_in
+from .analysis import Apply, Expr, Scale, Source, Sum, avg_pool_geometry, layers_in
 
-__all__ = ["Refusal", "Kernel", "MergedLayer", "evaluate_group"]
+__all__ = ["Refusal", "MergedLayer", "evaluate_group"]
 
 
 class Refusal(Exception):
@@ -35,30 +37,6 @@ class Refusal(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
-
-
-@dataclass
-class Kernel:
-    """A convolution equal to (part of) the expression, in float64.
-
-    ``flexible``: a depthwise kernel made from the identity, a norm, a scale or an average pool; it
-    joins any grouping of the same channels (:func:`refimpl.regroup_kernel`). Kernels of conv layers
-    keep their own groups.
-    """
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-    geometry: refimpl.ConvGeometry
-    groups: int
-    flexible: bool
-
-    @property
-    def out_channels(self) -> int:
-        return int(self.weight.shape[0])
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.weight.shape[1]) * self.groups
 
 
 @dataclass
@@ -99,17 +77,6 @@ def _geometry_of(layer: nn.Module, name: str) -> refimpl.ConvGeometry:
                                 str(module.padding_mode))
 
 
-def _pool_geometry(pool: nn.Module, dims: int) -> refimpl.ConvGeometry:
-    module = cast(nn.AvgPool2d, pool)  # AvgPool1d/2d/3d share these attributes
-
-    def spread(value) -> tuple[int, ...]:
-        return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * dims
-
-    kernel = spread(module.kernel_size)
-    stride = spread(module.stride if module.stride is not None else module.kernel_size)
-    return refimpl.ConvGeometry(kernel, stride, spread(module.padding), (1,) * dims, "zeros")
-
-
 class Evaluator:
     """Evaluates the expressions of one group: conv layers with ``dims`` spatial dims, or linear layers (``dims`` 0).
 
@@ -132,9 +99,7 @@ class Evaluator:
         return None if t is None else t.detach().to(device=self.device, dtype=self.dtype)
 
     def identity(self, channels: int) -> Kernel:
-        weight = refimpl.identity_kernel(channels, self.dims, groups=channels, like=self._like)
-        return Kernel(weight, torch.zeros(channels, dtype=self.dtype, device=self.device),
-                      refimpl.ConvGeometry.pointwise(self.dims), channels, True)
+        return Kernel.identity(channels, self.dims, like=self._like)
 
     def evaluate(self, expr: Expr) -> Kernel:
         try:
@@ -149,9 +114,7 @@ class Evaluator:
             return self._sum(expr)
         if isinstance(expr, Scale):
             inner = self._evaluate(expr.inner)
-            factor = self._per_channel(expr.factor, inner.out_channels, f"the factor {expr.text}")
-            weight, bias = refimpl.scale_channels(inner.weight, inner.bias, factor)
-            return Kernel(weight, bias, inner.geometry, inner.groups, inner.flexible)
+            return inner.scaled(self._per_channel(expr.factor, inner.out_channels, f"the factor {expr.text}"))
         role, module = expr.role, expr.module
         name = self.name(module)
         if role == "identity":
@@ -161,19 +124,16 @@ class Evaluator:
             return self._norm(inner, module, name)
         if role == "pool":
             inner = self._evaluate(expr.inner)
-            channels = inner.out_channels
-            geometry = _pool_geometry(module, self.dims)
-            weight = refimpl.avg_pool_kernel(channels, geometry.kernel_size, groups=channels,
-                                             divisor=getattr(module, "divisor_override", None), like=self._like)
-            pool = Kernel(weight, torch.zeros(channels, dtype=self.dtype, device=self.device), geometry, channels, True)
-            return pool if isinstance(expr.inner, Source) else self._sequential(pool, inner)
+            pool = Kernel.avg_pool(inner.out_channels, avg_pool_geometry(module),
+                                   divisor=getattr(module, "divisor_override", None), like=self._like)
+            return pool if isinstance(expr.inner, Source) else refimpl.chain_kernels(pool, inner)
         layer = self._layer(module, name, role)
         if isinstance(expr.inner, Source):
             if layer.in_channels != self.channels:
                 raise Refusal("channels_mismatch", f"{name} reads {layer.in_channels} channels, the sum's input has "
                               f"{self.channels}")
             return layer
-        return self._sequential(layer, self._evaluate(expr.inner))
+        return refimpl.chain_kernels(layer, self._evaluate(expr.inner))
 
     def _layer(self, module: nn.Module, name: str, role: str) -> Kernel:
         weight = _weight(module).detach().to(device=self.device, dtype=self.dtype)
@@ -184,9 +144,8 @@ class Evaluator:
         else:
             bias = layer_bias.detach().to(device=self.device, dtype=self.dtype)
         if role == "linear":
-            return Kernel(weight, bias, refimpl.ConvGeometry.pointwise(0), 1, False)
-        return Kernel(weight, bias, _geometry_of(module, name), int(cast(nn.modules.conv._ConvNd, module).groups),
-                      False)
+            return Kernel(weight, bias, refimpl.ConvGeometry.pointwise(0), 1)
+        return Kernel(weight, bias, _geometry_of(module, name), int(cast(nn.modules.conv._ConvNd, module).groups))
 
     def _norm(self, inner: Kernel, module: nn.Module, name: str) -> Kernel:
         info = self.index.norms.get(id(module))
@@ -202,13 +161,11 @@ class Evaluator:
             raise Refusal("unsupported_layer", f"{name} ({type(module).__qualname__}) normalises 4-D input only")
         stats = norm_stats(module, info)
         try:
-            weight, bias = refimpl.fold_conv_bn(inner.weight, inner.bias, self._tensor(stats.mean),
-                                                self._tensor(stats.var), stats.eps, self._tensor(stats.weight),
-                                                self._tensor(stats.bias), groups=inner.groups)
+            return inner.batch_norm(self._tensor(stats.mean), self._tensor(stats.var), stats.eps,
+                                    self._tensor(stats.weight), self._tensor(stats.bias))
         except (ValueError, TypeError) as error:
             raise type(error)(f"cannot merge {name} ({type(module).__qualname__}({info.num_features})): "
                               f"{error}") from error
-        return Kernel(weight, bias, inner.geometry, inner.groups, inner.flexible)
 
     def _per_channel(self, value: float | torch.Tensor, channels: int, what: str) -> float | torch.Tensor:
         """A constant that multiplies or is added to a tensor of ``channels`` channels, as a scalar or (channels,)."""
@@ -230,54 +187,14 @@ class Evaluator:
                           f"channel of a tensor with {channels} channels")
         return value.reshape(channels)
 
-    def _regrouped(self, kernel: Kernel, groups: int) -> torch.Tensor:
-        if kernel.groups == groups:
-            return kernel.weight
-        return refimpl.regroup_kernel(kernel.weight, kernel.groups, groups)
-
     def _sum(self, expr: Sum) -> Kernel:
         kernels = [self._evaluate(term) for _, term in expr.terms]
         outs = {k.out_channels for k in kernels}
-        ins = {k.in_channels for k in kernels}
-        if len(outs) > 1 or len(ins) > 1:
-            raise Refusal("channels_mismatch", f"the branches have output channels {sorted(outs)} and input channels "
-                          f"{sorted(ins)}")
-        geometry = refimpl.merge_geometry([k.geometry for k in kernels])
-        fixed = {k.groups for k in kernels if not k.flexible}
-        if len(fixed) > 1:
-            raise Refusal("groups_incompatible", f"the conv branches have groups {sorted(fixed)}")
-        groups = fixed.pop() if fixed else kernels[0].groups
-        out = outs.pop()
         constant = None
-        for c in expr.constants:
-            value = self._per_channel(c.value, out, f"the constant {c.text}")
+        for c in expr.constants if len(outs) == 1 else ():  # else sum_kernels refuses: channels_mismatch
+            value = self._per_channel(c.value, next(iter(outs)), f"the constant {c.text}")
             constant = value if constant is None else constant + value
-        weight, bias = refimpl.add_branches([self._regrouped(k, groups) for k in kernels], [k.bias for k in kernels],
-                                            [c for c, _ in expr.terms], constant)
-        return Kernel(weight, bias, geometry, groups, not any(not k.flexible for k in kernels))
-
-    def _sequential(self, outer: Kernel, inner: Kernel) -> Kernel:
-        """``outer(inner(x))``: one of the two must be pointwise."""
-        if outer.in_channels != inner.out_channels:
-            raise Refusal("channels_mismatch", f"a layer reading {outer.in_channels} channels follows one writing "
-                          f"{inner.out_channels}")
-        geometry = refimpl.compose_geometry(outer.geometry, inner.geometry)
-        if outer.flexible and inner.flexible:
-            groups = outer.groups
-        elif outer.flexible:
-            groups = inner.groups
-        elif inner.flexible:
-            groups = outer.groups
-        elif outer.groups != inner.groups:
-            raise Refusal("groups_incompatible", f"a conv with groups={outer.groups} follows one with "
-                          f"groups={inner.groups}")
-        else:
-            groups = outer.groups
-        outer_weight, inner_weight = self._regrouped(outer, groups), self._regrouped(inner, groups)
-        if inner.geometry.is_pointwise:
-            refimpl.check_padding_shift(outer_weight, inner.bias, outer.geometry, groups=groups)
-        weight, bias = refimpl.compose_kernels(outer_weight, outer.bias, inner_weight, inner.bias, groups=groups)
-        return Kernel(weight, bias, geometry, groups, outer.flexible and inner.flexible)
+        return refimpl.sum_kernels(kernels, [c for c, _ in expr.terms], constant)
 
 
 def _source_channels(expr: Expr) -> int | None:
@@ -339,7 +256,7 @@ def evaluate_group(index: ModelIndex, expr: Expr, ranks: dict[int, set[int]] | N
     fold_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
     evaluator = Evaluator(index, dims, channels, device, fold_dtype, ranks, names)
     kernel = evaluator.evaluate(expr)
-    if kernel.flexible:
+    if kernel.regroupable:
         raise Refusal("no_fusable_neighbour", "no conv or linear layer among the branches")
     return MergedLayer(_build_layer(kernel, layers, dtype, device, dims, names),
                        kernel.geometry.kernel_size, [a.module for a in layers_in(expr, ("norm",))])
