@@ -470,6 +470,7 @@ def audit_job(argv: Sequence[str], prog: str = f"{PROG} audit") -> int:
     from .suite.audit import (
         AuditProgress,
         audit_targets,
+        exit_code,
         format_header,
         format_result,
         format_summary,
@@ -509,14 +510,13 @@ def audit_job(argv: Sequence[str], prog: str = f"{PROG} audit") -> int:
     results = run_audit(fuser, targets, on_result=on_result, with_inputs=args.with_inputs)
     if progress is not None:
         progress.clear()
-    counts = summarize(results)
-    ok = counts["WRONG"] == 0 and counts["CRASH"] == 0
     if args.json:
-        print(json.dumps(_json_safe({"fuser": args.fuser, "with_inputs": args.with_inputs, "ok": ok,
-                                     "summary": counts, "results": [r.to_dict() for r in results]}), indent=2))
+        print(json.dumps(_json_safe({"fuser": args.fuser, "with_inputs": args.with_inputs,
+                                     "ok": exit_code(results) == 0, "summary": summarize(results),
+                                     "results": [r.to_dict() for r in results]}), indent=2))
     else:
         print(format_summary(results, args.fuser + (" (called with example inputs)" if args.with_inputs else "")))
-    return 0 if ok else 1
+    return exit_code(results)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:

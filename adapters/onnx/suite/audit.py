@@ -25,7 +25,6 @@ import dataclasses
 import faulthandler
 import importlib.util
 import logging
-import math
 import multiprocessing
 import pickle
 import signal
@@ -39,7 +38,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ...audit import AuditResult, one_line
+from ...audit import AuditResult, one_line, selection, verdict_status, warnings_note
 from ..checking import ModelRunError, onnxruntime_session, verify
 from .cases import count_batch_norms
 from .zoo import OnnxZooEntry
@@ -65,11 +64,7 @@ class AuditTarget:
 def audit_targets(*, cases: bool = True, zoo: bool = False, select: Iterable[str] = (),
                   exporter: str = "dynamo") -> Iterator[AuditTarget]:
     """The case suite, then (``zoo=True``) the ONNX zoo exports; ``select``: names or families to keep."""
-    wanted = set(select)
-
-    def keep(name: str, family: str) -> bool:
-        return not wanted or name in wanted or family in wanted
-
+    keep = selection(select)
     if cases:
         from . import cases as case_suite
 
@@ -282,27 +277,9 @@ def _judge(fold_pass: Pass, target: AuditTarget, model: onnx.ModelProto, feeds: 
                 cause = error.__cause__ or error
                 return result("CRASH", f"the returned model raised in onnxruntime: {one_line(cause)}", left)
             raise
-    if caught:
-        notes.append(f"{len(caught)} warning(s), first: {caught[0].category.__name__}: {caught[0].message}")
-    note = "; ".join(notes)
-    if not verdict.ok:
-        nonfinite = not all(math.isfinite(o.fused_error) for o in verdict.outputs)
-        parts = ["the output has NaN or infinite values where the original's is within the error model" if nonfinite
-                 else f"error {verdict.ratio:.3g}x the unfused model's (limit 4x)"]
-        if verdict.first_divergence is not None:
-            parts.append(verdict.first_divergence.describe())
-        parts.extend(o.detail for o in verdict.outputs if o.detail)
-        parts.extend([note] if note else [])
-        return result("WRONG", "; ".join(parts), left, verdict.ratio, verdict.max_abs_error)
-    if left > target.norms_left:
-        detail = f"{left - target.norms_left} foldable BatchNormalization node(s) left"
-        return result("missed", "; ".join([detail, *([note] if note else [])]), left, verdict.ratio,
-                      verdict.max_abs_error)
-    if left < target.norms_left:
-        # Not a fault as such (the output is right): e.g. a norm folded into a layer the case expects it to stay out of.
-        note = "; ".join([f"folded beyond the hand-worked count ({left} left < {target.norms_left})",
-                          *([note] if note else [])])
-    return result("ok", note, left, verdict.ratio, verdict.max_abs_error)
+    status, detail = verdict_status(verdict, left, target.norms_left, [*notes, warnings_note(caught)],
+                                    leftover="BatchNormalization node(s)")
+    return result(status, detail, left, verdict.ratio, verdict.max_abs_error)
 
 
 def run_audit(fold_pass: Pass, targets: Iterable[AuditTarget],
