@@ -110,19 +110,9 @@ def time_variants(models: dict[str, nn.Module], x: torch.Tensor, *, rounds: int,
 
 def count_module_calls(model: nn.Module, x: torch.Tensor) -> int:
     """Calls of any module during one forward pass (each costs Python overhead besides its arithmetic)."""
-    calls = 0
+    from adapters.torch.suite.cases import count_calls
 
-    def count(module, args):
-        nonlocal calls
-        calls += 1
-
-    handle = nn.modules.module.register_module_forward_pre_hook(count)
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        handle.remove()
-    return calls
+    return count_calls(model, x)
 
 
 def count_calls(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int]:

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 from torch import fx, nn  # noqa: E402
 
 from adapters.torch import fuse, reparameterize  # noqa: E402
-from adapters.torch.suite.cases import randomize_norm_stats, randomize_parameters  # noqa: E402
+from adapters.torch.suite.cases import count_calls, randomize_norm_stats, randomize_parameters  # noqa: E402
 from refimpl import compare_models  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,19 +116,7 @@ CASES = [
 
 
 def _module_calls(model: nn.Module, x: torch.Tensor) -> int:
-    calls = 0
-
-    def count(module, args):
-        nonlocal calls
-        calls += 1
-
-    handle = nn.modules.module.register_module_forward_pre_hook(count)
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        handle.remove()
-    return calls
+    return count_calls(model, x)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

@@ -627,7 +627,7 @@ class SiteAnalysis:
         """The conv/linear layer called at ``node``, next to ``norm``: ``(module, name, kind)``, or None
         after noting why nothing there can take the fold (``reads``/``meets`` start the message)."""
         if node.op != "call_module":
-            self.note(norm, "no_fusable_neighbour", f"{reads} {_describe(node)}")
+            self.note(norm, "no_fusable_neighbour", f"{reads} {describe_node(node)}")
             return None
         layer_module = region.module(node)
         layer_name = self.index.name(layer_module)
@@ -644,7 +644,7 @@ class SiteAnalysis:
     def _note_shared(self, region: Region, norm: nn.Module, shared: tuple[fx.Node, list[fx.Node]], reader: fx.Node,
                      path: str = "") -> None:
         node, users = shared
-        others = ", ".join(_describe(u) for u in users if u is not reader)
+        others = ", ".join(describe_node(u) for u in users if u is not reader)
         self.note(norm, "output_used_elsewhere", f"the output of {_describe_in(region, node, self.index)} that "
                   f"feeds {self.index.name(norm)}{path} is also used by {others or 'another consumer'}")
 
@@ -681,11 +681,12 @@ class SiteAnalysis:
             # linear -> x.flatten(0, k) -> BatchNorm1d: exact when the norm sees (rows, features), i.e. the
             # flatten merged every dim but the linear's feature dim; a conv's channels are not last.
             if kind != LayerKind.LINEAR or info.kind != NormKind.BATCH_NORM:
-                self.note(norm, "no_fusable_neighbour", f"{name} reads {_describe(walk.flattened)} of {layer_name}, "
+                self.note(norm, "no_fusable_neighbour",
+                          f"{name} reads {describe_node(walk.flattened)} of {layer_name}, "
                           "whose channel axis is not the last")
                 return
             if self.input_ranks.get(id(norm)) != {2}:
-                self.note(norm, "rank_unknown", f"{layer_name} -> {_describe(walk.flattened)} -> {name}: the norm "
+                self.note(norm, "rank_unknown", f"{layer_name} -> {describe_node(walk.flattened)} -> {name}: the norm "
                           "input is not proven 2-D (pass example_inputs)")
                 return
         elif kind == LayerKind.LINEAR:
@@ -743,7 +744,7 @@ class SiteAnalysis:
         start = 0
         for position, node in enumerate(inputs):
             if not isinstance(node, fx.Node) or node.op != "call_module":
-                what = _describe(node) if isinstance(node, fx.Node) else repr(node)
+                what = describe_node(node) if isinstance(node, fx.Node) else repr(node)
                 self.note(norm, "no_fusable_neighbour", f"{name} reads torch.cat() whose input {position} is "
                           f"{what}, not the output of a conv layer")
                 return
@@ -840,7 +841,7 @@ class SiteAnalysis:
                 self.note(norm, *self._boundary_reason(region, "output"))
                 return None
             if not _sole_input(user, current):
-                self.note(norm, "no_fusable_neighbour", f"{name} feeds {_describe(user)}")
+                self.note(norm, "no_fusable_neighbour", f"{name} feeds {describe_node(user)}")
                 return None
             if self._passes_through(region, user):
                 if self._is_norm_node(region, user):
@@ -906,7 +907,8 @@ def channel_cat_inputs(node: fx.Node) -> list | None:
     return list(tensors)
 
 
-def _describe(node: fx.Node) -> str:
+def describe_node(node: fx.Node) -> str:
+    """A node as a reason's detail names it: ``module 'a.b'``, ``add()``, ``.view()``, ``the output``."""
     if node.op == "call_module":
         return f"module '{node.target}'"
     if node.op == "call_function":
@@ -921,7 +923,7 @@ def _describe(node: fx.Node) -> str:
 def _describe_in(region: Region, node: fx.Node, index: ModelIndex) -> str:
     if node.op == "call_module":
         return index.name(region.module(node))
-    return _describe(node)
+    return describe_node(node)
 
 
 def analyse_sites(index: ModelIndex, regions: list[Region],

@@ -35,7 +35,7 @@ from torch import fx, nn
 
 import refimpl
 
-from ..graph import LayerKind, ModelIndex, Region, is_identity_in_eval, value_users
+from ..graph import LayerKind, ModelIndex, Region, describe_node, is_identity_in_eval, value_users
 from ..norms import NormInfo
 
 __all__ = ["Source", "Apply", "Scale", "Sum", "Constant", "Expr", "Group", "SumRoot", "find_sums", "sum_operands",
@@ -219,14 +219,6 @@ def _stack_keys(node: fx.Node) -> tuple[str, ...]:
     return tuple(key for key, _ in _stack(node))
 
 
-def _describe_node(node: fx.Node) -> str:
-    if node.op == "call_module":
-        return f"module '{node.target}'"
-    if node.op == "call_function":
-        return f"{getattr(node.target, '__name__', node.target)}()"
-    if node.op == "call_method":
-        return f".{node.target}()"
-    return f"{node.op} '{node.name}'"
 
 
 # -- the walk -------------------------------------------------------------------------------
@@ -299,22 +291,22 @@ class SumFinder:
                     return None
                 return _Op("norm", source, module)
             if verdict is not None:
-                return _Op("stop", stop="nonlinear", detail=f"{_describe_node(node)}: {verdict.detail}")
+                return _Op("stop", stop="nonlinear", detail=f"{describe_node(node)}: {verdict.detail}")
             kind, refusal = index.layer(module)
             if kind == LayerKind.CONV:
                 return _Op("conv", source, module)
             if kind == LayerKind.LINEAR:
                 return _Op("linear", source, module)
             if kind == LayerKind.CONV_TRANSPOSE:
-                return _Op("stop", stop="unsupported", detail=f"{_describe_node(node)} is a transposed conv")
+                return _Op("stop", stop="unsupported", detail=f"{describe_node(node)} is a transposed conv")
             if refusal:
-                return _Op("stop", stop="unsupported", detail=f"{_describe_node(node)} ({type(module).__qualname__}) "
+                return _Op("stop", stop="unsupported", detail=f"{describe_node(node)} ({type(module).__qualname__}) "
                            f"cannot be merged: {refusal}")
             pool = next((b for b in _AVG_POOLS if isinstance(module, b)), None)
             if pool is not None and type(module).forward is pool.forward:
                 why = _avg_pool_refusal(module)
                 if why:
-                    return _Op("stop", stop="unsupported", detail=f"{_describe_node(node)}: {why}")
+                    return _Op("stop", stop="unsupported", detail=f"{describe_node(node)}: {why}")
                 return _Op("pool", source, module)
             return None
         first = node.args[0] if node.args else None
@@ -370,11 +362,11 @@ class SumFinder:
             return flat
         op = self._unary(node)
         if op is None:
-            return Source(node, "nonlinear", f"{_describe_node(node)} is not an affine map known to bnfold")
+            return Source(node, "nonlinear", f"{describe_node(node)} is not an affine map known to bnfold")
         if op.input is None:
             return Source(node, op.stop, op.detail)
         if node.op == "call_method" and node.target in _INPLACE_METHODS and len(value_users(op.input)) != 1:
-            return Source(node, "inplace", f"{_describe_node(node)} writes into '{op.input.name}', which is also "
+            return Source(node, "inplace", f"{describe_node(node)} writes into '{op.input.name}', which is also "
                           "used elsewhere")
         return _apply(node, op, self.operand(op.input))
 
@@ -399,10 +391,10 @@ class SumFinder:
                 constants.append(Constant(c * found[0] if c != 1 else found[0], found[1],
                                           _constant_text(operand, found[0])))
             elif not isinstance(operand, fx.Node):
-                terms.append((c, Source(current, "nonlinear", f"{_describe_node(current)} has the operand "
+                terms.append((c, Source(current, "nonlinear", f"{describe_node(current)} has the operand "
                                                               f"{operand!r}")))
             elif inplace and position == 0 and len(value_users(operand)) != 1:
-                terms.append((c, Source(operand, "inplace", f"{_describe_node(current)} writes into "
+                terms.append((c, Source(operand, "inplace", f"{describe_node(current)} writes into "
                                                             f"'{operand.name}', which is also used elsewhere")))
             elif sum_operands(operand) is not None and len(value_users(operand)) == 1:
                 nodes.append(operand)
@@ -501,15 +493,15 @@ class SumFinder:
             if source.stop != "shared" or deep[id(source)] is source.node:
                 continue
             if any(other is not source and deep[id(source)] in (other.node, deep[id(other)]) for other in sources):
-                users = ", ".join(_describe_node(u) for u in value_users(source.node))
-                return "branch_output_used_elsewhere", (f"'{source.node.name}' ({_describe_node(source.node)}) is an "
+                users = ", ".join(describe_node(u) for u in value_users(source.node))
+                return "branch_output_used_elsewhere", (f"'{source.node.name}' ({describe_node(source.node)}) is an "
                                                         f"operand of the sum and also feeds: {users}")
         for source in sources:
             if source.stop == "unsupported":
                 return "unsupported_layer", source.detail
         for source in sources:
             if source.stop in ("nonlinear", "mixed") and _stack_keys(source.node)[:len(keys)] == keys:
-                detail = source.detail or f"'{source.node.name}' ({_describe_node(source.node)}) is not affine"
+                detail = source.detail or f"'{source.node.name}' ({describe_node(source.node)}) is not affine"
                 return "nonlinear_branch", detail
         names = sorted({f"'{s.node.name}'" for s in sources})
         return "different_inputs", f"the operands are affine functions of {', '.join(names)}"

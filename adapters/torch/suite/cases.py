@@ -45,7 +45,7 @@ from ..norms import is_norm
 
 __all__ = [
     "Case", "CASES", "FAMILIES", "get_case", "iter_cases", "is_norm_module", "norm_module_names",
-    "randomize_parameters", "randomize_norm_stats", "count_norm_calls",
+    "randomize_parameters", "randomize_norm_stats", "count_calls", "count_norm_calls",
     "FrozenBatchNorm2d", "BatchNormAct2d", "ShiftedBatchNorm2d", "Conv2dSame",
 ]
 
@@ -162,22 +162,28 @@ def randomize_norm_stats(model: nn.Module, generator: torch.Generator) -> nn.Mod
     return model
 
 
-def count_norm_calls(model: nn.Module, *inputs: torch.Tensor) -> int:
-    """Number of forward calls of norm-like modules during one ``model(*inputs)`` (no grad)."""
+def count_calls(model: nn.Module, *inputs: torch.Tensor,
+                counted: Callable[[nn.Module], bool] = lambda module: True) -> int:
+    """Forward calls of the modules ``counted`` selects (every module by default, the model itself too)
+    during one ``model(*inputs)`` (no grad); a module called twice counts twice."""
     calls = 0
 
-    def hook(module: nn.Module, args: tuple, output: object) -> None:
+    def hook(module: nn.Module, args: tuple) -> None:
         nonlocal calls
-        calls += 1
+        calls += bool(counted(module))
 
-    handles = [module.register_forward_hook(hook) for module in model.modules() if is_norm_module(module)]
+    handle = nn.modules.module.register_module_forward_pre_hook(hook)
     try:
         with torch.no_grad():
             model(*inputs)
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
     return calls
+
+
+def count_norm_calls(model: nn.Module, *inputs: torch.Tensor) -> int:
+    """Number of forward calls of norm-like modules during one ``model(*inputs)`` (no grad)."""
+    return count_calls(model, *inputs, counted=is_norm_module)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from torch import nn
 
 import refimpl
 
-from .cases import randomize_norm_stats, randomize_parameters
+from .cases import count_calls, randomize_norm_stats, randomize_parameters
 
 __all__ = ["MergeCase", "MERGE_CASES", "iter_merge_cases", "Pair", "Reference", "RepConv", "LayerScale2d",
            "count_layer_calls", "repconv_backbone"]
@@ -244,21 +244,7 @@ def _case(name: str, shape: tuple[int, ...], *, merges: int, convs: int, norms: 
 
 def count_layer_calls(model: nn.Module, *inputs: torch.Tensor) -> int:
     """Forward calls of conv (incl. transposed) and linear layers during one ``model(*inputs)`` (no grad)."""
-    calls = 0
-
-    def hook(module, args, output):
-        nonlocal calls
-        calls += 1
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls
+    return count_calls(model, *inputs, counted=lambda m: isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)))
 
 
 C = 4
