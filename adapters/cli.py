@@ -1,9 +1,10 @@
-"""``bnfold``: the console script, one command for ``python -m adapters.torch`` and ``python -m refimpl``.
+"""``bnfold``: the console script, one command for ``python -m adapters.torch``, ``python -m adapters.onnx``
+and ``python -m refimpl``.
 
 Each subcommand hands its arguments unchanged to the module it names, so ``bnfold fuse ...``
-is ``python -m adapters.torch ...`` and ``bnfold check ...`` is ``python -m refimpl check ...``.
-torch is imported only by the subcommands that need it: ``bnfold check`` runs where only numpy
-is installed.
+is ``python -m adapters.torch ...``, ``bnfold onnx verify ...`` is ``python -m adapters.onnx verify ...``
+and ``bnfold check ...`` is ``python -m refimpl check ...``. torch (onnx) is imported only by the
+subcommands that need it: ``bnfold check`` runs where only numpy is installed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ COMMANDS = {
     "verify": ("python -m adapters.torch verify", "check a fused model against the float64 reference (torch)"),
     "audit": ("python -m adapters.torch audit", "run a fuser MODULE:FUNCTION over the case suite and the zoo "
                                                 "(torch)"),
+    "onnx": ("python -m adapters.onnx", "fold BatchNormalization in an ONNX file; 'onnx verify', 'onnx audit' "
+                                        "(onnx, no torch)"),
     "vectors": ("python -m refimpl vectors", "write the conformance vectors"),
     "check": ("python -m refimpl check", "judge an implementation's results file against the conformance vectors"),
     "results": ("python -m refimpl results", "write refimpl's own results file (a working example)"),
@@ -32,11 +35,12 @@ _TORCH_COMMANDS = ("fuse", "verify", "audit")
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"usage: {PROG} COMMAND [ARGS ...]", "", "BatchNorm folding: the reference implementation and the "
-             "torch adapter's tools.", "", "commands (each has its own --help):"]
+             "adapters' tools.", "", "commands (each has its own --help):"]
     lines += [f"  {name:<{width}}  {what}  [{module}]" for name, (module, what) in COMMANDS.items()]
     lines += ["", "examples:", f"  {PROG} fuse",
               f"  {PROG} fuse --model path/to/mynet.py:build --input-shape 1,3,224,224 -o fused.pt",
               f"  {PROG} verify --model path/to/mynet.py:build --input-shape 1,3,224,224 --fused fused.pt",
+              f"  {PROG} onnx model.onnx -o folded.onnx && {PROG} onnx verify model.onnx folded.onnx",
               f"  {PROG} check RESULTS.json      # against the conformance vectors shipped with the package"]
     return "\n".join(lines)
 
@@ -64,6 +68,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         job = {"fuse": main_job, "verify": verify_job, "audit": audit_job}[command]
         return job(rest, f"{PROG} {command}")
+    if command == "onnx":
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            print(f"error: {PROG} onnx needs onnx and onnxruntime: pip install 'bnfold[onnx]'", file=sys.stderr)
+            return 2
+        from .onnx.__main__ import main as onnx_main
+
+        return onnx_main(rest, f"{PROG} onnx")
 
     from refimpl.__main__ import main as refimpl_main
 

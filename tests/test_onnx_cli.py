@@ -245,3 +245,18 @@ def test_help(capsys):
             main([*args, "--help"])
         assert exited.value.code == 0
         assert "usage: python -m adapters.onnx" in capsys.readouterr().out
+
+
+def test_the_console_script_runs_the_onnx_tools(conv_bn, tmp_path, capsys):
+    from adapters.cli import main as bnfold
+
+    folded_path = tmp_path / "folded.onnx"
+    assert bnfold(["onnx", str(conv_bn), "-o", str(folded_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["report"]
+    assert len(report["folded"]) == 1 and report["skipped"] == []
+    assert count_batch_norms(onnx.load(folded_path)) == 0
+    assert bnfold(["onnx", "verify", str(conv_bn), str(folded_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    with pytest.raises(SystemExit):
+        bnfold(["onnx", "verify", "--help"])
+    assert capsys.readouterr().out.startswith("usage: bnfold onnx verify")

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+PROG = "python -m adapters.onnx"
+
 _MAIN_DESCRIPTION = """\
 Fold the BatchNormalization nodes of an ONNX model into neighbouring Conv / ConvTranspose / Gemm /
 MatMul nodes (in float64, rounded once to each initializer's dtype), write the folded model to -o
@@ -151,8 +153,8 @@ def _save(model: Any, path: Path) -> None:
         raise
 
 
-def _fold_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adapters.onnx", description=_MAIN_DESCRIPTION,
+def _fold_main(argv: Sequence[str], prog: str = PROG) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=_MAIN_DESCRIPTION,
                                      epilog=_MAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", metavar="MODEL.onnx", help="the ONNX model to fold")
     parser.add_argument("-o", "--output", required=True, metavar="FOLDED.onnx", help="where to write the folded model")
@@ -222,8 +224,8 @@ def _parse_shapes(specs: Sequence[str], model: Any) -> dict[str, list[int]]:
     return shapes
 
 
-def _verify_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adapters.onnx verify", description=_VERIFY_DESCRIPTION,
+def _verify_main(argv: Sequence[str], prog: str = PROG) -> int:
+    parser = argparse.ArgumentParser(prog=f"{prog} verify", description=_VERIFY_DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("original", metavar="ORIGINAL.onnx")
     parser.add_argument("folded", metavar="FOLDED.onnx")
@@ -257,8 +259,8 @@ def _verify_main(argv: Sequence[str]) -> int:
     return 0 if verdict.ok else 1
 
 
-def _audit_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adapters.onnx audit", description=_AUDIT_DESCRIPTION,
+def _audit_main(argv: Sequence[str], prog: str = PROG) -> int:
+    parser = argparse.ArgumentParser(prog=f"{prog} audit", description=_AUDIT_DESCRIPTION,
                                      epilog=_AUDIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("passes", nargs="+", metavar="MODULE:FUNCTION",
                         help="the pass(es) to audit, each a function ModelProto -> ModelProto")
@@ -322,14 +324,14 @@ def _audit_main(argv: Sequence[str]) -> int:
     return max(exit_code(results) for results in runs.values())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "verify":
-        return _verify_main(argv[1:])
+        return _verify_main(argv[1:], prog)
     if argv and argv[0] == "audit":
-        return _audit_main(argv[1:])
-    return _fold_main(argv)
+        return _audit_main(argv[1:], prog)
+    return _fold_main(argv, prog)
 
 
 if __name__ == "__main__":
