@@ -350,3 +350,21 @@ def test_half_precision_on_the_cpu_warns(capsys):
     assert "warning: bfloat16 on the CPU: torch's CPU half-precision kernels are slow" in err
     assert main(["--model", "test_cli:small_net", "--input-shape", "1,3,6,6", "-q", "--repeats", "1"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_ends_the_cli_quietly():
+    """`bnfold ... | head`: the pipe closes while output is still written; one exit status, no traceback."""
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys\nfrom adapters.cli import run\n"
+            "def job():\n    for _ in range(100000):\n        print('x' * 100)\n    return 0\n"
+            "run(job)\n")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=env, cwd=root)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.read(10)
+    process.stdout.close()  # what `head` does after its lines
+    with process.stderr:
+        stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 1
+    assert stderr == ""
