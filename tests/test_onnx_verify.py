@@ -477,3 +477,40 @@ def test_verify_accepts_a_fold_through_a_reflect_pad():
                           _inits(wf=wf.astype(np.float32), bf=bf.astype(np.float32)))
     verdict = verify(original_direct, folded_direct)
     assert verdict.ok, str(verdict)
+
+
+@pytest.mark.parametrize("spatial, kernel, strides, pads, dilations", [
+    ((8,), 3, 1, 1, 1), ((8, 8), 3, 1, 1, 1), ((7, 7, 7), 3, 1, 1, 1), ((8, 8), 2, 1, 0, 1),
+    ((8, 8), 3, 2, 1, 1), ((9, 9), 3, 2, 0, 1), ((7, 7), 3, 1, 1, 2), ((8, 8), 3, 3, 1, 1)])
+def test_reference_max_pool_ceil_mode_matches_onnxruntime(spatial, kernel, strides, pads, dilations):
+    # The evaluator's own kernel gives 10 outputs for kernel 3, stride 1, pads 1 on 8 values in ceil mode (not 8).
+    dims = len(spatial)
+    node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[kernel] * dims, strides=[strides] * dims,
+                            pads=[pads] * (2 * dims), dilations=[dilations] * dims, ceil_mode=1)
+    model = _model([node], [_io("x", [2, 3, *spatial])], [_io("y", None)])
+    x = _rng(dims).standard_normal((2, 3, *spatial)).astype(np.float32)
+    expected = run_onnxruntime(model, {"x": x})[0]
+    got = reference_outputs(model, {"x": x})[0]
+    assert got.shape == expected.shape
+    np.testing.assert_array_equal(got.astype(np.float32), expected)  # a max selects: exact
+
+
+def test_verify_runs_a_ceil_mode_pool_branch_beside_a_conv_branch():
+    # GoogLeNet / Inception: conv -> BN beside MaxPool(3, stride 1, pads 1, ceil_mode) -> conv -> BN, concatenated.
+    rng = _rng(7)
+    p = {"w1": rng.standard_normal((4, 3, 1, 1)), "w2": rng.standard_normal((2, 3, 1, 1))}
+    for i, c in ((1, 4), (2, 2)):
+        p |= {f"g{i}": rng.uniform(0.5, 1.5, c), f"be{i}": rng.standard_normal(c), f"m{i}": rng.standard_normal(c),
+              f"v{i}": rng.uniform(0.5, 2, c)}
+    p = {k: v.astype(np.float32) for k, v in p.items()}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             helper.make_node("BatchNormalization", ["c1", "g1", "be1", "m1", "v1"], ["n1"], name="bn1"),
+             helper.make_node("MaxPool", ["x"], ["pool"], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1],
+                              ceil_mode=1, name="pool"),
+             helper.make_node("Conv", ["pool", "w2"], ["c2"], name="conv2"),
+             helper.make_node("BatchNormalization", ["c2", "g2", "be2", "m2", "v2"], ["n2"], name="bn2"),
+             helper.make_node("Concat", ["n1", "n2"], ["y"], axis=1, name="concat")]
+    original = _model(nodes, [_io("x", [2, 3, 8, 8])], [_io("y", [2, 6, 8, 8])], _inits(**p))
+    verdict = verify(original, original)
+    assert verdict.ok, str(verdict)
+    assert verdict.layers_compared == 1  # the pool's output

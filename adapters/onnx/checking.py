@@ -13,7 +13,9 @@ Three engines, three roles:
   those opsets no longer have, the opset-9 kernel treats the always-present ``momentum`` default as
   "training"), and ``ConvTranspose`` with ``group > 1`` raises (onnx/onnx#8446). The replacements
   follow the ONNX operator specification for every opset, including ``spatial=0``, asymmetric
-  ``pads``, ``output_shape``, ``auto_pad`` and training mode. The evaluator runs model-local
+  ``pads``, ``output_shape``, ``auto_pad`` and training mode. A third fault, ``MaxPool`` with ``ceil_mode=1``
+  and unit strides sizing its output as if windows could start in the end padding, is routed to the
+  evaluator's general pooling kernel. The evaluator runs model-local
   functions without replacement kernels, so functions are inlined first.
 - The **models in their own dtype** (:func:`run_onnxruntime`): onnxruntime on the CPU with every
   graph optimization disabled, so that onnxruntime's own Conv+BatchNormalization fusion cannot hide
@@ -50,6 +52,7 @@ import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
+from onnx.reference.ops.op_max_pool import MaxPool as _EvaluatorMaxPool
 
 import refimpl
 from refimpl import compare_models
@@ -330,8 +333,30 @@ class ConvTranspose(OpRun):
         return (y.astype(x.dtype, copy=False),)
 
 
+class MaxPool(_EvaluatorMaxPool):
+    """``MaxPool`` with ``ceil_mode=1`` routed to the evaluator's general kernel.
+
+    The evaluator's shortcut for unit strides and dilations sizes a ``ceil_mode`` output as if the
+    last windows could start in the end padding (kernel 3, stride 1, pads 1 on 8 values gives 10
+    outputs, not 8: Inception's and GoogLeNet's branch pools then fail to concatenate); its general
+    kernel (1- to 3-D) drops windows that would start in the end padding, as the specification says.
+    """
+
+    op_domain = ""
+
+    def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None, pads=None,
+             storage_order=None, strides=None):
+        rank = len(kernel_shape) if kernel_shape is not None else 0
+        if ceil_mode and 1 <= rank <= 3 and (auto_pad in (None, "NOTSET", b"NOTSET")):
+            return self._max_pool(x, auto_pad=auto_pad, ceil_mode=ceil_mode, dilations=dilations or [1] * rank,
+                                  kernel_shape=kernel_shape, pads=pads, storage_order=storage_order,
+                                  strides=strides or [1] * rank)
+        return super()._run(x, auto_pad=auto_pad, ceil_mode=ceil_mode, dilations=dilations,
+                            kernel_shape=kernel_shape, pads=pads, storage_order=storage_order, strides=strides)
+
+
 #: The kernels that replace the evaluator's own in the float64 reference.
-REFERENCE_KERNELS: tuple[type[OpRun], ...] = (BatchNormalization, ConvTranspose)
+REFERENCE_KERNELS: tuple[type[OpRun], ...] = (BatchNormalization, ConvTranspose, MaxPool)
 
 
 # --------------------------------------------------------------------------------------------------
