@@ -451,7 +451,7 @@ class _Writer:
     @staticmethod
     def rewritten(ref: ConstRef | None) -> bool:
         """Whether a layer's constant is rewritten where it is (its only reader is the folded layer)."""
-        return ref is not None and ref.scope.namespace.uses[ref.name] == 1
+        return ref is not None and not ref.copied and ref.scope.namespace.uses[ref.name] == 1
 
     def prepare(self, plans: list[_LayerPlan]) -> None:
         """A copy gets the main graph's initializers here, in their order: a copy of each, except an empty slot
@@ -599,11 +599,22 @@ class _Writer:
             ns_uses = uses[id(scope.namespace)]
             released = {name for ns, name in self.released if ns == id(scope.namespace) and not ns_uses.get(name)}
             removed = self.removed_nodes.setdefault(id(scope), set())
-            for i, node in enumerate(scope.nodes):
-                if i not in removed and node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS \
-                        and node.output[0] in released:
-                    removed.add(i)
-                    self.gone_values.setdefault(id(scope), set()).add(node.output[0])
+            # From the end: an Identity that copied a constant for a folded node goes, then what it read if that
+            # has no reader left (an Identity of an Identity, a Constant, an initializer).
+            for i in range(len(scope.nodes) - 1, -1, -1):
+                node = scope.nodes[i]
+                if i in removed or node.domain not in DEFAULT_DOMAINS or not node.output \
+                        or node.output[0] not in released:
+                    continue
+                if node.op_type == "Identity" and node.input and node.input[0]:
+                    source = node.input[0]
+                    ns_uses[source] -= 1
+                    if not ns_uses[source]:
+                        released.add(source)
+                elif node.op_type != "Constant":
+                    continue
+                removed.add(i)
+                self.gone_values.setdefault(id(scope), set()).add(node.output[0])
             self._rewrite_nodes(scope)
             gone = self.gone_values.get(id(scope), set())
             infos = scope.proto.value_info

@@ -313,6 +313,10 @@ class ModelIndex:
                 node = s.nodes[index]
                 if node.op_type == "Constant" and _is_default(node):
                     return ConstRef(name, s, _constant_value(node, name), index)
+                if node.op_type == "Identity" and _is_default(node) and node.input and node.input[0]:
+                    # Exporters deduplicate equal initializers into Identity nodes: the copy is that constant.
+                    source = self.constant(s, node.input[0])
+                    return ConstRef(name, s, source.tensor, None, copied=True)
                 raise NotConstant(f"'{name}' is computed by {s.describe(index)}")
             if name in s.initializers:
                 if name in s.overridable:
@@ -423,12 +427,15 @@ def copy_field(target, fd, value) -> None:
 
 @dataclass(eq=False)
 class ConstRef:
-    """A constant value: an initializer (``node`` None) or the output of a Constant node ``node`` of ``scope``."""
+    """A constant value: an initializer (``node`` None) or the output of a Constant node ``node`` of ``scope``;
+    ``copied``: the output ``name`` of Identity nodes that copy such a constant (``tensor`` is the source's), never
+    rewritten where it is (the source may have other readers)."""
 
     name: str
     scope: Scope
     tensor: TensorProto
     node: int | None
+    copied: bool = False
 
     @property
     def dims(self) -> tuple[int, ...]:

@@ -684,6 +684,24 @@ def _shared_weight_one_unfolded(b: GraphBuilder) -> None:
     b.output(b.node("Add", [y1, y2], "add"))
 
 
+@_register("identity_copies_of_parameters", "graph", folds=2, norms_left=0)
+def _identity_copies(b: GraphBuilder) -> None:
+    """The TorchScript exporter's deduplication: conv_b's weight is an Identity of conv_a's weight initializer,
+    bn_b's mean and var are Identity copies of bn_a's and its scale an Identity of an Identity of bn_a's. Copies
+    of constants are constants: both pairs fold, conv_a and conv_b each with its own new weight; two folds (the
+    Identity nodes and the originals go with the last readers)."""
+    x = b.input("x", [2, 3, 6, 6])
+    w = b.weight("conv_a.weight", (4, 3, 3, 3), 27)
+    y1 = b.bn(b.node("Conv", [x, w], "conv_a"), "bn_a", 4)
+    w_copy = b.node("Identity", [w], "copy_w")
+    conv_b = b.node("Conv", [b.node("Relu", [x], "relu"), w_copy], "conv_b")
+    scale = b.node("Identity", [b.node("Identity", ["bn_a.scale"], "copy_scale")], "copy_copy_scale")
+    mean, var = b.node("Identity", ["bn_a.mean"], "copy_mean"), b.node("Identity", ["bn_a.var"], "copy_var")
+    bias = b.init("bn_b.B", b.bn_params("bn_b", 4)[1])
+    y2 = b.node("BatchNormalization", [conv_b, scale, bias, mean, var], "bn_b")
+    b.output(b.node("Add", [y1, y2], "add"))
+
+
 @_register("weight_is_also_graph_output", "graph", folds=1, norms_left=0)
 def _weight_graph_output(b: GraphBuilder) -> None:
     """The conv's bias initializer is also passed through an Identity to a graph output: the fold writes a new
