@@ -344,7 +344,8 @@ class MaxPool(_EvaluatorMaxPool):
 
     op_domain = ""
 
-    def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None, pads=None,
+    # The signature of onnx's own MaxPool._run (which already differs from CommonPool's).
+    def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None, pads=None,  # type: ignore[override]
              storage_order=None, strides=None):
         rank = len(kernel_shape) if kernel_shape is not None else 0
         if ceil_mode and 1 <= rank <= 3 and (auto_pad in (None, "NOTSET", b"NOTSET")):
