@@ -514,3 +514,74 @@ def test_verify_runs_a_ceil_mode_pool_branch_beside_a_conv_branch():
     verdict = verify(original, original)
     assert verdict.ok, str(verdict)
     assert verdict.layers_compared == 1  # the pool's output
+
+
+def _shape_arithmetic_net():
+    """Conv -> BN -> Pad whose amounts are computed in float and cast to int (as timm's Conv2dSame exports:
+    begin = int(2.0 / 2.0), end = 2 - begin) -> Resize by float scales [1, 1, 2, 2] -> Add of a constant grid."""
+    rng = _rng(11)
+    p = {"w": rng.standard_normal((4, 3, 3, 3)), "b": rng.standard_normal(4), "g": rng.uniform(0.5, 1.5, 4),
+         "be": rng.standard_normal(4), "m": rng.standard_normal(4), "v": rng.uniform(0.5, 2, 4),
+         "grid": rng.standard_normal((1, 4, 16, 16))}
+    p = {k: v.astype(np.float32) for k, v in p.items()}
+    shape = {"total": np.array([2.0], np.float32), "two": np.array([2.0], np.float32),
+             "scales": np.array([1, 1, 2, 2], np.float32)}
+    ints = {"zeros": np.zeros(2, np.int64), "total_int": np.array([2], np.int64)}
+
+    def constant(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name), name=name)
+    nodes = [*(constant(k, v) for k, v in {**shape, **ints}.items()),
+             helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "g", "be", "m", "v"], ["n"], name="bn"),
+             helper.make_node("Div", ["total", "two"], ["half"], name="half"),
+             helper.make_node("Cast", ["half"], ["begin"], to=TensorProto.INT64, name="begin"),
+             helper.make_node("Sub", ["total_int", "begin"], ["end"], name="end"),
+             helper.make_node("Concat", ["zeros", "begin", "begin", "zeros", "end", "end"], ["pads"], axis=0,
+                              name="pads"),
+             helper.make_node("Pad", ["n", "pads"], ["padded"], name="pad"),
+             helper.make_node("Resize", ["padded", "", "scales"], ["up"], mode="nearest", name="resize"),
+             helper.make_node("Add", ["up", "grid"], ["y"], name="add")]
+    model = _model(nodes, [_io("x", [1, 3, 8, 8])], [_io("y", [1, 4, 16, 16])], _inits(**p))
+    f64 = {k: v.astype(np.float64) for k, v in p.items()}
+    w, b = refimpl.fold_conv_bn(f64["w"], f64["b"], f64["m"], f64["v"], 1e-5, f64["g"], f64["be"])
+    return model, shape, w, b
+
+
+def _refolded(model, w, b):
+    """``model`` with conv -> BN replaced by a conv of weight ``w`` and bias ``b`` (float32)."""
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    nodes = [n for n in folded.graph.node if n.name != "bn"]
+    next(n for n in nodes if n.name == "conv").output[0] = "n"
+    del folded.graph.node[:]
+    folded.graph.node.extend(nodes)
+    kept = [t for t in folded.graph.initializer if t.name not in ("w", "b", "g", "be", "m", "v")]
+    del folded.graph.initializer[:]
+    folded.graph.initializer.extend(kept + _inits(w=w.astype(np.float32), b=b.astype(np.float32)))
+    return folded
+
+
+def test_rounded_copy_leaves_constants_that_decide_shapes_and_pads_alone():
+    # One more rounding of 2.0 in the pad computation (to 1.9999999) moves the pad by one pixel; of a Resize
+    # scale, makes 15 rows of 16: the baseline then runs a different network, or none at all.
+    model, shape, _, _ = _shape_arithmetic_net()
+    for seed in range(8):
+        copy = rounded_copy(model, seed=seed)
+        constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in copy.graph.node
+                     if n.op_type == "Constant"}
+        for name, value in shape.items():
+            np.testing.assert_array_equal(constants[name], value)
+        perturbed = {t.name: numpy_helper.to_array(t) for t in copy.graph.initializer}
+        assert not np.array_equal(perturbed["w"], numpy_helper.to_array(
+            next(t for t in model.graph.initializer if t.name == "w")))
+
+
+def test_verify_is_not_fooled_by_shape_arithmetic_in_float():
+    model, _, w, b = _shape_arithmetic_net()
+    x = {"x": _rng(12).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    assert verify(model, _refolded(model, w, b), x, per_node=False).ok
+    wrong = b.copy()
+    wrong[1] += 0.02 * np.abs(b).max()
+    verdict = verify(model, _refolded(model, w, wrong), x, per_node=False)
+    assert not verdict.ok, str(verdict)
+    assert verdict.outputs[0].limit < 1e-4  # the error model's baseline, not a shifted or resized network

@@ -551,18 +551,73 @@ def _is_float_array(value: Any) -> bool:
     return dtype.kind == "f" or dtype.name == "bfloat16"
 
 
-def rounded_copy(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
-    """A copy of ``model`` whose floating-point constants are each rounded once more.
+#: Float inputs that set a shape, not a value (Resize/Upsample scales and roi, Range's bounds): never perturbed.
+_SHAPE_INPUTS: dict[str, tuple[int, ...]] = {"Resize": (1, 2), "Upsample": (1,), "Range": (0, 1, 2)}
 
-    Every element of every float initializer and ``Constant`` tensor (subgraphs included) is
-    multiplied by ``1 + delta``, ``delta`` uniform in ``[-u, u]`` for its own dtype, and stored back
-    in that dtype (:func:`refimpl.tolerance.perturb_once`): the perturbation a folded graph's
+
+def _names_read_inside(node: onnx.NodeProto) -> set[str]:
+    """Every name the subgraphs of ``node`` read, at any depth (outer-scope values among them)."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        for graph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
+            for inner in graph.node:
+                names.update(inner.input)
+                names |= _names_read_inside(inner)
+            names.update(o.name for o in graph.output)
+    return names
+
+
+def _parameter_values(model: onnx.ModelProto, outputs: Sequence[str] | None = None) -> set[str]:
+    """Main-graph values that carry numbers into a floating-point graph output (or into ``outputs``), found
+    backwards from those.
+
+    A value is one when a node that produces such a value reads it as floating-point data: not what is only
+    cast to an integer (pad amounts an exporter computes in float, as timm's Conv2dSame does), read as a shape
+    (Resize's scales) or used by an integer or boolean result. Their constants are the network's parameters;
+    the others decide shapes and indices, which one more rounding would change (a pad or an output size off
+    by one), not perturb.
+    """
+    graph = model.graph
+    types = {name: info.type.tensor_type.elem_type for name, info in _value_types(model).items()}
+    types.update((i.name, i.type.tensor_type.elem_type) for i in graph.input if i.type.HasField("tensor_type"))
+    types.update((t.name, t.data_type) for t in graph.initializer)
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.TENSOR:
+                    types[node.output[0]] = attribute.t.data_type
+
+    def is_float(name: str) -> bool:
+        return types.get(name, TensorProto.UNDEFINED) in FLOAT_TYPES or name not in types  # unknown: assume so
+
+    targets = [o.name for o in graph.output] if outputs is None else list(outputs)
+    relevant = {name for name in targets if is_float(name)}
+    for node in reversed(graph.node):
+        if not any(o in relevant for o in node.output if o):
+            continue
+        shape_slots = _SHAPE_INPUTS.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ()
+        relevant.update(name for slot, name in enumerate(node.input)
+                        if name and slot not in shape_slots and is_float(name))
+        relevant |= _names_read_inside(node)
+    return relevant
+
+
+def rounded_copy(model: onnx.ModelProto, seed: int = 0, outputs: Sequence[str] | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` whose floating-point parameters are each rounded once more.
+
+    Every element of every float initializer and ``Constant`` tensor (subgraphs included) that carries
+    numbers into a float output (:func:`_parameter_values`; not a constant that only decides a shape, a pad
+    or an index) is multiplied by ``1 + delta``, ``delta`` uniform in ``[-u, u]`` for its own dtype, and
+    stored back in that dtype (:func:`refimpl.tolerance.perturb_once`): the perturbation a folded graph's
     parameters carry by being rounded once. Its outputs are the ``perturbed`` baseline of
-    :func:`refimpl.compare_models`.
+    :func:`refimpl.compare_models`. ``outputs``: the values whose parameters these are (default: the graph
+    outputs; a copy that also fetches intermediate values names the original outputs here, so that a float
+    value of a shape computation fetched for comparison does not make its constants parameters).
     """
     rng = np.random.default_rng(seed)
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    parameters = _parameter_values(copy, outputs)
 
     def perturb(tensor: TensorProto) -> None:
         if tensor.data_type not in FLOAT_TYPES:
@@ -573,20 +628,22 @@ def rounded_copy(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
         rounded = _rounded(perturb_once(values.astype(np.float64), values.dtype.name, rng), values.dtype)
         tensor.CopyFrom(numpy_helper.from_array(rounded, tensor.name))
 
-    def walk(graph: onnx.GraphProto) -> None:
+    def walk(graph: onnx.GraphProto, main: bool) -> None:
         for tensor in graph.initializer:
-            perturb(tensor)
+            if not main or tensor.name in parameters:
+                perturb(tensor)
         for node in graph.node:
             for attribute in node.attribute:
                 if attribute.type == onnx.AttributeProto.TENSOR and node.op_type == "Constant":
-                    perturb(attribute.t)
+                    if not main or node.output[0] in parameters:
+                        perturb(attribute.t)
                 elif attribute.type == onnx.AttributeProto.GRAPH:
-                    walk(attribute.g)
+                    walk(attribute.g, False)
                 elif attribute.type == onnx.AttributeProto.GRAPHS:
                     for graph_ in attribute.graphs:
-                        walk(graph_)
+                        walk(graph_, False)
 
-    walk(copy.graph)
+    walk(copy.graph, True)
     return copy
 
 
@@ -728,7 +785,7 @@ def verify(original: onnx.ModelProto | str | os.PathLike, folded: onnx.ModelProt
     original_fetching = _with_outputs(original, original_names, types_original)
     unfused = run("original", original_fetching, original_names)
     fused = run("folded", _with_outputs(folded, folded_names, types_folded), folded_names)
-    perturbed = [run("original", rounded_copy(original_fetching, seed + trial), original_names)
+    perturbed = [run("original", rounded_copy(original_fetching, seed + trial, output_names), original_names)
                  for trial in range(rounding_trials)]
 
     checks: list[OutputCheck] = []
