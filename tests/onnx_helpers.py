@@ -91,8 +91,19 @@ def assert_faithful(original: onnx.ModelProto, folded: onnx.ModelProto, report: 
         # Norms, Constant nodes and Identity copies of constants may go (when nothing reads them any more).
         gone_copies = _constant_copies(before, initializers) - {n.name for n in after.node}
 
-        def kept(body: GraphProto | onnx.FunctionProto, gone: set[str] = gone_copies) -> list[onnx.NodeProto]:
-            return [n for n in body.node if n.op_type not in ("BatchNormalization", "Constant") and n.name not in gone]
+        # A MatMul of an input that is not 2-D gets its new bias from an Add inserted right after it.
+        before_names = {n.name for n in before.node}
+        after_nodes = list(after.node)
+        for i, node in enumerate(after_nodes):
+            if node.name not in before_names:
+                assert node.op_type in ("Constant", "Add") and (node.op_type == "Constant" or (
+                    i > 0 and after_nodes[i - 1].op_type == "MatMul" and after_nodes[i - 1].output[0] == node.input[0]
+                    and node.name.startswith(after_nodes[i - 1].name))), (path, node.name, node.op_type)
+
+        def kept(body: GraphProto | onnx.FunctionProto, gone: set[str] = gone_copies,
+                 known: set[str] = before_names) -> list[onnx.NodeProto]:
+            return [n for n in body.node if n.op_type not in ("BatchNormalization", "Constant") and n.name not in gone
+                    and n.name in known]
         # Every node keeps its name and place; MatMul may become Gemm (a MatMul whose BN needs a bias).
         assert [n.name for n in kept(after)] == [n.name for n in kept(before)], path
         for a, b in zip(kept(after), kept(before), strict=True):
