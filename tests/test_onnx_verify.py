@@ -585,3 +585,42 @@ def test_verify_is_not_fooled_by_shape_arithmetic_in_float():
     verdict = verify(model, _refolded(model, w, wrong), x, per_node=False)
     assert not verdict.ok, str(verdict)
     assert verdict.outputs[0].limit < 1e-4  # the error model's baseline, not a shifted or resized network
+
+
+def _upsample_asymmetric(x, scales, mode):
+    """Upsample by the ONNX specification, axis by axis in float64: output index i reads input i / scale."""
+    y = np.asarray(x, dtype=np.float64)
+    for axis, scale in enumerate(scales):
+        n = y.shape[axis]
+        coordinate = np.arange(int(np.floor(n * scale))) / scale
+        low = np.minimum(np.floor(coordinate).astype(int), n - 1)
+        if mode == "nearest":
+            y = np.take(y, low, axis=axis)
+            continue
+        high = np.minimum(low + 1, n - 1)
+        weight = (coordinate - low).reshape([-1 if a == axis else 1 for a in range(y.ndim)])
+        y = np.take(y, low, axis=axis) * (1 - weight) + np.take(y, high, axis=axis) * weight
+    return y
+
+
+@pytest.mark.parametrize("opset", [7, 9])
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+@pytest.mark.parametrize("scales", [[1, 1, 8, 8], [1, 1, 1.5, 2.5], [1, 1, 3, 1]])
+def test_reference_upsample_follows_the_specification(opset, mode, scales):
+    # The evaluator implements nearest with integer scales only (an FCN head at opset 9 upsamples bilinearly by 8).
+    scales = np.array(scales, np.float32)
+    if opset == 9:
+        node = helper.make_node("Upsample", ["x", "scales"], ["y"], mode=mode)
+        initializers = _inits(scales=scales)
+    else:
+        node = helper.make_node("Upsample", ["x"], ["y"], mode=mode, scales=scales.tolist())
+        initializers = []
+    model = _model([node], [_io("x", [1, 2, 5, 4])], [_io("y", None)], initializers, opset=opset)
+    model.ir_version = 7
+    x = _rng(opset).standard_normal((1, 2, 5, 4)).astype(np.float32)
+    got = reference_outputs(model, {"x": x})[0]
+    expected = _upsample_asymmetric(x, scales.astype(np.float64), mode)
+    assert got.shape == expected.shape == run_onnxruntime(model, {"x": x})[0].shape
+    # Per axis a weighted sum of two values (3 operations, plus the coordinate's); magnitude: |input| interpolated.
+    magnitude = _upsample_asymmetric(np.abs(x), scales.astype(np.float64), mode)
+    assert_within(got, expected, error_bound(magnitude, 4 * len(scales), "float64"), "reference Upsample")

@@ -15,7 +15,8 @@ Three engines, three roles:
   follow the ONNX operator specification for every opset, including ``spatial=0``, asymmetric
   ``pads``, ``output_shape``, ``auto_pad`` and training mode. A third fault, ``MaxPool`` with ``ceil_mode=1``
   and unit strides sizing its output as if windows could start in the end padding, is routed to the
-  evaluator's general pooling kernel. The evaluator runs model-local
+  evaluator's general pooling kernel, and ``Upsample`` (opsets 7-9), which it runs only as nearest with
+  integer scales, is run as the asymmetric Resize it is. The evaluator runs model-local
   functions without replacement kernels, so functions are inlined first.
 - The **models in their own dtype** (:func:`run_onnxruntime`): onnxruntime on the CPU with every
   graph optimization disabled, so that onnxruntime's own Conv+BatchNormalization fusion cannot hide
@@ -52,6 +53,7 @@ import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
+from onnx.reference.ops import op_resize as _resize_ops
 from onnx.reference.ops.op_max_pool import MaxPool as _EvaluatorMaxPool
 
 import refimpl
@@ -356,8 +358,36 @@ class MaxPool(_EvaluatorMaxPool):
                             kernel_shape=kernel_shape, pads=pads, storage_order=storage_order, strides=strides)
 
 
+class Upsample(OpRun):
+    """``Upsample`` (opsets 7 to 9; deprecated since 10), nearest and linear, with the evaluator's Resize kernel.
+
+    The evaluator implements only nearest with integer scales (FCN heads exported at opset 9 upsample
+    bilinearly by 8). Upsample is Resize with ``coordinate_transformation_mode="asymmetric"`` (an output
+    index i reads the input at i / scale), nearest rounding down, output size floor(size * scale), as the
+    version converter's Upsample-9 -> Resize-10 adapter maps it.
+    """
+
+    op_domain = ""
+
+    def _run(self, x, scales=None, **given):
+        attributes = _attributes(self, given)
+        factors = np.asarray(scales if scales is not None else attributes["scales"], dtype=np.float64)
+        mode = attributes.get("mode", b"nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        if mode == "nearest":
+            def coefficients(ratio, scale):
+                return _resize_ops._nearest_coeffs(ratio, mode="floor")
+        elif mode in ("linear", "bilinear"):
+            coefficients = _resize_ops._linear_coeffs
+        else:
+            raise ValueError(f"Upsample {self.onnx_node.name!r}: unknown mode {mode!r}")
+        y = _resize_ops._interpolate_nd(x, coefficients, scale_factors=list(factors),
+                                        coordinate_transformation_mode="asymmetric")
+        return (np.asarray(y, dtype=x.dtype),)
+
+
 #: The kernels that replace the evaluator's own in the float64 reference.
-REFERENCE_KERNELS: tuple[type[OpRun], ...] = (BatchNormalization, ConvTranspose, MaxPool)
+REFERENCE_KERNELS: tuple[type[OpRun], ...] = (BatchNormalization, ConvTranspose, MaxPool, Upsample)
 
 
 # --------------------------------------------------------------------------------------------------
