@@ -58,6 +58,17 @@ def _values(body: GraphProto | onnx.FunctionProto) -> set[str]:
     return names
 
 
+def _constant_copies(body: GraphProto | onnx.FunctionProto, initializers: set[str]) -> set[str]:
+    """Names of the Identity nodes of ``body`` that copy a constant (an initializer, a Constant, another copy)."""
+    constants = set(initializers) | {o for n in body.node if n.op_type == "Constant" for o in n.output}
+    copies: set[str] = set()
+    for node in body.node:
+        if node.op_type == "Identity" and node.input and node.input[0] in constants:
+            copies.add(node.name)
+            constants.update(node.output)
+    return copies
+
+
 def assert_faithful(original: onnx.ModelProto, folded: onnx.ModelProto, report: FusionReport) -> None:
     """Everything a fold must not change is unchanged; nothing left behind is unused."""
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
@@ -75,13 +86,27 @@ def assert_faithful(original: onnx.ModelProto, folded: onnx.ModelProto, report: 
     folded_norms = {p.norm for p in report.folded}
     original_bodies, folded_bodies = list(graphs(original)), list(graphs(folded))
     assert [p for p, _ in original_bodies] == [p for p, _ in folded_bodies]
+    initializers = {t.name for _, body in original_bodies if isinstance(body, GraphProto) for t in body.initializer}
     for (path, before), (_, after) in zip(original_bodies, folded_bodies, strict=True):
-        def layers_and_others(body: GraphProto | onnx.FunctionProto) -> list[str]:
-            return [n.name for n in body.node if n.op_type not in ("BatchNormalization", "Constant")]
+        # Norms, Constant nodes and Identity copies of constants may go (when nothing reads them any more).
+        gone_copies = _constant_copies(before, initializers) - {n.name for n in after.node}
+
+        # A MatMul of an input that is not 2-D gets its new bias from an Add inserted right after it.
+        before_names = {n.name for n in before.node}
+        after_nodes = list(after.node)
+        for i, node in enumerate(after_nodes):
+            if node.name not in before_names:
+                assert node.op_type in ("Constant", "Add") and (node.op_type == "Constant" or (
+                    i > 0 and after_nodes[i - 1].op_type == "MatMul" and after_nodes[i - 1].output[0] == node.input[0]
+                    and node.name.startswith(after_nodes[i - 1].name))), (path, node.name, node.op_type)
+
+        def kept(body: GraphProto | onnx.FunctionProto, gone: set[str] = gone_copies,
+                 known: set[str] = before_names) -> list[onnx.NodeProto]:
+            return [n for n in body.node if n.op_type not in ("BatchNormalization", "Constant") and n.name not in gone
+                    and n.name in known]
         # Every node keeps its name and place; MatMul may become Gemm (a MatMul whose BN needs a bias).
-        assert layers_and_others(after) == layers_and_others(before), path
-        for a, b in zip([n for n in after.node if n.op_type not in ("BatchNormalization", "Constant")],
-                        [n for n in before.node if n.op_type not in ("BatchNormalization", "Constant")], strict=True):
+        assert [n.name for n in kept(after)] == [n.name for n in kept(before)], path
+        for a, b in zip(kept(after), kept(before), strict=True):
             assert a.op_type == b.op_type or (b.op_type, a.op_type) == ("MatMul", "Gemm"), (path, a.name)
             assert a.doc_string == b.doc_string and a.domain == b.domain, (path, a.name)
         before_norms = [n.name for n in before.node if n.op_type == "BatchNormalization"]

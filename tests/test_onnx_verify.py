@@ -477,3 +477,150 @@ def test_verify_accepts_a_fold_through_a_reflect_pad():
                           _inits(wf=wf.astype(np.float32), bf=bf.astype(np.float32)))
     verdict = verify(original_direct, folded_direct)
     assert verdict.ok, str(verdict)
+
+
+@pytest.mark.parametrize("spatial, kernel, strides, pads, dilations", [
+    ((8,), 3, 1, 1, 1), ((8, 8), 3, 1, 1, 1), ((7, 7, 7), 3, 1, 1, 1), ((8, 8), 2, 1, 0, 1),
+    ((8, 8), 3, 2, 1, 1), ((9, 9), 3, 2, 0, 1), ((7, 7), 3, 1, 1, 2), ((8, 8), 3, 3, 1, 1)])
+def test_reference_max_pool_ceil_mode_matches_onnxruntime(spatial, kernel, strides, pads, dilations):
+    # The evaluator's own kernel gives 10 outputs for kernel 3, stride 1, pads 1 on 8 values in ceil mode (not 8).
+    dims = len(spatial)
+    node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[kernel] * dims, strides=[strides] * dims,
+                            pads=[pads] * (2 * dims), dilations=[dilations] * dims, ceil_mode=1)
+    model = _model([node], [_io("x", [2, 3, *spatial])], [_io("y", None)])
+    x = _rng(dims).standard_normal((2, 3, *spatial)).astype(np.float32)
+    expected = run_onnxruntime(model, {"x": x})[0]
+    got = reference_outputs(model, {"x": x})[0]
+    assert got.shape == expected.shape
+    np.testing.assert_array_equal(got.astype(np.float32), expected)  # a max selects: exact
+
+
+def test_verify_runs_a_ceil_mode_pool_branch_beside_a_conv_branch():
+    # GoogLeNet / Inception: conv -> BN beside MaxPool(3, stride 1, pads 1, ceil_mode) -> conv -> BN, concatenated.
+    rng = _rng(7)
+    p = {"w1": rng.standard_normal((4, 3, 1, 1)), "w2": rng.standard_normal((2, 3, 1, 1))}
+    for i, c in ((1, 4), (2, 2)):
+        p |= {f"g{i}": rng.uniform(0.5, 1.5, c), f"be{i}": rng.standard_normal(c), f"m{i}": rng.standard_normal(c),
+              f"v{i}": rng.uniform(0.5, 2, c)}
+    p = {k: v.astype(np.float32) for k, v in p.items()}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+             helper.make_node("BatchNormalization", ["c1", "g1", "be1", "m1", "v1"], ["n1"], name="bn1"),
+             helper.make_node("MaxPool", ["x"], ["pool"], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1],
+                              ceil_mode=1, name="pool"),
+             helper.make_node("Conv", ["pool", "w2"], ["c2"], name="conv2"),
+             helper.make_node("BatchNormalization", ["c2", "g2", "be2", "m2", "v2"], ["n2"], name="bn2"),
+             helper.make_node("Concat", ["n1", "n2"], ["y"], axis=1, name="concat")]
+    original = _model(nodes, [_io("x", [2, 3, 8, 8])], [_io("y", [2, 6, 8, 8])], _inits(**p))
+    verdict = verify(original, original)
+    assert verdict.ok, str(verdict)
+    assert verdict.layers_compared == 1  # the pool's output
+
+
+def _shape_arithmetic_net():
+    """Conv -> BN -> Pad whose amounts are computed in float and cast to int (as timm's Conv2dSame exports:
+    begin = int(2.0 / 2.0), end = 2 - begin) -> Resize by float scales [1, 1, 2, 2] -> Add of a constant grid."""
+    rng = _rng(11)
+    p = {"w": rng.standard_normal((4, 3, 3, 3)), "b": rng.standard_normal(4), "g": rng.uniform(0.5, 1.5, 4),
+         "be": rng.standard_normal(4), "m": rng.standard_normal(4), "v": rng.uniform(0.5, 2, 4),
+         "grid": rng.standard_normal((1, 4, 16, 16))}
+    p = {k: v.astype(np.float32) for k, v in p.items()}
+    shape = {"total": np.array([2.0], np.float32), "two": np.array([2.0], np.float32),
+             "scales": np.array([1, 1, 2, 2], np.float32)}
+    ints = {"zeros": np.zeros(2, np.int64), "total_int": np.array([2], np.int64)}
+
+    def constant(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name), name=name)
+    nodes = [*(constant(k, v) for k, v in {**shape, **ints}.items()),
+             helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "g", "be", "m", "v"], ["n"], name="bn"),
+             helper.make_node("Div", ["total", "two"], ["half"], name="half"),
+             helper.make_node("Cast", ["half"], ["begin"], to=TensorProto.INT64, name="begin"),
+             helper.make_node("Sub", ["total_int", "begin"], ["end"], name="end"),
+             helper.make_node("Concat", ["zeros", "begin", "begin", "zeros", "end", "end"], ["pads"], axis=0,
+                              name="pads"),
+             helper.make_node("Pad", ["n", "pads"], ["padded"], name="pad"),
+             helper.make_node("Resize", ["padded", "", "scales"], ["up"], mode="nearest", name="resize"),
+             helper.make_node("Add", ["up", "grid"], ["y"], name="add")]
+    model = _model(nodes, [_io("x", [1, 3, 8, 8])], [_io("y", [1, 4, 16, 16])], _inits(**p))
+    f64 = {k: v.astype(np.float64) for k, v in p.items()}
+    w, b = refimpl.fold_conv_bn(f64["w"], f64["b"], f64["m"], f64["v"], 1e-5, f64["g"], f64["be"])
+    return model, shape, w, b
+
+
+def _refolded(model, w, b):
+    """``model`` with conv -> BN replaced by a conv of weight ``w`` and bias ``b`` (float32)."""
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    nodes = [n for n in folded.graph.node if n.name != "bn"]
+    next(n for n in nodes if n.name == "conv").output[0] = "n"
+    del folded.graph.node[:]
+    folded.graph.node.extend(nodes)
+    kept = [t for t in folded.graph.initializer if t.name not in ("w", "b", "g", "be", "m", "v")]
+    del folded.graph.initializer[:]
+    folded.graph.initializer.extend(kept + _inits(w=w.astype(np.float32), b=b.astype(np.float32)))
+    return folded
+
+
+def test_rounded_copy_leaves_constants_that_decide_shapes_and_pads_alone():
+    # One more rounding of 2.0 in the pad computation (to 1.9999999) moves the pad by one pixel; of a Resize
+    # scale, makes 15 rows of 16: the baseline then runs a different network, or none at all.
+    model, shape, _, _ = _shape_arithmetic_net()
+    for seed in range(8):
+        copy = rounded_copy(model, seed=seed)
+        constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in copy.graph.node
+                     if n.op_type == "Constant"}
+        for name, value in shape.items():
+            np.testing.assert_array_equal(constants[name], value)
+        perturbed = {t.name: numpy_helper.to_array(t) for t in copy.graph.initializer}
+        assert not np.array_equal(perturbed["w"], numpy_helper.to_array(
+            next(t for t in model.graph.initializer if t.name == "w")))
+
+
+def test_verify_is_not_fooled_by_shape_arithmetic_in_float():
+    model, _, w, b = _shape_arithmetic_net()
+    x = {"x": _rng(12).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    assert verify(model, _refolded(model, w, b), x, per_node=False).ok
+    wrong = b.copy()
+    wrong[1] += 0.02 * np.abs(b).max()
+    verdict = verify(model, _refolded(model, w, wrong), x, per_node=False)
+    assert not verdict.ok, str(verdict)
+    assert verdict.outputs[0].limit < 1e-4  # the error model's baseline, not a shifted or resized network
+
+
+def _upsample_asymmetric(x, scales, mode):
+    """Upsample by the ONNX specification, axis by axis in float64: output index i reads input i / scale."""
+    y = np.asarray(x, dtype=np.float64)
+    for axis, scale in enumerate(scales):
+        n = y.shape[axis]
+        coordinate = np.arange(int(np.floor(n * scale))) / scale
+        low = np.minimum(np.floor(coordinate).astype(int), n - 1)
+        if mode == "nearest":
+            y = np.take(y, low, axis=axis)
+            continue
+        high = np.minimum(low + 1, n - 1)
+        weight = (coordinate - low).reshape([-1 if a == axis else 1 for a in range(y.ndim)])
+        y = np.take(y, low, axis=axis) * (1 - weight) + np.take(y, high, axis=axis) * weight
+    return y
+
+
+@pytest.mark.parametrize("opset", [7, 9])
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+@pytest.mark.parametrize("scales", [[1, 1, 8, 8], [1, 1, 1.5, 2.5], [1, 1, 3, 1]])
+def test_reference_upsample_follows_the_specification(opset, mode, scales):
+    # The evaluator implements nearest with integer scales only (an FCN head at opset 9 upsamples bilinearly by 8).
+    scales = np.array(scales, np.float32)
+    if opset == 9:
+        node = helper.make_node("Upsample", ["x", "scales"], ["y"], mode=mode)
+        initializers = _inits(scales=scales)
+    else:
+        node = helper.make_node("Upsample", ["x"], ["y"], mode=mode, scales=scales.tolist())
+        initializers = []
+    model = _model([node], [_io("x", [1, 2, 5, 4])], [_io("y", None)], initializers, opset=opset)
+    model.ir_version = 7
+    x = _rng(opset).standard_normal((1, 2, 5, 4)).astype(np.float32)
+    got = reference_outputs(model, {"x": x})[0]
+    expected = _upsample_asymmetric(x, scales.astype(np.float64), mode)
+    assert got.shape == expected.shape == run_onnxruntime(model, {"x": x})[0].shape
+    # Per axis a weighted sum of two values (3 operations, plus the coordinate's); magnitude: |input| interpolated.
+    magnitude = _upsample_asymmetric(np.abs(x), scales.astype(np.float64), mode)
+    assert_within(got, expected, error_bound(magnitude, 4 * len(scales), "float64"), "reference Upsample")

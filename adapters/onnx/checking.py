@@ -13,7 +13,10 @@ Three engines, three roles:
   those opsets no longer have, the opset-9 kernel treats the always-present ``momentum`` default as
   "training"), and ``ConvTranspose`` with ``group > 1`` raises (onnx/onnx#8446). The replacements
   follow the ONNX operator specification for every opset, including ``spatial=0``, asymmetric
-  ``pads``, ``output_shape``, ``auto_pad`` and training mode. The evaluator runs model-local
+  ``pads``, ``output_shape``, ``auto_pad`` and training mode. A third fault, ``MaxPool`` with ``ceil_mode=1``
+  and unit strides sizing its output as if windows could start in the end padding, is routed to the
+  evaluator's general pooling kernel, and ``Upsample`` (opsets 7-9), which it runs only as nearest with
+  integer scales, is run as the asymmetric Resize it is. The evaluator runs model-local
   functions without replacement kernels, so functions are inlined first.
 - The **models in their own dtype** (:func:`run_onnxruntime`): onnxruntime on the CPU with every
   graph optimization disabled, so that onnxruntime's own Conv+BatchNormalization fusion cannot hide
@@ -50,6 +53,8 @@ import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
+from onnx.reference.ops import op_resize as _resize_ops
+from onnx.reference.ops.op_max_pool import MaxPool as _EvaluatorMaxPool
 
 import refimpl
 from refimpl import compare_models
@@ -330,8 +335,59 @@ class ConvTranspose(OpRun):
         return (y.astype(x.dtype, copy=False),)
 
 
+class MaxPool(_EvaluatorMaxPool):
+    """``MaxPool`` with ``ceil_mode=1`` routed to the evaluator's general kernel.
+
+    The evaluator's shortcut for unit strides and dilations sizes a ``ceil_mode`` output as if the
+    last windows could start in the end padding (kernel 3, stride 1, pads 1 on 8 values gives 10
+    outputs, not 8: Inception's and GoogLeNet's branch pools then fail to concatenate); its general
+    kernel (1- to 3-D) drops windows that would start in the end padding, as the specification says.
+    """
+
+    op_domain = ""
+
+    # The signature of onnx's own MaxPool._run (which already differs from CommonPool's).
+    def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None, pads=None,  # type: ignore[override]
+             storage_order=None, strides=None):
+        rank = len(kernel_shape) if kernel_shape is not None else 0
+        if ceil_mode and 1 <= rank <= 3 and (auto_pad in (None, "NOTSET", b"NOTSET")):
+            return self._max_pool(x, auto_pad=auto_pad, ceil_mode=ceil_mode, dilations=dilations or [1] * rank,
+                                  kernel_shape=kernel_shape, pads=pads, storage_order=storage_order,
+                                  strides=strides or [1] * rank)
+        return super()._run(x, auto_pad=auto_pad, ceil_mode=ceil_mode, dilations=dilations,
+                            kernel_shape=kernel_shape, pads=pads, storage_order=storage_order, strides=strides)
+
+
+class Upsample(OpRun):
+    """``Upsample`` (opsets 7 to 9; deprecated since 10), nearest and linear, with the evaluator's Resize kernel.
+
+    The evaluator implements only nearest with integer scales (FCN heads exported at opset 9 upsample
+    bilinearly by 8). Upsample is Resize with ``coordinate_transformation_mode="asymmetric"`` (an output
+    index i reads the input at i / scale), nearest rounding down, output size floor(size * scale), as the
+    version converter's Upsample-9 -> Resize-10 adapter maps it.
+    """
+
+    op_domain = ""
+
+    def _run(self, x, scales=None, **given):
+        attributes = _attributes(self, given)
+        factors = np.asarray(scales if scales is not None else attributes["scales"], dtype=np.float64)
+        mode = attributes.get("mode", b"nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        if mode == "nearest":
+            def coefficients(ratio, scale):
+                return _resize_ops._nearest_coeffs(ratio, mode="floor")
+        elif mode in ("linear", "bilinear"):
+            coefficients = _resize_ops._linear_coeffs
+        else:
+            raise ValueError(f"Upsample {self.onnx_node.name!r}: unknown mode {mode!r}")
+        y = _resize_ops._interpolate_nd(x, coefficients, scale_factors=list(factors),
+                                        coordinate_transformation_mode="asymmetric")
+        return (np.asarray(y, dtype=x.dtype),)
+
+
 #: The kernels that replace the evaluator's own in the float64 reference.
-REFERENCE_KERNELS: tuple[type[OpRun], ...] = (BatchNormalization, ConvTranspose)
+REFERENCE_KERNELS: tuple[type[OpRun], ...] = (BatchNormalization, ConvTranspose, MaxPool, Upsample)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -525,18 +581,73 @@ def _is_float_array(value: Any) -> bool:
     return dtype.kind == "f" or dtype.name == "bfloat16"
 
 
-def rounded_copy(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
-    """A copy of ``model`` whose floating-point constants are each rounded once more.
+#: Float inputs that set a shape, not a value (Resize/Upsample scales and roi, Range's bounds): never perturbed.
+_SHAPE_INPUTS: dict[str, tuple[int, ...]] = {"Resize": (1, 2), "Upsample": (1,), "Range": (0, 1, 2)}
 
-    Every element of every float initializer and ``Constant`` tensor (subgraphs included) is
-    multiplied by ``1 + delta``, ``delta`` uniform in ``[-u, u]`` for its own dtype, and stored back
-    in that dtype (:func:`refimpl.tolerance.perturb_once`): the perturbation a folded graph's
+
+def _names_read_inside(node: onnx.NodeProto) -> set[str]:
+    """Every name the subgraphs of ``node`` read, at any depth (outer-scope values among them)."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        for graph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
+            for inner in graph.node:
+                names.update(inner.input)
+                names |= _names_read_inside(inner)
+            names.update(o.name for o in graph.output)
+    return names
+
+
+def _parameter_values(model: onnx.ModelProto, outputs: Sequence[str] | None = None) -> set[str]:
+    """Main-graph values that carry numbers into a floating-point graph output (or into ``outputs``), found
+    backwards from those.
+
+    A value is one when a node that produces such a value reads it as floating-point data: not what is only
+    cast to an integer (pad amounts an exporter computes in float, as timm's Conv2dSame does), read as a shape
+    (Resize's scales) or used by an integer or boolean result. Their constants are the network's parameters;
+    the others decide shapes and indices, which one more rounding would change (a pad or an output size off
+    by one), not perturb.
+    """
+    graph = model.graph
+    types = {name: info.type.tensor_type.elem_type for name, info in _value_types(model).items()}
+    types.update((i.name, i.type.tensor_type.elem_type) for i in graph.input if i.type.HasField("tensor_type"))
+    types.update((t.name, t.data_type) for t in graph.initializer)
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.TENSOR:
+                    types[node.output[0]] = attribute.t.data_type
+
+    def is_float(name: str) -> bool:
+        return types.get(name, TensorProto.UNDEFINED) in FLOAT_TYPES or name not in types  # unknown: assume so
+
+    targets = [o.name for o in graph.output] if outputs is None else list(outputs)
+    relevant = {name for name in targets if is_float(name)}
+    for node in reversed(graph.node):
+        if not any(o in relevant for o in node.output if o):
+            continue
+        shape_slots = _SHAPE_INPUTS.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ()
+        relevant.update(name for slot, name in enumerate(node.input)
+                        if name and slot not in shape_slots and is_float(name))
+        relevant |= _names_read_inside(node)
+    return relevant
+
+
+def rounded_copy(model: onnx.ModelProto, seed: int = 0, outputs: Sequence[str] | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` whose floating-point parameters are each rounded once more.
+
+    Every element of every float initializer and ``Constant`` tensor (subgraphs included) that carries
+    numbers into a float output (:func:`_parameter_values`; not a constant that only decides a shape, a pad
+    or an index) is multiplied by ``1 + delta``, ``delta`` uniform in ``[-u, u]`` for its own dtype, and
+    stored back in that dtype (:func:`refimpl.tolerance.perturb_once`): the perturbation a folded graph's
     parameters carry by being rounded once. Its outputs are the ``perturbed`` baseline of
-    :func:`refimpl.compare_models`.
+    :func:`refimpl.compare_models`. ``outputs``: the values whose parameters these are (default: the graph
+    outputs; a copy that also fetches intermediate values names the original outputs here, so that a float
+    value of a shape computation fetched for comparison does not make its constants parameters).
     """
     rng = np.random.default_rng(seed)
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    parameters = _parameter_values(copy, outputs)
 
     def perturb(tensor: TensorProto) -> None:
         if tensor.data_type not in FLOAT_TYPES:
@@ -547,20 +658,22 @@ def rounded_copy(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
         rounded = _rounded(perturb_once(values.astype(np.float64), values.dtype.name, rng), values.dtype)
         tensor.CopyFrom(numpy_helper.from_array(rounded, tensor.name))
 
-    def walk(graph: onnx.GraphProto) -> None:
+    def walk(graph: onnx.GraphProto, main: bool) -> None:
         for tensor in graph.initializer:
-            perturb(tensor)
+            if not main or tensor.name in parameters:
+                perturb(tensor)
         for node in graph.node:
             for attribute in node.attribute:
                 if attribute.type == onnx.AttributeProto.TENSOR and node.op_type == "Constant":
-                    perturb(attribute.t)
+                    if not main or node.output[0] in parameters:
+                        perturb(attribute.t)
                 elif attribute.type == onnx.AttributeProto.GRAPH:
-                    walk(attribute.g)
+                    walk(attribute.g, False)
                 elif attribute.type == onnx.AttributeProto.GRAPHS:
                     for graph_ in attribute.graphs:
-                        walk(graph_)
+                        walk(graph_, False)
 
-    walk(copy.graph)
+    walk(copy.graph, True)
     return copy
 
 
@@ -702,7 +815,7 @@ def verify(original: onnx.ModelProto | str | os.PathLike, folded: onnx.ModelProt
     original_fetching = _with_outputs(original, original_names, types_original)
     unfused = run("original", original_fetching, original_names)
     fused = run("folded", _with_outputs(folded, folded_names, types_folded), folded_names)
-    perturbed = [run("original", rounded_copy(original_fetching, seed + trial), original_names)
+    perturbed = [run("original", rounded_copy(original_fetching, seed + trial, output_names), original_names)
                  for trial in range(rounding_trials)]
 
     checks: list[OutputCheck] = []

@@ -451,7 +451,7 @@ class _Writer:
     @staticmethod
     def rewritten(ref: ConstRef | None) -> bool:
         """Whether a layer's constant is rewritten where it is (its only reader is the folded layer)."""
-        return ref is not None and ref.scope.namespace.uses[ref.name] == 1
+        return ref is not None and not ref.copied and ref.scope.namespace.uses[ref.name] == 1
 
     def prepare(self, plans: list[_LayerPlan]) -> None:
         """A copy gets the main graph's initializers here, in their order: a copy of each, except an empty slot
@@ -486,8 +486,20 @@ class _Writer:
             else:
                 value.replace(ref.tensor)
             return
-        name = ns.unique(base)
-        if scope.kind == "function":  # no initializers in a function: a Constant node right before the layer
+        name = self.new_constant(layer, base, value)
+        if ref is not None:
+            self.released.add((id(ns), ref.name))
+        if slot < len(node.input):
+            node.input[slot] = name
+        else:
+            node.input.extend([""] * (slot - len(node.input)) + [name])
+
+    def new_constant(self, layer: Layer, base: str, value: _NewValue) -> str:
+        """A new initializer of the layer's graph (a Constant node right before the layer in a function, which has
+        no initializers) holding ``value``, under a new name made from ``base``."""
+        scope = layer.scope
+        name = scope.namespace.unique(base)
+        if scope.kind == "function":
             constant = helper.make_node("Constant", [], [name], value=value.tensor(name))
             self.node_inserts.setdefault(id(scope), []).append((layer.node, constant))
         else:
@@ -497,12 +509,20 @@ class _Writer:
             value.fill(tensor, name)
             if scope.kind == "graph" and self.model.ir_version < 4:  # below IR 4 initializers are also inputs
                 graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
-        if ref is not None:
-            self.released.add((id(ns), ref.name))
-        if slot < len(node.input):
-            node.input[slot] = name
-        else:
-            node.input.extend([""] * (slot - len(node.input)) + [name])
+        return name
+
+    def add_bias_after(self, layer: Layer, base: str, value: _NewValue) -> None:
+        """A MatMul of an input not proven 2-D (Gemm takes 2-D only) gets its new bias from an Add right after it,
+        which takes over the MatMul's output name."""
+        scope = layer.scope
+        node = scope.nodes[layer.node]
+        bias = self.new_constant(layer, base, value)
+        output = node.output[0]
+        node.output[0] = scope.namespace.unique(f"{output}_without_bias")
+        add = helper.make_node("Add", [node.output[0], bias], [output],
+                               name=scope.namespace.unique(f"{node.name or 'MatMul'}_bias"))
+        # Right after the MatMul: its output's readers (the reshape the norm read) all come later.
+        self.node_inserts.setdefault(id(scope), []).append((layer.node + 1, add))
 
     def commit(self, plan: _LayerPlan) -> str | None:
         """Write the plan's weight and bias and rewire its node; an overflow detail instead (nothing written)
@@ -536,6 +556,9 @@ class _Writer:
         if layer.kind == LayerKind.MATMUL and layer.add is not None:
             slot = 1 if scope.nodes[layer.add].input[0] == node.output[0] else 0
             self.put_constant(layer, layer.add, slot, layer.bias, base, bias)
+        elif layer.kind == LayerKind.MATMUL and self.index.rank(scope, node.input[0]) != 2:
+            self.add_bias_after(layer, base, bias)
+            return None
         else:
             self.put_constant(layer, layer.node, 2, layer.bias, base, bias)
         if layer.kind == LayerKind.GEMM:
@@ -599,11 +622,22 @@ class _Writer:
             ns_uses = uses[id(scope.namespace)]
             released = {name for ns, name in self.released if ns == id(scope.namespace) and not ns_uses.get(name)}
             removed = self.removed_nodes.setdefault(id(scope), set())
-            for i, node in enumerate(scope.nodes):
-                if i not in removed and node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS \
-                        and node.output[0] in released:
-                    removed.add(i)
-                    self.gone_values.setdefault(id(scope), set()).add(node.output[0])
+            # From the end: an Identity that copied a constant for a folded node goes, then what it read if that
+            # has no reader left (an Identity of an Identity, a Constant, an initializer).
+            for i in range(len(scope.nodes) - 1, -1, -1):
+                node = scope.nodes[i]
+                if i in removed or node.domain not in DEFAULT_DOMAINS or not node.output \
+                        or node.output[0] not in released:
+                    continue
+                if node.op_type == "Identity" and node.input and node.input[0]:
+                    source = node.input[0]
+                    ns_uses[source] -= 1
+                    if not ns_uses[source]:
+                        released.add(source)
+                elif node.op_type != "Constant":
+                    continue
+                removed.add(i)
+                self.gone_values.setdefault(id(scope), set()).add(node.output[0])
             self._rewrite_nodes(scope)
             gone = self.gone_values.get(id(scope), set())
             infos = scope.proto.value_info

@@ -49,6 +49,10 @@ _NUMPY: dict[int, Any] = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np
                           TensorProto.DOUBLE: np.float64}
 
 
+#: A tensor's shape as far as it is known: None for a dim without a fixed value.
+Dims = tuple[int | None, ...]
+
+
 class LayerKind:
     CONV = "conv"
     CONV_TRANSPOSE = "conv_transpose"
@@ -183,7 +187,7 @@ class Scope:
     outputs: list[str] = field(default_factory=list)
     producer: dict[str, tuple[int, int]] = field(default_factory=dict)   # value -> (node index, output index)
     consumers: dict[str, list[int]] = field(default_factory=dict)        # value -> reading node indices
-    declared_ranks: dict[str, int | None] = field(default_factory=dict)  # from inputs/outputs/value_info
+    declared_shapes: dict[str, Dims | None] = field(default_factory=dict)  # from inputs/outputs/value_info
     sparse: set[str] = field(default_factory=set)
 
     @property
@@ -198,10 +202,11 @@ class Scope:
         return f"{self.nodes[index].op_type} '{self.label(index)}'"
 
 
-def _rank_of(info: onnx.ValueInfoProto) -> int | None:
+def _shape_of(info: onnx.ValueInfoProto) -> Dims | None:
+    """The declared shape (None for a dim without a fixed value), or None when not even the rank is given."""
     t = info.type
     if t.HasField("tensor_type") and t.tensor_type.HasField("shape"):
-        return len(t.tensor_type.shape.dim)
+        return tuple(d.dim_value if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim)
     return None
 
 
@@ -216,7 +221,7 @@ class ModelIndex:
         self.model = model
         self.scopes: list[Scope] = []
         self._free: dict[int, set[str]] = {}
-        self._inferred: dict[str, int | None] | None = None
+        self._inferred: dict[str, Dims | None] | None = None
         opsets = {o.domain: o.version for o in model.opset_import}
         model_opset = opsets.get("", opsets.get("ai.onnx", 0))
         main_ns = Namespace()
@@ -272,7 +277,7 @@ class ModelIndex:
         if scope.kind == "subgraph":
             scope.overridable = scope.inputs & set(scope.initializers)
         for info in list(graph.input) + list(graph.output) + list(graph.value_info):
-            scope.declared_ranks[info.name] = _rank_of(info)
+            scope.declared_shapes[info.name] = _shape_of(info)
         scope.namespace.names.update(scope.inputs | set(scope.initializers) | scope.sparse)
         self._index_nodes(scope)
 
@@ -283,7 +288,7 @@ class ModelIndex:
         scope.inputs = set(function.input)
         scope.outputs = list(function.output)
         for info in function.value_info:
-            scope.declared_ranks[info.name] = _rank_of(info)
+            scope.declared_shapes[info.name] = _shape_of(info)
         scope.namespace.names.update(scope.inputs)
         self._index_nodes(scope)
 
@@ -313,6 +318,10 @@ class ModelIndex:
                 node = s.nodes[index]
                 if node.op_type == "Constant" and _is_default(node):
                     return ConstRef(name, s, _constant_value(node, name), index)
+                if node.op_type == "Identity" and _is_default(node) and node.input and node.input[0]:
+                    # Exporters deduplicate equal initializers into Identity nodes: the copy is that constant.
+                    source = self.constant(s, node.input[0])
+                    return ConstRef(name, s, source.tensor, None, copied=True)
                 raise NotConstant(f"'{name}' is computed by {s.describe(index)}")
             if name in s.initializers:
                 if name in s.overridable:
@@ -326,23 +335,33 @@ class ModelIndex:
             s = s.parent
         raise ValueError(f"'{name}' is read in {scope.prefix or 'the main graph'} but defined nowhere")
 
+    def shape(self, scope: Scope, name: str) -> Dims | None:
+        """The shape of a value (None for a dim not known statically), from the model's declared types and ONNX
+        shape inference, each dim from whichever knows it; None if not even the rank is known."""
+        declared: Dims | None = None
+        s: Scope | None = scope
+        while s is not None and declared is None:
+            if s.declared_shapes.get(name) is not None:
+                declared = s.declared_shapes[name]
+            elif name in s.initializers:
+                return tuple(int(d) for d in s.initializers[name].dims)
+            s = s.parent
+        if declared is not None and all(d is not None for d in declared):
+            return declared
+        inferred = None if scope.kind == "function" else self.inferred_shapes().get(name)
+        if declared is None or inferred is None or len(inferred) != len(declared):
+            return declared if declared is not None else inferred
+        return tuple(d if d is not None else i for d, i in zip(declared, inferred, strict=True))
+
     def rank(self, scope: Scope, name: str) -> int | None:
         """The rank of a value, from the model's declared types or ONNX shape inference; None if unknown."""
-        s: Scope | None = scope
-        while s is not None:
-            if s.declared_ranks.get(name) is not None:
-                return s.declared_ranks[name]
-            if name in s.initializers:
-                return len(s.initializers[name].dims)
-            s = s.parent
-        if scope.kind == "function":
-            return None
-        return self.inferred_ranks().get(name)
+        shape = self.shape(scope, name)
+        return None if shape is None else len(shape)
 
-    def inferred_ranks(self) -> dict[str, int | None]:
-        """Ranks from ONNX shape inference on the weightless skeleton (computed once, on first need)."""
+    def inferred_shapes(self) -> dict[str, Dims | None]:
+        """Shapes from ONNX shape inference on the weightless skeleton (computed once, on first need)."""
         if self._inferred is None:
-            ranks: dict[str, int | None] = {}
+            shapes: dict[str, Dims | None] = {}
             try:
                 inferred = onnx.shape_inference.infer_shapes(skeleton(self.model, self.scopes[0].initializers),
                                                              check_type=False, strict_mode=False, data_prop=True)
@@ -351,12 +370,12 @@ class ModelIndex:
             if inferred is not None:
                 def collect(graph: GraphProto) -> None:
                     for info in list(graph.value_info) + list(graph.output) + list(graph.input):
-                        ranks.setdefault(info.name, _rank_of(info))
+                        shapes.setdefault(info.name, _shape_of(info))
                     for node in graph.node:
                         for _, sub in _subgraphs(node):
                             collect(sub)
                 collect(inferred.graph)
-            self._inferred = ranks
+            self._inferred = shapes
         return self._inferred
 
     def norms(self) -> Iterator[tuple[Scope, int]]:
@@ -423,12 +442,15 @@ def copy_field(target, fd, value) -> None:
 
 @dataclass(eq=False)
 class ConstRef:
-    """A constant value: an initializer (``node`` None) or the output of a Constant node ``node`` of ``scope``."""
+    """A constant value: an initializer (``node`` None) or the output of a Constant node ``node`` of ``scope``;
+    ``copied``: the output ``name`` of Identity nodes that copy such a constant (``tensor`` is the source's), never
+    rewritten where it is (the source may have other readers)."""
 
     name: str
     scope: Scope
     tensor: TensorProto
     node: int | None
+    copied: bool = False
 
     @property
     def dims(self) -> tuple[int, ...]:
@@ -802,6 +824,7 @@ class _Finder:
         current = norm.node
         shared: str | None = None
         source = -1
+        reshape: int | None = None   # a Flatten/Reshape on the way (LeViT's Linear -> flatten(0, 1) -> BatchNorm1d)
         while True:
             name = scope.nodes[current].input[0]
             why = self.sole_reader(name, current)
@@ -817,8 +840,17 @@ class _Finder:
                     between.append(source)
                 current = source
                 continue
+            if reshape is None and scope.nodes[source].op_type in ("Flatten", "Reshape") \
+                    and _is_default(scope.nodes[source]) and scope.nodes[source].input[0]:
+                reshape = source
+                current = source
+                continue
             break
         node = scope.nodes[source]
+        if reshape is not None and not (node.op_type in ("MatMul", "Gemm", "Add") and _is_default(node)):
+            self.note("no_fusable_neighbour", f"{norm.label} reads {scope.describe(reshape)}, which reshapes the "
+                      f"output of {scope.describe(source)}, not of a MatMul or Gemm")
+            return
         if node.op_type == "Concat" and _is_default(node):
             self.into_concat(source, tuple(between), shared)
             return
@@ -838,10 +870,39 @@ class _Finder:
         if shared is not None:
             self.note("output_used_elsewhere", f"{layer.label} -> {norm.label}: {shared}")
             return
-        if not self.layer_feeds_norm(layer, f"{layer.label} -> {norm.label}"):
+        if reshape is not None:
+            if layer.kind not in (LayerKind.MATMUL, LayerKind.GEMM):
+                self.note("no_fusable_neighbour", f"{norm.label} reads {scope.describe(reshape)} of "
+                          f"{layer.label}, not of a MatMul or Gemm")
+                return
+            if not self.keeps_columns(layer, reshape, f"{layer.label} -> {norm.label}"):
+                return
+        elif not self.layer_feeds_norm(layer, f"{layer.label} -> {norm.label}"):
             return
         self.check_channels(layer, norm.channels, "out")
         self.a.forward[self.key] = Forward(norm, ((layer, None),), tuple(between))
+
+    def keeps_columns(self, layer: Layer, reshape: int, pair: str) -> bool:
+        """Whether a Flatten/Reshape of a linear layer's output hands the norm (N, C) rows with the layer's columns
+        as its channels: its output is proven 2-D with C columns, C the layer's columns and the last dim of its
+        input. In row-major order element f is in column f mod C on both sides, whatever the leading dims
+        were."""
+        scope = self.scope
+        node = scope.nodes[reshape]
+        if layer.kind == LayerKind.GEMM and layer.bias is not None and not self.per_channel_bias(layer, layer.bias):
+            return False
+        shape = self.index.shape(scope, node.output[0])
+        what = scope.describe(reshape)
+        if shape is None or len(shape) != 2 or shape[1] is None:
+            code = "rank_unknown" if shape is None or shape[1] is None else "no_fusable_neighbour"
+            self.note(code, f"{pair}: the output of {what} is not proven (N, {layer.out_channels}) by shape "
+                      f"inference (it is {list(shape) if shape is not None else 'unknown'})")
+            return False
+        if shape[1] != layer.out_channels:
+            self.note("no_fusable_neighbour", f"{pair}: {what} makes {shape[1]} columns of the layer's "
+                      f"{layer.out_channels}: the norm's channels are not the layer's columns")
+            return False
+        return True
 
     def matmul_before_add(self, add: int) -> int | None:
         """The MatMul whose output an Add reads (and nothing else reads), if the Add's other input is not it."""

@@ -496,6 +496,49 @@ def _flatten_matmul_bn(b: GraphBuilder) -> None:
     b.output(b.bn(y, "bn", 5))
 
 
+@_register("token_matmul_add_flatten_bn", "linear->bn", folds=1, norms_left=0)
+def _token_matmul_flatten_bn(b: GraphBuilder) -> None:
+    """LeViT's Linear -> flatten(0, 1) -> BatchNorm1d on tokens: MatMul of (2, 5, 6) tokens by a (6, 4) weight
+    -> Add bias -> Flatten(axis=2) to (10, 4) -> BatchNormalization(4) -> Reshape back to (2, 5, 4). The
+    flattened rows keep the MatMul's 4 columns as the norm's channels; one fold into weight and bias."""
+    x = b.input("x", [2, 5, 6])
+    y = b.node("Add", [b.node("MatMul", [x, b.weight("fc.weight", (6, 4), 6)], "fc"),
+                       b.init("fc.bias", b.uniform((4,), 0.5))], "fc_add")
+    y = b.bn(b.node("Flatten", [y], "flatten", axis=2), "bn", 4)
+    b.output(b.node("Reshape", [y, b.init("shape", np.array([2, 5, 4], np.int64))], "unflatten"))
+
+
+@_register("token_matmul_reshape_bn_no_bias", "linear->bn", folds=1, norms_left=0)
+def _token_matmul_reshape_bn(b: GraphBuilder) -> None:
+    """A bias-free MatMul of (2, 3, 5, 6) tokens -> Reshape to (-1, 4) -> BatchNormalization(4) -> Relu: the
+    reshape keeps the last axis (4 columns on both sides); one fold. The MatMul's input is 4-D, so its new bias
+    comes from an Add after it (a Gemm takes 2-D input only)."""
+    x = b.input("x", [2, 3, 5, 6])
+    y = b.node("MatMul", [x, b.weight("fc.weight", (6, 4), 6)], "fc")
+    y = b.node("Reshape", [y, b.init("shape", np.array([-1, 4], np.int64))], "flatten")
+    b.output(b.node("Relu", [b.bn(y, "bn", 4)], "relu"))
+
+
+@_register("token_matmul_reshape_mixes_columns_bn", "trap", folds=0, norms_left=1,
+           skips={"bn": ("no_fusable_neighbour",)})
+def _token_matmul_reshape_mixes(b: GraphBuilder) -> None:
+    """MatMul (2, 5, 6) x (6, 4) -> Reshape to (5, 8) -> BatchNormalization(8): each row of 8 holds two tokens'
+    4 columns, so the norm's channel c is the MatMul's column c mod 4 of alternate tokens; no per-column fold
+    exists. Left."""
+    x = b.input("x", [2, 5, 6])
+    y = b.node("MatMul", [x, b.weight("fc.weight", (6, 4), 6)], "fc")
+    y = b.node("Reshape", [y, b.init("shape", np.array([5, 8], np.int64))], "regroup")
+    b.output(b.bn(y, "bn", 8))
+
+
+@_register("conv_flatten_bn", "trap", folds=0, norms_left=1, skips={"bn": ("no_fusable_neighbour",)})
+def _conv_flatten_bn(b: GraphBuilder) -> None:
+    """Conv (3->4, 1x1) on 1x1 maps -> Flatten -> BatchNormalization(4): a conv's channels are axis 1, not its
+    last axis, so the reshape rule of the linear layers does not apply. Left (a reason, never a wrong fold)."""
+    x = b.input("x", [2, 3, 1, 1])
+    b.output(b.bn(b.node("Flatten", [b.conv(x, "conv", 3, 4, 1)], "flatten"), "bn", 4))
+
+
 # ---------------------------------------------------------------------------------------------
 # BN -> conv
 
@@ -681,6 +724,24 @@ def _shared_weight_one_unfolded(b: GraphBuilder) -> None:
     w = b.weight("shared.weight", (4, 3, 3, 3), 27)
     y1 = b.bn(b.node("Conv", [x, w], "conv_a"), "bn_a", 4)
     y2 = b.node("Relu", [b.node("Conv", [x, w], "conv_b")], "relu")
+    b.output(b.node("Add", [y1, y2], "add"))
+
+
+@_register("identity_copies_of_parameters", "graph", folds=2, norms_left=0)
+def _identity_copies(b: GraphBuilder) -> None:
+    """The TorchScript exporter's deduplication: conv_b's weight is an Identity of conv_a's weight initializer,
+    bn_b's mean and var are Identity copies of bn_a's and its scale an Identity of an Identity of bn_a's. Copies
+    of constants are constants: both pairs fold, conv_a and conv_b each with its own new weight; two folds (the
+    Identity nodes and the originals go with the last readers)."""
+    x = b.input("x", [2, 3, 6, 6])
+    w = b.weight("conv_a.weight", (4, 3, 3, 3), 27)
+    y1 = b.bn(b.node("Conv", [x, w], "conv_a"), "bn_a", 4)
+    w_copy = b.node("Identity", [w], "copy_w")
+    conv_b = b.node("Conv", [b.node("Relu", [x], "relu"), w_copy], "conv_b")
+    scale = b.node("Identity", [b.node("Identity", ["bn_a.scale"], "copy_scale")], "copy_copy_scale")
+    mean, var = b.node("Identity", ["bn_a.mean"], "copy_mean"), b.node("Identity", ["bn_a.var"], "copy_var")
+    bias = b.init("bn_b.B", b.bn_params("bn_b", 4)[1])
+    y2 = b.node("BatchNormalization", [conv_b, scale, bias, mean, var], "bn_b")
     b.output(b.node("Add", [y1, y2], "add"))
 
 

@@ -97,9 +97,9 @@ def _export_torchscript(module: Any, example_inputs: tuple, opset: int | None, i
     import torch
 
     buffer = io.BytesIO()
-    torch.onnx.export(module, example_inputs, buffer, dynamo=False,  # type: ignore[arg-type]  # accepts a file object training=torch.onnx.TrainingMode.EVAL,
-                      do_constant_folding=False, opset_version=opset or 17, input_names=input_names,
-                      output_names=output_names)
+    torch.onnx.export(module, example_inputs, buffer, dynamo=False,  # type: ignore[arg-type]  # accepts a file object
+                      training=torch.onnx.TrainingMode.EVAL, do_constant_folding=False, opset_version=opset or 17,
+                      input_names=input_names, output_names=output_names)
     return onnx.load_from_string(buffer.getvalue())
 
 
