@@ -85,13 +85,23 @@ def _top(expr: Expr) -> fx.Node:
 def rewrite_graph(graph: fx.Graph, edits: list[MergeEdit]) -> None:
     """Replace each edit's merged parts by calls of its new layers and erase the nodes they computed."""
     erase: set[fx.Node] = set()
+    # One edit's result can be another's source (a sum, then an identity, feeding a second sum's branches):
+    # the nodes each edit found are those of the graph before any edit, so follow what replaced them.
+    replaced: dict[fx.Node, fx.Node] = {}
+
+    def current(node: fx.Node) -> fx.Node:
+        while node in replaced:
+            node = replaced[node]
+        return node
+
     for edit in edits:
         root = edit.root
         if edit.full:
             (group, name), = edit.groups
             with graph.inserting_before(root.top):
-                merged = graph.call_module(name, (group.source,))
+                merged = graph.call_module(name, (current(group.source),))
             root.top.replace_all_uses_with(merged)
+            replaced[root.top] = merged
             erase.update(expression_nodes(root.expr if root.expr is not None else root.sum))
             erase.add(root.top)
             continue
@@ -99,14 +109,15 @@ def rewrite_graph(graph: fx.Graph, edits: list[MergeEdit]) -> None:
         merged_groups = {id(g) for g, _ in edit.groups}
         with graph.inserting_before(root.node):
             for group, name in edit.groups:
-                pieces.append((1.0, graph.call_module(name, (group.source,))))
+                pieces.append((1.0, graph.call_module(name, (current(group.source),))))
                 for _, term in group.terms:
                     erase.update(expression_nodes(term))
             for group in root.groups:
                 if id(group) not in merged_groups:
-                    pieces += [(c, _top(term)) for c, term in group.terms]
+                    pieces += [(c, current(_top(term))) for c, term in group.terms]
             rebuilt = _chain(graph, pieces)
         root.node.replace_all_uses_with(rebuilt)
+        replaced[root.node] = rebuilt
         erase.update(root.sum.nodes)
         for constant in root.sum.constants:
             erase.update(constant.nodes)

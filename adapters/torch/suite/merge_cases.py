@@ -445,6 +445,20 @@ def _two_groups():
                   b3=nn.Conv2d(C, C, 3, padding=1))
 
 
+@_case("chained_sums_through_identity", X, merges=2, convs=3, norms=0, wrap=2 * C)
+def _chained_sums_through_identity():
+    """GhostNetV3's ghost module: x1 = act(bn(x) + bn(conv1x1(x)) + bn(conv3x3(x))) with act an nn.Identity,
+    then x2 = bn(x1) + bn(dw3x3(x1)), and cat(x1, x2). The Identity joins the first sum's expression (its
+    output is what the merged conv replaces), and that same output is the source of the second sum, which
+    must read the first merged conv. Two 3x3 convs in the block + the head; all five BNs merge away."""
+    def forward(m, x):
+        x1 = m.act(m.skip(x) + m.scale(x) + m.kxk(x))
+        x2 = m.cheap_skip(x1) + m.cheap(x1)
+        return torch.cat([x1, x2], dim=1)
+    return _Block(forward, skip=_bn(), scale=ConvBN(C, C, 1), kxk=ConvBN(C, C, 3, padding=1), act=nn.Identity(),
+                  cheap_skip=_bn(), cheap=ConvBN(C, C, 3, padding=1, groups=C))
+
+
 @_case("conv1d_branches", (2, C, 9), merges=1, convs=2, norms=0, dims=1,
        reference=lambda r, b, x: r.bn(r.conv(x, b.c5), b.bn5) + r.conv(x, b.c1) + r.bn(x, b.identity))
 def _conv1d():
