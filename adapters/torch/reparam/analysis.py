@@ -39,7 +39,7 @@ from ..graph import LayerKind, ModelIndex, Region, describe_node, is_identity_in
 from ..norms import NormInfo
 
 __all__ = ["Source", "Apply", "Scale", "Sum", "Constant", "Expr", "Group", "SumRoot", "find_sums", "sum_operands",
-           "expression_nodes", "layers_in", "describe", "source_of", "avg_pool_geometry"]
+           "expression_nodes", "constant_nodes", "layers_in", "describe", "source_of", "avg_pool_geometry"]
 
 
 @dataclass(eq=False)
@@ -574,6 +574,22 @@ def expression_nodes(expr: Expr) -> Iterator[fx.Node]:
     if isinstance(expr, Scale):
         yield from expr.constant_nodes
     yield from expression_nodes(expr.inner)
+
+
+def constant_nodes(expr: Expr) -> Iterator[fx.Node]:
+    """The nodes that read or reshape the expression's constants (layer scales, added tensors): values of the
+    model, not of the input, which other code may read too."""
+    if isinstance(expr, Source):
+        return
+    if isinstance(expr, Sum):
+        for constant in expr.constants:
+            yield from constant.nodes
+        for _, term in expr.terms:
+            yield from constant_nodes(term)
+        return
+    if isinstance(expr, Scale):
+        yield from expr.constant_nodes
+    yield from constant_nodes(expr.inner)
 
 
 def layers_in(expr: Expr, roles: tuple[str, ...]) -> list[Apply]:

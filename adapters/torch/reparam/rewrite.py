@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from ..graph import LeafTracer, ModelIndex, Region
-from .analysis import Expr, Group, Sum, SumRoot, expression_nodes
+from .analysis import Expr, Group, Sum, SumRoot, constant_nodes, expression_nodes
 
 __all__ = ["BlockTracer", "trace_block", "MergeEdit", "rewrite_graph", "build_block", "bare_layer"]
 
@@ -85,6 +85,7 @@ def _top(expr: Expr) -> fx.Node:
 def rewrite_graph(graph: fx.Graph, edits: list[MergeEdit]) -> None:
     """Replace each edit's merged parts by calls of its new layers and erase the nodes they computed."""
     erase: set[fx.Node] = set()
+    constants: set[fx.Node] = set()  # erased only where nothing else reads them
     # One edit's result can be another's source (a sum, then an identity, feeding a second sum's branches):
     # the nodes each edit found are those of the graph before any edit, so follow what replaced them.
     replaced: dict[fx.Node, fx.Node] = {}
@@ -102,7 +103,9 @@ def rewrite_graph(graph: fx.Graph, edits: list[MergeEdit]) -> None:
                 merged = graph.call_module(name, (current(group.source),))
             root.top.replace_all_uses_with(merged)
             replaced[root.top] = merged
-            erase.update(expression_nodes(root.expr if root.expr is not None else root.sum))
+            expr = root.expr if root.expr is not None else root.sum
+            erase.update(expression_nodes(expr))
+            constants.update(constant_nodes(expr))
             erase.add(root.top)
             continue
         pieces: list[tuple[float, fx.Node]] = []
@@ -112,6 +115,7 @@ def rewrite_graph(graph: fx.Graph, edits: list[MergeEdit]) -> None:
                 pieces.append((1.0, graph.call_module(name, (current(group.source),))))
                 for _, term in group.terms:
                     erase.update(expression_nodes(term))
+                    constants.update(constant_nodes(term))
             for group in root.groups:
                 if id(group) not in merged_groups:
                     pieces += [(c, current(_top(term))) for c, term in group.terms]
@@ -121,23 +125,17 @@ def rewrite_graph(graph: fx.Graph, edits: list[MergeEdit]) -> None:
         erase.update(root.sum.nodes)
         for constant in root.sum.constants:
             erase.update(constant.nodes)
+            constants.update(constant.nodes)
     for node in reversed(list(graph.nodes)):
         if node not in erase:
             continue
         if node.users:
-            if node.op == "get_attr" or not _computes(node):
-                continue  # a constant still read elsewhere
+            if node in constants:
+                continue  # a constant (or a reshape of one) still read elsewhere
             raise RuntimeError(f"internal error: node '{node.name}' of a merged expression is still used by "
                                f"{[u.name for u in node.users]}")
         graph.erase_node(node)
     graph.lint()
-
-
-def _computes(node: fx.Node) -> bool:
-    return node.op in ("call_module", "call_function", "call_method") and not (
-        node.op == "call_method" and node.target in ("view", "reshape", "unsqueeze", "squeeze", "flatten", "expand",
-                                                     "contiguous", "clone", "detach", "float", "double", "half",
-                                                     "bfloat16", "to", "type_as"))
 
 
 def _fetch(root: nn.Module, target: str):

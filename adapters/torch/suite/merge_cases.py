@@ -459,6 +459,28 @@ def _chained_sums_through_identity():
                   cheap_skip=_bn(), cheap=ConvBN(C, C, 3, padding=1, groups=C))
 
 
+class _SharedScale(nn.Module):
+    """``relu(conv3x3(x) * g + x) * g`` with ``g = torch.reshape(gamma, (1, C, 1, 1))`` computed once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        self.gamma = nn.Parameter(torch.ones(C))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.reshape(self.gamma, (1, C, 1, 1))
+        return torch.relu(self.conv(x) * g + x) * g
+
+
+@_case("layer_scale_also_read_after_the_sum", X, merges=1, convs=2, norms=0,
+       reference=lambda r, b, x: r.conv(x, b.conv).scaled(b.gamma.detach().numpy()) + x)
+def _layer_scale_also_read_after_the_sum():
+    """A layer scale reshaped by a function (torch.reshape), used in the sum conv3x3(x) * g + x and again after
+    the activation. The sum merges into one 3x3 conv; the reshaped constant stays for its other reader.
+    One conv in the block + the head."""
+    return _SharedScale()
+
+
 @_case("conv1d_branches", (2, C, 9), merges=1, convs=2, norms=0, dims=1,
        reference=lambda r, b, x: r.bn(r.conv(x, b.c5), b.bn5) + r.conv(x, b.c1) + r.bn(x, b.identity))
 def _conv1d():
