@@ -496,13 +496,15 @@ class SumFinder:
                 users = ", ".join(describe_node(u) for u in value_users(source.node))
                 return "branch_output_used_elsewhere", (f"'{source.node.name}' ({describe_node(source.node)}) is an "
                                                         f"operand of the sum and also feeds: {users}")
-        for source in sources:
-            if source.stop == "unsupported":
-                return "unsupported_layer", source.detail
+        # A non-linear operand rules the sum out whatever else it holds; a layer that is affine but no convolution
+        # (an average pool that excludes its padding) is the obstacle only when every operand is affine.
         for source in sources:
             if source.stop in ("nonlinear", "mixed") and _stack_keys(source.node)[:len(keys)] == keys:
                 detail = source.detail or f"'{source.node.name}' ({describe_node(source.node)}) is not affine"
                 return "nonlinear_branch", detail
+        for source in sources:
+            if source.stop == "unsupported":
+                return "unsupported_layer", source.detail
         names = sorted({f"'{s.node.name}'" for s in sources})
         return "different_inputs", f"the operands are affine functions of {', '.join(names)}"
 

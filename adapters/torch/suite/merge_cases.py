@@ -582,6 +582,19 @@ def _pool_exclude():
                   pool=nn.AvgPool2d(3, 1, 1, count_include_pad=False))
 
 
+@_case("trap_nonlinear_beside_avgpool_shortcut", X, merges=0, convs=4, norms=0, left=("nonlinear_branch",), wrap=8)
+def _nonlinear_beside_avgpool_shortcut():
+    """ResNet-D's downsampling block, 4 -> 8 channels: bn(c2(relu(bn(c1 s2 (x))))) + bn(c1x1(avgpool(2, 2,
+    ceil_mode, count_include_pad=False)(x))). The shortcut's pool is no conv, but the sum could not merge even if
+    it were: the residual operand is not affine in x. Left as nonlinear_branch; all three BNs fold into their
+    convs. 3 convs + the head."""
+    def forward(m, x):
+        return m.b2(m.c2(torch.relu(m.b1(m.c1(x))))) + m.db(m.dc(m.pool(x)))
+    return _Block(forward, c1=nn.Conv2d(C, 8, 3, 2, 1, bias=False), b1=_bn(8), c2=nn.Conv2d(8, 8, 3, 1, 1, bias=False),
+                  b2=_bn(8), pool=nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False),
+                  dc=nn.Conv2d(C, 8, 1, bias=False), db=_bn(8))
+
+
 @_case("trap_branch_output_used_elsewhere", X, merges=0, convs=3, norms=0, left=("branch_output_used_elsewhere",))
 def _used_elsewhere():
     """y = bn1(c1(x)); (y + bn3(c3(x))) * sigmoid(y): y feeds the sum and the gate, so merging would not remove
