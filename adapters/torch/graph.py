@@ -314,6 +314,10 @@ class LeafTracer(fx.Tracer):
         self.index = index
         self.target_modules: dict[str, nn.Module] = {}
         self.opaque_leaves: list[nn.Module] = []
+        # The arguments each module traced through was called with (proxies, and the values the caller's
+        # code fixed: None, flags, numbers), by module id: a pass that re-traces such a module on its own
+        # must trace it with those values.
+        self.call_arguments: dict[int, list[tuple[tuple, dict]]] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.index.is_leaf(m):
@@ -326,6 +330,8 @@ class LeafTracer(fx.Tracer):
             self.target_modules[target] = m
             if m._modules and not self.index.is_leaf(m):
                 self.opaque_leaves.append(m)
+        else:
+            self.call_arguments.setdefault(id(m), []).append((tuple(args), dict(kwargs)))
         return super().call_module(m, forward, args, kwargs)
 
 
@@ -351,6 +357,7 @@ class TraceResult:
     regions: list[Region]
     failures: dict[str, str] = field(default_factory=dict)   # qualified name -> why tracing it failed
     opaque: dict[str, str] = field(default_factory=dict)     # qualified name of an unknown leaf with children
+    call_arguments: dict[int, list[tuple[tuple, dict]]] = field(default_factory=dict)  # see LeafTracer
 
 
 def trace_regions(model: nn.Module, index: ModelIndex) -> TraceResult:
@@ -374,6 +381,8 @@ def trace_regions(model: nn.Module, index: ModelIndex) -> TraceResult:
             stack.extend((n, c) for n, c in reversed(children) if not index.is_leaf(c))
             continue
         result.regions.append(Region(prefix, root, graph, tracer.target_modules))
+        for module_id, calls in tracer.call_arguments.items():
+            result.call_arguments.setdefault(module_id, []).extend(calls)
         for m in tracer.opaque_leaves:
             result.opaque[index.name(m)] = type(m).__qualname__
     return result

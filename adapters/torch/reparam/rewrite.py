@@ -12,6 +12,7 @@ itself takes its place.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,8 @@ from torch import fx, nn
 from ..graph import LeafTracer, ModelIndex, Region
 from .analysis import Expr, Group, Sum, SumRoot, constant_nodes, expression_nodes
 
-__all__ = ["BlockTracer", "trace_block", "MergeEdit", "rewrite_graph", "build_block", "bare_layer"]
+__all__ = ["BlockTracer", "trace_block", "fixed_arguments", "VaryingArguments", "MergeEdit", "rewrite_graph",
+           "build_block", "bare_layer"]
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
                "_forward_hooks_always_called")
@@ -37,11 +39,75 @@ class BlockTracer(LeafTracer):
         return id(m) not in self.through
 
 
-def trace_block(index: ModelIndex, block: nn.Module, name: str, through: set[int]) -> Region:
-    """The block's forward as a graph (raises whatever torch.fx raises when it cannot be traced)."""
+def trace_block(index: ModelIndex, block: nn.Module, name: str, through: set[int],
+                fixed: dict[str, object] | None = None) -> Region:
+    """The block's forward as a graph, with the arguments in ``fixed`` taken as those values (see
+    :func:`fixed_arguments`); raises whatever torch.fx raises when it cannot be traced."""
     tracer = BlockTracer(index, through)
-    graph = tracer.trace(block)
+    graph = tracer.trace(block, concrete_args=fixed or None)
+    if fixed:
+        # torch.fx renames the placeholder of a fixed argument ('mask_1', guarded by an assert that it keeps its
+        # value): the rewritten forward must still take it by its own name, as its callers pass it.
+        placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+        parameters = list(inspect.signature(block.forward).parameters.values())
+        if len(placeholders) == len(parameters):
+            for node, parameter in zip(placeholders, parameters, strict=True):
+                prefix = ("*" if parameter.kind == inspect.Parameter.VAR_POSITIONAL
+                          else "**" if parameter.kind == inspect.Parameter.VAR_KEYWORD else "")
+                node.target = prefix + parameter.name
     return Region(name, block, graph, tracer.target_modules)
+
+
+class VaryingArguments(ValueError):
+    """A block is called with different non-tensor arguments at different sites: one graph cannot run them all."""
+
+
+def _holds_proxy(value: object) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_holds_proxy(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_proxy(v) for v in value.values())
+    return False
+
+
+def fixed_arguments(block: nn.Module, calls: list[tuple[tuple, dict]]) -> dict[str, object]:
+    """The arguments of ``block.forward`` that the callers' code fixes, by name: a value that is not a tensor
+    (None, a flag, a number, a default left out) and the same at every call recorded while tracing the model.
+
+    Tracing the block on its own with such an argument as a proxy would take the wrong side of its ``if mask
+    is not None`` and bake that into the rewritten forward. Raises :class:`VaryingArguments` when an argument
+    is fixed at one call and different (or a tensor) at another.
+    """
+    try:
+        signature = inspect.signature(block.forward)
+    except (TypeError, ValueError):
+        return {}
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    seen: dict[str, list[object]] = {}
+    for args, kwargs in calls:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return {}
+        bound.apply_defaults()
+        for pname, value in bound.arguments.items():
+            if signature.parameters[pname].kind not in variadic:
+                seen.setdefault(pname, []).append(value)
+    fixed: dict[str, object] = {}
+    for pname, values in seen.items():
+        proxies = [_holds_proxy(v) for v in values]
+        if all(proxies):
+            continue
+        if any(proxies) or any(isinstance(v, torch.Tensor) for v in values):
+            raise VaryingArguments(f"its argument '{pname}' is a tensor at some calls and a fixed value at others")
+        first = values[0]
+        if any(type(v) is not type(first) or v != first for v in values[1:]):
+            shown = ", ".join(sorted({repr(v) for v in values}))
+            raise VaryingArguments(f"it is called with different values of '{pname}' ({shown})")
+        fixed[pname] = first
+    return fixed
 
 
 @dataclass
