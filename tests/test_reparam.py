@@ -391,6 +391,38 @@ def test_a_block_called_with_different_fixed_arguments_is_left():
     assert compare_models(merged(x), model(x), _reference_run(model, x), "float32").ok
 
 
+class _DataDependentCaller(nn.Module):
+    """A model torch.fx cannot trace (control flow on a value) calling a block with an optional argument left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.head = _MaskedSum(), nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        return self.head(torch.relu(self.block(x)))
+
+
+def test_a_block_whose_callers_cannot_be_traced_is_rewritten_for_the_calls_seen_on_example_inputs():
+    """The block is traced as a region of its own (its caller cannot be traced), so the trace says nothing about
+    scale and mask. With example_inputs the run shows block(x): scale 1.0 and mask None by default; the three
+    branches merge (one 3x3 conv + the head, no norm). Without them the values are unknown: the sum is left
+    (untraceable, asking for example_inputs) and the model still runs as before."""
+    model = _randomized(_DataDependentCaller())
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64).float()
+    merged, report = reparameterize(model, example_inputs=(x,))
+    assert len(report.merged) == 1 and not report.merges_skipped, report
+    assert (count_layer_calls(merged, x), count_norm_calls(merged, x)) == (2, 0)
+    assert compare_models(merged(x), model(x), _reference_run(model, x), "float32").ok
+
+    merged, report = reparameterize(model)
+    assert not report.merged
+    assert [s.reason for s in report.merges_skipped] == ["untraceable"], report
+    assert "example_inputs" in report.merges_skipped[0].detail and "mask" in report.merges_skipped[0].detail
+    assert compare_models(merged(x), model(x), _reference_run(model, x), "float32").ok
+
+
 def test_report_covers_merges():
     case = MERGE_CASES["bn_after_sum"]
     _, report = reparameterize(case.build(), example_inputs=(case.make_input(),))

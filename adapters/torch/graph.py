@@ -302,6 +302,29 @@ class ModelIndex:
         return kind is not None or reason != ""
 
 
+class TensorArgument:
+    """Stands for a tensor passed to a module at a call seen while running the model (the tensor is not kept)."""
+
+    def __repr__(self) -> str:
+        return "<tensor>"
+
+
+TENSOR_ARGUMENT = TensorArgument()
+
+
+def summarize_arguments(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A module call's arguments with every tensor replaced by :data:`TENSOR_ARGUMENT` (containers kept)."""
+    def summary(value):
+        if isinstance(value, torch.Tensor):
+            return TENSOR_ARGUMENT
+        if isinstance(value, (tuple, list)):
+            return type(value)(summary(v) for v in value) if not hasattr(value, "_fields") else value
+        if isinstance(value, dict):
+            return {k: summary(v) for k, v in value.items()}
+        return value
+    return tuple(summary(a) for a in args), {k: summary(v) for k, v in kwargs.items()}
+
+
 class LeafTracer(fx.Tracer):
     """An fx tracer that keeps fold partners as leaves and records which module each target names.
 

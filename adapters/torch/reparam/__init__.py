@@ -167,8 +167,10 @@ def reparameterize(model: nn.Module, *, inplace: bool = False,
         superseded: set[int] = set()
         built: list[tuple[_Block, fx.Graph, dict[str, nn.Module]]] = []
         for block in sorted(blocks.values(), key=lambda b: -b.name.count(".")):
-            result = _merge_block(index, block, ranks, sites, observation.calls if observation else None,
-                                  traced.call_arguments.get(id(block.module), []))
+            # How the block is called: as run on example_inputs, else as the traced callers' code says.
+            arguments = observation.arguments.get(id(block.module), []) if observation is not None else []
+            arguments = arguments or traced.call_arguments.get(id(block.module), [])
+            result = _merge_block(index, block, ranks, sites, observation.calls if observation else None, arguments)
             superseded.add(id(block.module))
             superseded.update(block.through)
             if isinstance(result, list):

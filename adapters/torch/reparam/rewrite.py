@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from ..graph import LeafTracer, ModelIndex, Region
+from ..graph import LeafTracer, ModelIndex, Region, TensorArgument
 from .analysis import Expr, Group, Sum, SumRoot, constant_nodes, expression_nodes
 
 __all__ = ["BlockTracer", "trace_block", "fixed_arguments", "VaryingArguments", "MergeEdit", "rewrite_graph",
@@ -62,29 +62,40 @@ class VaryingArguments(ValueError):
     """A block is called with different non-tensor arguments at different sites: one graph cannot run them all."""
 
 
-def _holds_proxy(value: object) -> bool:
-    if isinstance(value, fx.Proxy):
+def _holds_tensor(value: object) -> bool:
+    """Whether a recorded argument is (or holds) a tensor: a proxy while tracing, a tensor seen while running."""
+    if isinstance(value, (fx.Proxy, TensorArgument, torch.Tensor)):
         return True
     if isinstance(value, (tuple, list)):
-        return any(_holds_proxy(v) for v in value)
+        return any(_holds_tensor(v) for v in value)
     if isinstance(value, dict):
-        return any(_holds_proxy(v) for v in value.values())
+        return any(_holds_tensor(v) for v in value.values())
     return False
 
 
 def fixed_arguments(block: nn.Module, calls: list[tuple[tuple, dict]]) -> dict[str, object]:
     """The arguments of ``block.forward`` that the callers' code fixes, by name: a value that is not a tensor
-    (None, a flag, a number, a default left out) and the same at every call recorded while tracing the model.
+    (None, a flag, a number, a default left out) and the same at every call recorded (while tracing the model,
+    or while running it on example inputs).
 
     Tracing the block on its own with such an argument as a proxy would take the wrong side of its ``if mask
     is not None`` and bake that into the rewritten forward. Raises :class:`VaryingArguments` when an argument
-    is fixed at one call and different (or a tensor) at another.
+    is fixed at one call and different (or a tensor) at another, or when no call was recorded and the forward
+    has optional arguments (the block's callers could not be traced: what they pass is unknown).
     """
     try:
         signature = inspect.signature(block.forward)
     except (TypeError, ValueError):
         return {}
     variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    if not calls:
+        optional = [p.name for p in list(signature.parameters.values())[1:]
+                    if p.kind in variadic or p.default is not inspect.Parameter.empty]
+        if optional:
+            raise VaryingArguments(f"the code that calls it could not be traced, and its forward has optional "
+                                   f"arguments ({', '.join(optional)}) whose values are unknown; pass "
+                                   f"example_inputs")
+        return {}
     seen: dict[str, list[object]] = {}
     for args, kwargs in calls:
         try:
@@ -97,7 +108,7 @@ def fixed_arguments(block: nn.Module, calls: list[tuple[tuple, dict]]) -> dict[s
                 seen.setdefault(pname, []).append(value)
     fixed: dict[str, object] = {}
     for pname, values in seen.items():
-        proxies = [_holds_proxy(v) for v in values]
+        proxies = [_holds_tensor(v) for v in values]
         if all(proxies):
             continue
         if any(proxies) or any(isinstance(v, torch.Tensor) for v in values):
