@@ -341,6 +341,9 @@ class LeafTracer(fx.Tracer):
         # code fixed: None, flags, numbers), by module id: a pass that re-traces such a module on its own
         # must trace it with those values.
         self.call_arguments: dict[int, list[tuple[tuple, dict]]] = {}
+        # Modules traced through whose call returned one of its inputs (DropPath, Identity-like code in eval
+        # semantics): they leave no node in the graph.
+        self.transparent: set[int] = set()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.index.is_leaf(m):
@@ -353,9 +356,13 @@ class LeafTracer(fx.Tracer):
             self.target_modules[target] = m
             if m._modules and not self.index.is_leaf(m):
                 self.opaque_leaves.append(m)
-        else:
-            self.call_arguments.setdefault(id(m), []).append((tuple(args), dict(kwargs)))
-        return super().call_module(m, forward, args, kwargs)
+            return super().call_module(m, forward, args, kwargs)
+        self.call_arguments.setdefault(id(m), []).append((tuple(args), dict(kwargs)))
+        out = super().call_module(m, forward, args, kwargs)
+        if isinstance(out, fx.Proxy) and any(isinstance(a, fx.Proxy) and a.node is out.node
+                                             for a in (*args, *kwargs.values())):
+            self.transparent.add(id(m))
+        return out
 
 
 @dataclass
@@ -381,6 +388,7 @@ class TraceResult:
     failures: dict[str, str] = field(default_factory=dict)   # qualified name -> why tracing it failed
     opaque: dict[str, str] = field(default_factory=dict)     # qualified name of an unknown leaf with children
     call_arguments: dict[int, list[tuple[tuple, dict]]] = field(default_factory=dict)  # see LeafTracer
+    transparent: set[int] = field(default_factory=set)                                 # see LeafTracer
 
 
 def trace_regions(model: nn.Module, index: ModelIndex) -> TraceResult:
@@ -404,6 +412,7 @@ def trace_regions(model: nn.Module, index: ModelIndex) -> TraceResult:
             stack.extend((n, c) for n, c in reversed(children) if not index.is_leaf(c))
             continue
         result.regions.append(Region(prefix, root, graph, tracer.target_modules))
+        result.transparent |= tracer.transparent
         for module_id, calls in tracer.call_arguments.items():
             result.call_arguments.setdefault(module_id, []).extend(calls)
         for m in tracer.opaque_leaves:

@@ -34,7 +34,7 @@ import refimpl
 
 from .cases import count_calls, randomize_norm_stats, randomize_parameters
 
-__all__ = ["MergeCase", "MERGE_CASES", "iter_merge_cases", "Pair", "Reference", "RepConv", "LayerScale2d",
+__all__ = ["MergeCase", "MERGE_CASES", "iter_merge_cases", "Pair", "Reference", "RepConv", "LayerScale2d", "DropPath",
            "count_layer_calls", "repconv_backbone"]
 
 
@@ -119,6 +119,22 @@ class LayerScale2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """timm's DropPath (stochastic depth): drops whole samples in training; in eval its forward returns its input
+    (a Python branch: a tracer sees no operation at all)."""
+
+    def __init__(self, p: float = 0.1) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
 
 
 class ConvBN(nn.Module):
@@ -314,6 +330,15 @@ def _layer_scale_branch():
 def _repmixer_reference(r, b, x):
     mixer = _convbn(r, x, b.dw3) + _convbn(r, x, b.dw1) + r.bn(x, b.mixer_identity)
     return x + (mixer - r.bn(x, b.norm)).scaled(b.ls.gamma.detach().reshape(-1).numpy())
+
+
+@_case("drop_path_branch", X, merges=1, convs=2, norms=0,
+       reference=lambda r, b, x: x + _convbn(r, x, b.mix).scaled(b.ls.gamma.detach().reshape(-1).numpy()))
+def _drop_path_branch():
+    """x + DropPath(LayerScale2d(bn(conv3x3(x)))), a ConvNeXt/FastViT-style residual: the drop path is the
+    identity in eval and leaves no node in a trace, so the branch is affine in x. One 3x3 conv + the head."""
+    return _Block(lambda m, x: x + m.drop_path(m.ls(m.mix(x))), mix=ConvBN(C, C, 3, padding=1), ls=LayerScale2d(C),
+                  drop_path=DropPath(0.2))
 
 
 @_case("repmixer_difference", X, merges=1, convs=2, norms=0, reference=_repmixer_reference)
