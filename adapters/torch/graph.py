@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm as _WeightNormParametrization
 from torch.nn.utils.weight_norm import WeightNorm as _WeightNormHook
 
-from .norms import NormInfo, NormKind, NormRejection, classify_norm
+from .norms import NormInfo, NormKind, NormRejection, classify_norm, forward_hooks
 
 __all__ = ["LayerKind", "ModelIndex", "Region", "CallSite", "NormPosition", "FoldCandidate", "SiteAnalysis",
            "LeafTracer", "trace_regions", "analyse_sites", "classify_layer", "channel_cat_inputs", "CONCAT_FUNCTIONS",
@@ -87,7 +87,7 @@ def _known_forward(module: nn.Module, bases: tuple) -> type | None:
 
 def is_identity_in_eval(module: nn.Module) -> bool:
     """Identity and dropout layers: the identity in eval semantics, which folding assumes."""
-    return _known_forward(module, _IDENTITY_BASES) is not None
+    return _known_forward(module, _IDENTITY_BASES) is not None and not forward_hooks(module)
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -106,6 +106,8 @@ def classify_layer(module: nn.Module) -> tuple[str | None, str]:
         return None, "unsupported_layer"
     for base, kind in _LAYER_BASES:
         if isinstance(module, base):
+            if forward_hooks(module):
+                return None, "unsupported_layer"
             known_forward = is_same_padded_conv(module) or type(module).forward is base.forward
             if not known_forward:
                 # A subclass with its own forward (weight standardisation, dynamic padding, ...)
@@ -278,6 +280,8 @@ class ModelIndex:
     def refusal_detail(self, module: nn.Module) -> str:
         """Why a conv/linear-like layer that :meth:`layer` refuses cannot take a fold (for messages)."""
         reason = self.layer(module)[1]
+        if reason == "unsupported_layer" and forward_hooks(module):
+            return f"it has forward hooks ({', '.join(forward_hooks(module))}), which a fold would bypass"
         return weight_refusal(module) if reason == "parametrized" else _REFUSAL_TEXT[reason]
 
     def weight_normed(self, module: nn.Module) -> WeightNormed | None:

@@ -36,7 +36,7 @@ from torch import fx, nn
 import refimpl
 
 from ..graph import LayerKind, ModelIndex, Region, describe_node, is_identity_in_eval, value_users
-from ..norms import NormInfo
+from ..norms import NormInfo, forward_hooks
 
 __all__ = ["Source", "Apply", "Scale", "Sum", "Constant", "Expr", "Group", "SumRoot", "find_sums", "sum_operands",
            "expression_nodes", "constant_nodes", "layers_in", "describe", "source_of", "avg_pool_geometry"]
@@ -282,6 +282,9 @@ class SumFinder:
                 return None
             module = region.module(node)
             source = node.args[0]
+            if forward_hooks(module):
+                return _Op("stop", stop="nonlinear", detail=f"{describe_node(node)} has forward hooks "
+                           f"({', '.join(forward_hooks(module))}): what it computes is not known")
             if is_identity_in_eval(module):
                 return _Op("identity", source, module)
             verdict = index.norms.get(id(module))
