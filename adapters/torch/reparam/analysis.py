@@ -253,6 +253,18 @@ class SumFinder:
             return tensor.detach().to(torch.float64), (node,)
         if node.op not in ("call_method", "call_function") or not node.args:
             return None
+        if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2:
+            # Indexing a constant with fixed indices (gamma[:, None, None]) gives a constant.
+            base = self.constant(node.args[0])
+            index_nodes: list[fx.Node] = []
+            fx.node.map_arg(node.args[1], index_nodes.append)
+            if base is None or not isinstance(base[0], torch.Tensor) or index_nodes:
+                return None
+            try:
+                value = base[0][node.args[1]]
+            except (IndexError, TypeError, ValueError, RuntimeError):
+                return None
+            return value, base[1] + (node,)
         if (node.op == "call_method" and node.target in _CONSTANT_METHODS) or (
                 node.op == "call_function" and node.target in _CONSTANT_FUNCTIONS):
             base = self.constant(node.args[0])

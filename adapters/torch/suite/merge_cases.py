@@ -341,6 +341,26 @@ def _drop_path_branch():
                   drop_path=DropPath(0.2))
 
 
+class _IndexedScale(nn.Module):
+    """``x + conv3x3(x) * gamma[:, None, None]`` with ``gamma`` of shape (C,)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        self.gamma = nn.Parameter(torch.ones(C))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) * self.gamma[:, None, None]
+
+
+@_case("layer_scale_indexed", X, merges=1, convs=2, norms=0,
+       reference=lambda r, b, x: x + r.conv(x, b.conv).scaled(b.gamma.detach().numpy()))
+def _layer_scale_indexed():
+    """A layer scale broadcast by indexing, gamma[:, None, None] (C, 1, 1): a constant indexed with fixed indices
+    is a constant, one value per channel; with the identity, one 3x3 conv + the head."""
+    return _IndexedScale()
+
+
 @_case("repmixer_difference", X, merges=1, convs=2, norms=0, reference=_repmixer_reference)
 def _repmixer_difference():
     """FastViT's RepMixer: x + gamma * ((bn(dw3x3(x)) + bn(dw1x1(x)) + bn(x)) - bn(x)) with depthwise convs:
