@@ -261,7 +261,7 @@ class SumFinder:
             if base is None or not isinstance(base[0], torch.Tensor) or index_nodes:
                 return None
             try:
-                value = base[0][node.args[1]]
+                value = base[0][cast(tuple, node.args[1])]  # no node inside: plain ints, slices, None, Ellipsis
             except (IndexError, TypeError, ValueError, RuntimeError):
                 return None
             return value, base[1] + (node,)
