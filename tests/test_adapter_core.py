@@ -915,3 +915,31 @@ class TestConcatFold:
         assert not report.folded
         assert [(s.norm, s.reason) for s in report.skipped] == [("bn", "reused_incompatibly")]
         assert isinstance(fused.bn, nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("hooked", ["conv_forward", "conv_pre", "bn_forward", "identity_forward"])
+def test_a_layer_with_forward_hooks_is_no_fold_partner(hooked):
+    """A hook may change what a layer takes or returns (here: doubles it); folding the BN into the conv (or passing
+    through a hooked Identity between them) would bypass it. The BN is left, and the output
+    is the original's exactly: the fused model runs the same modules with the same weights."""
+    from adapters.torch import reparameterize
+    from adapters.torch.suite.cases import count_norm_calls
+
+    model = randomise(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Identity(), nn.BatchNorm2d(4),
+                                    nn.Conv2d(4, 2, 3, padding=1))).eval()  # zero padding: no bn->conv fold either
+    layer = {"conv_forward": model[0], "conv_pre": model[0], "bn_forward": model[2],
+             "identity_forward": model[1]}[hooked]
+
+    def double(module, *args):
+        return (args[0][0] * 2,) if hooked == "conv_pre" else args[-1] * 2
+    if hooked == "conv_pre":
+        layer.register_forward_pre_hook(double)
+    else:
+        layer.register_forward_hook(double)
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    for run in (fuse, reparameterize):
+        fused, report = run(model, example_inputs=x)
+        assert [s.norm for s in report.skipped] == ["2"], report
+        assert count_norm_calls(fused, x) == 1
+        with torch.no_grad():
+            assert torch.equal(fused(x), model(x))

@@ -329,6 +329,100 @@ def test_calls_hidden_from_the_tracer_block_the_merge():
 # --------------------------------------------------------------------------------------------
 # The report and the command line
 
+class _MaskedSum(nn.Module):
+    """A block whose forward has optional arguments (a mask, a scale), as attention and residual blocks do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kxk, self.k1, self.identity = ConvBN(4, 4, 3, padding=1), ConvBN(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x, scale: float = 1.0, mask=None):
+        y = self.kxk(x) + self.k1(x) + self.identity(x)
+        if mask is not None:
+            y = y * mask
+        return y * scale
+
+
+class _CallsMaskedSum(nn.Module):
+    def __init__(self, scales: tuple[float, ...]) -> None:
+        super().__init__()
+        self.block, self.head, self.scales = _MaskedSum(), nn.Conv2d(4, 3, 1), scales
+
+    def forward(self, x):
+        for scale in self.scales:
+            x = torch.relu(self.block(x=x, scale=scale))
+        return self.head(x)
+
+
+def _randomized(model: nn.Module) -> nn.Module:
+    from adapters.torch.suite.cases import randomize_norm_stats, randomize_parameters
+    generator = torch.Generator().manual_seed(0)
+    randomize_parameters(model, generator)
+    randomize_norm_stats(model, generator)
+    return model.eval()
+
+
+def test_a_block_is_rewritten_for_the_arguments_its_callers_pass():
+    """The block is called as block(x=x, scale=0.5) with mask left at None. Traced on its own with mask as a
+    proxy, its rewrite would multiply by mask (None at run time: a crash). Traced with what the caller fixes,
+    it merges its three branches into one 3x3 conv (+ the head: 2 convs, no norm) and still takes x and scale
+    by keyword, asserting at run time that they keep the traced values."""
+    model = _randomized(_CallsMaskedSum((0.5,)))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64).float()
+    merged, report = reparameterize(model, example_inputs=(x,))
+    assert len(report.merged) == 1 and not report.merges_skipped, report
+    assert (count_layer_calls(merged, x), count_norm_calls(merged, x)) == (2, 0)
+    assert compare_models(merged(x), model(x), _reference_run(model, x), "float32").ok
+    with pytest.raises(Exception, match="specialized"):
+        merged.block(x, scale=2.0)
+
+
+def test_a_block_called_with_different_fixed_arguments_is_left():
+    """The same block called with scale 0.5, then 2.0: no one traced graph runs both calls. Its sum is left as
+    untraceable at both calls; the conv BNs still fold (2 convs per call + the head: 5 conv calls; the identity BN
+    has no conv: 2 norm calls)."""
+    model = _randomized(_CallsMaskedSum((0.5, 2.0)))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64).float()
+    merged, report = reparameterize(model, example_inputs=(x,))
+    assert not report.merged
+    assert [s.reason for s in report.merges_skipped] == ["untraceable"] * 2, report
+    assert all("'scale' (0.5, 2.0)" in s.detail for s in report.merges_skipped)
+    assert (count_layer_calls(merged, x), count_norm_calls(merged, x)) == (5, 2)
+    assert compare_models(merged(x), model(x), _reference_run(model, x), "float32").ok
+
+
+class _DataDependentCaller(nn.Module):
+    """A model torch.fx cannot trace (control flow on a value) calling a block with an optional argument left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.head = _MaskedSum(), nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        return self.head(torch.relu(self.block(x)))
+
+
+def test_a_block_whose_callers_cannot_be_traced_is_rewritten_for_the_calls_seen_on_example_inputs():
+    """The block is traced as a region of its own (its caller cannot be traced), so the trace says nothing about
+    scale and mask. With example_inputs the run shows block(x): scale 1.0 and mask None by default; the three
+    branches merge (one 3x3 conv + the head, no norm). Without them the values are unknown: the sum is left
+    (untraceable, asking for example_inputs) and the model still runs as before."""
+    model = _randomized(_DataDependentCaller())
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64).float()
+    merged, report = reparameterize(model, example_inputs=(x,))
+    assert len(report.merged) == 1 and not report.merges_skipped, report
+    assert (count_layer_calls(merged, x), count_norm_calls(merged, x)) == (2, 0)
+    assert compare_models(merged(x), model(x), _reference_run(model, x), "float32").ok
+
+    merged, report = reparameterize(model)
+    assert not report.merged
+    assert [s.reason for s in report.merges_skipped] == ["untraceable"], report
+    assert "example_inputs" in report.merges_skipped[0].detail and "mask" in report.merges_skipped[0].detail
+    assert compare_models(merged(x), model(x), _reference_run(model, x), "float32").ok
+
+
 def test_report_covers_merges():
     case = MERGE_CASES["bn_after_sum"]
     _, report = reparameterize(case.build(), example_inputs=(case.make_input(),))

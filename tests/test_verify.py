@@ -389,3 +389,23 @@ class TestVerifyConcat:
         verdict = verify(block, _fold_mixed(block, damage=True), _input(2, 4, 6, 6))
         assert not verdict.ok
         assert verdict.first_divergence is not None and verdict.first_divergence.module == "act"
+
+
+def test_the_children_of_a_norm_folded_into_the_next_layer_are_not_compared():
+    """A BatchNorm+act module (timm's BatchNormAct2d, no activation) after something that is not a conv folds
+    *forward* into the 1x1 conv after it (bn->conv): its ``drop``/``act`` children then see the un-normalised
+    input. They change with folding like the norm itself, so they must not be reported as a divergence."""
+    from adapters.torch import fuse
+    from adapters.torch.suite.cases import BatchNormAct2d, randomize_norm_stats, randomize_parameters
+
+    model = nn.Sequential(nn.MaxPool2d(2), BatchNormAct2d(4, apply_act=False), nn.Conv2d(4, 3, 1))
+    generator = torch.Generator().manual_seed(0)
+    randomize_parameters(model, generator)
+    randomize_norm_stats(model, generator)
+    model.eval()
+    x = _input(2, 4, 8, 8)
+    fused, report = fuse(model, example_inputs=x)
+    assert [(p.norm, p.kind) for p in report.folded] == [("1", "bn->conv")]
+    verdict = verify(model, fused, x)
+    assert verdict.ok, str(verdict)
+    assert verdict.first_divergence is None

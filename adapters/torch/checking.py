@@ -387,6 +387,13 @@ def verify(original: nn.Module, fused: nn.Module, example_inputs: Any = None, *m
     # A parametrization computes a layer's weight (weight_norm's g * v / ||v||): folding changes it too.
     for name in _parametrization_modules(originals) | _parametrization_modules(fuseds):
         kinds[name] = "changed"
+    # What runs inside a layer that changes with folding changes too: the drop/act children of a norm folded
+    # forward into the next layer (bn->conv) see the un-normalised input.
+    changed = {name for name, kind in kinds.items() if kind == "changed" and name}
+    for name in kinds:
+        parts = name.split(".")
+        if any(".".join(parts[:depth]) in changed for depth in range(1, len(parts))):
+            kinds[name] = "changed"
     # The fused model's own conv/linear/norm layers are never compared (names it added included),
     # but their outputs must be tracked so that what merely hands them on is not compared either.
     kinds.update({name: "changed" for name, m in fuseds.items() if name not in kinds and _changes_with_folding(m)})

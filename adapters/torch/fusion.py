@@ -39,6 +39,7 @@ from .graph import (
     SiteAnalysis,
     WeightNormed,
     analyse_sites,
+    summarize_arguments,
     trace_regions,
 )
 from .norms import NormInfo, NormRejection, NormStats, norm_stats
@@ -103,6 +104,8 @@ check_model = _check_model
 class _Observation:
     calls: dict[int, int]
     ranks: dict[int, set[int]]
+    # The arguments every module that is not a leaf was called with, tensors summarised (graph.summarize_arguments).
+    arguments: dict[int, list[tuple[tuple, dict]]]
 
 
 def _observe(model: nn.Module, index: ModelIndex, example_inputs: Any) -> _Observation:
@@ -117,6 +120,7 @@ def _observe(model: nn.Module, index: ModelIndex, example_inputs: Any) -> _Obser
     args = as_args(example_inputs)
     calls: dict[int, int] = {}
     ranks: dict[int, set[int]] = {}
+    arguments: dict[int, list[tuple[tuple, dict]]] = {}
 
     def count(module, inputs):
         key = id(module)
@@ -124,11 +128,16 @@ def _observe(model: nn.Module, index: ModelIndex, example_inputs: Any) -> _Obser
         if inputs and isinstance(inputs[0], torch.Tensor):
             ranks.setdefault(key, set()).add(inputs[0].dim())
 
+    def record(module, args, kwargs):
+        arguments.setdefault(id(module), []).append(summarize_arguments(args, kwargs))
+
     handles = []
     try:
         for module in index.modules:
             if index.is_leaf(module):
                 handles.append(module.register_forward_pre_hook(count))
+            elif module is not model:
+                handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
         with eval_mode(model), torch.no_grad():
             try:
                 model(*args)
@@ -139,7 +148,7 @@ def _observe(model: nn.Module, index: ModelIndex, example_inputs: Any) -> _Obser
     finally:
         for handle in handles:
             handle.remove()
-    return _Observation(calls, ranks)
+    return _Observation(calls, ranks, arguments)
 
 
 #: The same observation for other passes over a model (branch merging).

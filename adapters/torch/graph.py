@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm as _WeightNormParametrization
 from torch.nn.utils.weight_norm import WeightNorm as _WeightNormHook
 
-from .norms import NormInfo, NormKind, NormRejection, classify_norm
+from .norms import NormInfo, NormKind, NormRejection, classify_norm, forward_hooks
 
 __all__ = ["LayerKind", "ModelIndex", "Region", "CallSite", "NormPosition", "FoldCandidate", "SiteAnalysis",
            "LeafTracer", "trace_regions", "analyse_sites", "classify_layer", "channel_cat_inputs", "CONCAT_FUNCTIONS",
@@ -87,7 +87,7 @@ def _known_forward(module: nn.Module, bases: tuple) -> type | None:
 
 def is_identity_in_eval(module: nn.Module) -> bool:
     """Identity and dropout layers: the identity in eval semantics, which folding assumes."""
-    return _known_forward(module, _IDENTITY_BASES) is not None
+    return _known_forward(module, _IDENTITY_BASES) is not None and not forward_hooks(module)
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -106,6 +106,8 @@ def classify_layer(module: nn.Module) -> tuple[str | None, str]:
         return None, "unsupported_layer"
     for base, kind in _LAYER_BASES:
         if isinstance(module, base):
+            if forward_hooks(module):
+                return None, "unsupported_layer"
             known_forward = is_same_padded_conv(module) or type(module).forward is base.forward
             if not known_forward:
                 # A subclass with its own forward (weight standardisation, dynamic padding, ...)
@@ -278,6 +280,8 @@ class ModelIndex:
     def refusal_detail(self, module: nn.Module) -> str:
         """Why a conv/linear-like layer that :meth:`layer` refuses cannot take a fold (for messages)."""
         reason = self.layer(module)[1]
+        if reason == "unsupported_layer" and forward_hooks(module):
+            return f"it has forward hooks ({', '.join(forward_hooks(module))}), which a fold would bypass"
         return weight_refusal(module) if reason == "parametrized" else _REFUSAL_TEXT[reason]
 
     def weight_normed(self, module: nn.Module) -> WeightNormed | None:
@@ -302,6 +306,29 @@ class ModelIndex:
         return kind is not None or reason != ""
 
 
+class TensorArgument:
+    """Stands for a tensor passed to a module at a call seen while running the model (the tensor is not kept)."""
+
+    def __repr__(self) -> str:
+        return "<tensor>"
+
+
+TENSOR_ARGUMENT = TensorArgument()
+
+
+def summarize_arguments(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A module call's arguments with every tensor replaced by :data:`TENSOR_ARGUMENT` (containers kept)."""
+    def summary(value):
+        if isinstance(value, torch.Tensor):
+            return TENSOR_ARGUMENT
+        if isinstance(value, (tuple, list)):
+            return type(value)(summary(v) for v in value) if not hasattr(value, "_fields") else value
+        if isinstance(value, dict):
+            return {k: summary(v) for k, v in value.items()}
+        return value
+    return tuple(summary(a) for a in args), {k: summary(v) for k, v in kwargs.items()}
+
+
 class LeafTracer(fx.Tracer):
     """An fx tracer that keeps fold partners as leaves and records which module each target names.
 
@@ -314,6 +341,13 @@ class LeafTracer(fx.Tracer):
         self.index = index
         self.target_modules: dict[str, nn.Module] = {}
         self.opaque_leaves: list[nn.Module] = []
+        # The arguments each module traced through was called with (proxies, and the values the caller's
+        # code fixed: None, flags, numbers), by module id: a pass that re-traces such a module on its own
+        # must trace it with those values.
+        self.call_arguments: dict[int, list[tuple[tuple, dict]]] = {}
+        # Modules traced through whose call returned one of its inputs (DropPath, Identity-like code in eval
+        # semantics): they leave no node in the graph.
+        self.transparent: set[int] = set()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.index.is_leaf(m):
@@ -326,7 +360,13 @@ class LeafTracer(fx.Tracer):
             self.target_modules[target] = m
             if m._modules and not self.index.is_leaf(m):
                 self.opaque_leaves.append(m)
-        return super().call_module(m, forward, args, kwargs)
+            return super().call_module(m, forward, args, kwargs)
+        self.call_arguments.setdefault(id(m), []).append((tuple(args), dict(kwargs)))
+        out = super().call_module(m, forward, args, kwargs)
+        if isinstance(out, fx.Proxy) and any(isinstance(a, fx.Proxy) and a.node is out.node
+                                             for a in (*args, *kwargs.values())):
+            self.transparent.add(id(m))
+        return out
 
 
 @dataclass
@@ -351,6 +391,8 @@ class TraceResult:
     regions: list[Region]
     failures: dict[str, str] = field(default_factory=dict)   # qualified name -> why tracing it failed
     opaque: dict[str, str] = field(default_factory=dict)     # qualified name of an unknown leaf with children
+    call_arguments: dict[int, list[tuple[tuple, dict]]] = field(default_factory=dict)  # see LeafTracer
+    transparent: set[int] = field(default_factory=set)                                 # see LeafTracer
 
 
 def trace_regions(model: nn.Module, index: ModelIndex) -> TraceResult:
@@ -374,6 +416,9 @@ def trace_regions(model: nn.Module, index: ModelIndex) -> TraceResult:
             stack.extend((n, c) for n, c in reversed(children) if not index.is_leaf(c))
             continue
         result.regions.append(Region(prefix, root, graph, tracer.target_modules))
+        result.transparent |= tracer.transparent
+        for module_id, calls in tracer.call_arguments.items():
+            result.call_arguments.setdefault(module_id, []).extend(calls)
         for m in tracer.opaque_leaves:
             result.opaque[index.name(m)] = type(m).__qualname__
     return result

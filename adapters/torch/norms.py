@@ -116,6 +116,22 @@ def is_norm(module: nn.Module) -> bool:
     return buffers.get("running_mean") is not None and buffers.get("running_var") is not None
 
 
+#: Forward pre-hooks that recompute a weight (weight_norm, spectral_norm): the fold passes handle them themselves.
+_WEIGHT_HOOKS = ("WeightNorm", "SpectralNorm")
+
+
+def forward_hooks(module: nn.Module) -> list[str]:
+    """The forward hooks and pre-hooks registered on ``module`` itself (weight_norm's and spectral_norm's weight
+    hooks excepted), by name. A hook may change what the module takes or returns, which folding the module
+    would bypass (or feed other values): such a module is no fold partner and no merged branch."""
+    found = []
+    for attribute in ("_forward_pre_hooks", "_forward_hooks"):
+        for hook in (getattr(module, attribute, None) or {}).values():
+            if type(hook).__name__ not in _WEIGHT_HOOKS:
+                found.append(getattr(hook, "__qualname__", None) or type(hook).__qualname__)
+    return found
+
+
 def classify_norm(module: nn.Module) -> NormInfo | NormRejection | None:
     """Recognise a BatchNorm-like layer.
 
@@ -138,6 +154,9 @@ def classify_norm(module: nn.Module) -> NormInfo | NormRejection | None:
                 return NormRejection("unknown_norm", f"{type(module).__qualname__} subclasses "
                                      f"{_BatchNorm.__name__} but overrides forward; its computation is unknown")
             kind = NormKind.BATCH_NORM
+        if forward_hooks(module):
+            return NormRejection("unknown_norm", f"{type(module).__qualname__} has forward hooks "
+                                 f"({', '.join(forward_hooks(module))}), which folding it would bypass")
         if not module.track_running_stats or module.running_mean is None or module.running_var is None:
             return NormRejection("no_running_stats", f"{type(module).__qualname__}(track_running_stats="
                                  f"{module.track_running_stats}) normalises with batch statistics")
@@ -147,6 +166,9 @@ def classify_norm(module: nn.Module) -> NormInfo | NormRejection | None:
         if width is None:
             return NormRejection("unknown_norm", f"{type(module).__qualname__} does not hold the FrozenBatchNorm "
                                  "buffers (weight, bias, running_mean, running_var; no parameters; eps)")
+        if forward_hooks(module):
+            return NormRejection("unknown_norm", f"{type(module).__qualname__} has forward hooks "
+                                 f"({', '.join(forward_hooks(module))}), which folding it would bypass")
         timm_frozen_act = _class_in_mro(module, "FrozenBatchNormAct2d", "timm")
         if timm_frozen_act is not None:
             if type(module).forward is timm_frozen_act.forward and _has_drop_and_act(module):

@@ -40,7 +40,17 @@ from ..graph import ModelIndex, Region, trace_regions
 from .analysis import Apply, Expr, Scale, Sum, SumRoot, describe, find_sums, layers_in
 from .identities import drop_folded_identities
 from .kernels import MergedLayer, Refusal, evaluate_group
-from .rewrite import MergeEdit, bare_layer, build_block, free_name, modules_called, rewrite_graph, trace_block
+from .rewrite import (
+    MergeEdit,
+    VaryingArguments,
+    bare_layer,
+    build_block,
+    fixed_arguments,
+    free_name,
+    modules_called,
+    rewrite_graph,
+    trace_block,
+)
 
 __all__ = ["reparameterize"]
 
@@ -157,7 +167,11 @@ def reparameterize(model: nn.Module, *, inplace: bool = False,
         superseded: set[int] = set()
         built: list[tuple[_Block, fx.Graph, dict[str, nn.Module]]] = []
         for block in sorted(blocks.values(), key=lambda b: -b.name.count(".")):
-            result = _merge_block(index, block, ranks, sites, observation.calls if observation else None)
+            # How the block is called: as run on example_inputs, else as the traced callers' code says.
+            arguments = observation.arguments.get(id(block.module), []) if observation is not None else []
+            arguments = arguments or traced.call_arguments.get(id(block.module), [])
+            result = _merge_block(index, block, ranks, sites, observation.calls if observation else None, arguments,
+                                  traced.transparent)
             superseded.add(id(block.module))
             superseded.update(block.through)
             if isinstance(result, list):
@@ -282,12 +296,20 @@ def _inside(region: Region, node: fx.Node, block: _Block) -> bool:
 
 # -- merging one block ------------------------------------------------------------------------
 
-def _merge_block(index: ModelIndex, block: _Block, ranks, sites, calls):
+def _merge_block(index: ModelIndex, block: _Block, ranks, sites, calls, call_arguments, transparent: set[int]):
     """Trace the block, merge its groups, rewrite its graph: ``(graph, new modules, merged, left)``, or the list
     of sums left when nothing in it merges."""
     name = block.name
     try:
-        region = trace_block(index, block.module, name, block.through)
+        fixed = fixed_arguments(block.module, call_arguments)
+    except VaryingArguments as exc:
+        return [SkippedMerge(block_name, root.node.name, "untraceable", f"'{name}' cannot be rewritten as one "
+                             f"graph: {exc}") for root, block_name in block.phase_a_nodes]
+    try:
+        # Modules that left no node in the model's trace (a DropPath in eval semantics) are traced through too:
+        # kept as calls, they would hide the branches they sit on.
+        through = block.through | {id(m) for m in block.module.modules() if id(m) in transparent}
+        region = trace_block(index, block.module, name, through, fixed)
     except Exception as exc:  # noqa: BLE001 - any tracing failure leaves the block as it is
         summary = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         return [SkippedMerge(block_name, root.node.name, "untraceable", f"'{name}' could not be traced on its own "

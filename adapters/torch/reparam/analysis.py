@@ -36,10 +36,10 @@ from torch import fx, nn
 import refimpl
 
 from ..graph import LayerKind, ModelIndex, Region, describe_node, is_identity_in_eval, value_users
-from ..norms import NormInfo
+from ..norms import NormInfo, forward_hooks
 
 __all__ = ["Source", "Apply", "Scale", "Sum", "Constant", "Expr", "Group", "SumRoot", "find_sums", "sum_operands",
-           "expression_nodes", "layers_in", "describe", "source_of", "avg_pool_geometry"]
+           "expression_nodes", "constant_nodes", "layers_in", "describe", "source_of", "avg_pool_geometry"]
 
 
 @dataclass(eq=False)
@@ -253,6 +253,18 @@ class SumFinder:
             return tensor.detach().to(torch.float64), (node,)
         if node.op not in ("call_method", "call_function") or not node.args:
             return None
+        if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2:
+            # Indexing a constant with fixed indices (gamma[:, None, None]) gives a constant.
+            base = self.constant(node.args[0])
+            index_nodes: list[fx.Node] = []
+            fx.node.map_arg(node.args[1], index_nodes.append)
+            if base is None or not isinstance(base[0], torch.Tensor) or index_nodes:
+                return None
+            try:
+                value = base[0][cast(tuple, node.args[1])]  # no node inside: plain ints, slices, None, Ellipsis
+            except (IndexError, TypeError, ValueError, RuntimeError):
+                return None
+            return value, base[1] + (node,)
         if (node.op == "call_method" and node.target in _CONSTANT_METHODS) or (
                 node.op == "call_function" and node.target in _CONSTANT_FUNCTIONS):
             base = self.constant(node.args[0])
@@ -282,6 +294,9 @@ class SumFinder:
                 return None
             module = region.module(node)
             source = node.args[0]
+            if forward_hooks(module):
+                return _Op("stop", stop="nonlinear", detail=f"{describe_node(node)} has forward hooks "
+                           f"({', '.join(forward_hooks(module))}): what it computes is not known")
             if is_identity_in_eval(module):
                 return _Op("identity", source, module)
             verdict = index.norms.get(id(module))
@@ -496,13 +511,15 @@ class SumFinder:
                 users = ", ".join(describe_node(u) for u in value_users(source.node))
                 return "branch_output_used_elsewhere", (f"'{source.node.name}' ({describe_node(source.node)}) is an "
                                                         f"operand of the sum and also feeds: {users}")
-        for source in sources:
-            if source.stop == "unsupported":
-                return "unsupported_layer", source.detail
+        # A non-linear operand rules the sum out whatever else it holds; a layer that is affine but no convolution
+        # (an average pool that excludes its padding) is the obstacle only when every operand is affine.
         for source in sources:
             if source.stop in ("nonlinear", "mixed") and _stack_keys(source.node)[:len(keys)] == keys:
                 detail = source.detail or f"'{source.node.name}' ({describe_node(source.node)}) is not affine"
                 return "nonlinear_branch", detail
+        for source in sources:
+            if source.stop == "unsupported":
+                return "unsupported_layer", source.detail
         names = sorted({f"'{s.node.name}'" for s in sources})
         return "different_inputs", f"the operands are affine functions of {', '.join(names)}"
 
@@ -574,6 +591,22 @@ def expression_nodes(expr: Expr) -> Iterator[fx.Node]:
     if isinstance(expr, Scale):
         yield from expr.constant_nodes
     yield from expression_nodes(expr.inner)
+
+
+def constant_nodes(expr: Expr) -> Iterator[fx.Node]:
+    """The nodes that read or reshape the expression's constants (layer scales, added tensors): values of the
+    model, not of the input, which other code may read too."""
+    if isinstance(expr, Source):
+        return
+    if isinstance(expr, Sum):
+        for constant in expr.constants:
+            yield from constant.nodes
+        for _, term in expr.terms:
+            yield from constant_nodes(term)
+        return
+    if isinstance(expr, Scale):
+        yield from expr.constant_nodes
+    yield from constant_nodes(expr.inner)
 
 
 def layers_in(expr: Expr, roles: tuple[str, ...]) -> list[Apply]:

@@ -12,15 +12,17 @@ itself takes its place.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
-from ..graph import LeafTracer, ModelIndex, Region
-from .analysis import Expr, Group, Sum, SumRoot, expression_nodes
+from ..graph import LeafTracer, ModelIndex, Region, TensorArgument
+from .analysis import Expr, Group, Sum, SumRoot, constant_nodes, expression_nodes
 
-__all__ = ["BlockTracer", "trace_block", "MergeEdit", "rewrite_graph", "build_block", "bare_layer"]
+__all__ = ["BlockTracer", "trace_block", "fixed_arguments", "VaryingArguments", "MergeEdit", "rewrite_graph",
+           "build_block", "bare_layer"]
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
                "_forward_hooks_always_called")
@@ -37,11 +39,86 @@ class BlockTracer(LeafTracer):
         return id(m) not in self.through
 
 
-def trace_block(index: ModelIndex, block: nn.Module, name: str, through: set[int]) -> Region:
-    """The block's forward as a graph (raises whatever torch.fx raises when it cannot be traced)."""
+def trace_block(index: ModelIndex, block: nn.Module, name: str, through: set[int],
+                fixed: dict[str, object] | None = None) -> Region:
+    """The block's forward as a graph, with the arguments in ``fixed`` taken as those values (see
+    :func:`fixed_arguments`); raises whatever torch.fx raises when it cannot be traced."""
     tracer = BlockTracer(index, through)
-    graph = tracer.trace(block)
+    graph = tracer.trace(block, concrete_args=fixed or None)
+    if fixed:
+        # torch.fx renames the placeholder of a fixed argument ('mask_1', guarded by an assert that it keeps its
+        # value): the rewritten forward must still take it by its own name, as its callers pass it.
+        placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+        parameters = list(inspect.signature(block.forward).parameters.values())
+        if len(placeholders) == len(parameters):
+            for node, parameter in zip(placeholders, parameters, strict=True):
+                prefix = ("*" if parameter.kind == inspect.Parameter.VAR_POSITIONAL
+                          else "**" if parameter.kind == inspect.Parameter.VAR_KEYWORD else "")
+                node.target = prefix + parameter.name
     return Region(name, block, graph, tracer.target_modules)
+
+
+class VaryingArguments(ValueError):
+    """A block is called with different non-tensor arguments at different sites: one graph cannot run them all."""
+
+
+def _holds_tensor(value: object) -> bool:
+    """Whether a recorded argument is (or holds) a tensor: a proxy while tracing, a tensor seen while running."""
+    if isinstance(value, (fx.Proxy, TensorArgument, torch.Tensor)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_holds_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    return False
+
+
+def fixed_arguments(block: nn.Module, calls: list[tuple[tuple, dict]]) -> dict[str, object]:
+    """The arguments of ``block.forward`` that the callers' code fixes, by name: a value that is not a tensor
+    (None, a flag, a number, a default left out) and the same at every call recorded (while tracing the model,
+    or while running it on example inputs).
+
+    Tracing the block on its own with such an argument as a proxy would take the wrong side of its ``if mask
+    is not None`` and bake that into the rewritten forward. Raises :class:`VaryingArguments` when an argument
+    is fixed at one call and different (or a tensor) at another, or when no call was recorded and the forward
+    has optional arguments (the block's callers could not be traced: what they pass is unknown).
+    """
+    try:
+        signature = inspect.signature(block.forward)
+    except (TypeError, ValueError):
+        return {}
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    if not calls:
+        optional = [p.name for p in list(signature.parameters.values())[1:]
+                    if p.kind in variadic or p.default is not inspect.Parameter.empty]
+        if optional:
+            raise VaryingArguments(f"the code that calls it could not be traced, and its forward has optional "
+                                   f"arguments ({', '.join(optional)}) whose values are unknown; pass "
+                                   f"example_inputs")
+        return {}
+    seen: dict[str, list[object]] = {}
+    for args, kwargs in calls:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return {}
+        bound.apply_defaults()
+        for pname, value in bound.arguments.items():
+            if signature.parameters[pname].kind not in variadic:
+                seen.setdefault(pname, []).append(value)
+    fixed: dict[str, object] = {}
+    for pname, values in seen.items():
+        proxies = [_holds_tensor(v) for v in values]
+        if all(proxies):
+            continue
+        if any(proxies) or any(isinstance(v, torch.Tensor) for v in values):
+            raise VaryingArguments(f"its argument '{pname}' is a tensor at some calls and a fixed value at others")
+        first = values[0]
+        if any(type(v) is not type(first) or v != first for v in values[1:]):
+            shown = ", ".join(sorted({repr(v) for v in values}))
+            raise VaryingArguments(f"it is called with different values of '{pname}' ({shown})")
+        fixed[pname] = first
+    return fixed
 
 
 @dataclass
@@ -85,48 +162,57 @@ def _top(expr: Expr) -> fx.Node:
 def rewrite_graph(graph: fx.Graph, edits: list[MergeEdit]) -> None:
     """Replace each edit's merged parts by calls of its new layers and erase the nodes they computed."""
     erase: set[fx.Node] = set()
+    constants: set[fx.Node] = set()  # erased only where nothing else reads them
+    # One edit's result can be another's source (a sum, then an identity, feeding a second sum's branches):
+    # the nodes each edit found are those of the graph before any edit, so follow what replaced them.
+    replaced: dict[fx.Node, fx.Node] = {}
+
+    def current(node: fx.Node) -> fx.Node:
+        while node in replaced:
+            node = replaced[node]
+        return node
+
     for edit in edits:
         root = edit.root
         if edit.full:
             (group, name), = edit.groups
             with graph.inserting_before(root.top):
-                merged = graph.call_module(name, (group.source,))
+                merged = graph.call_module(name, (current(group.source),))
             root.top.replace_all_uses_with(merged)
-            erase.update(expression_nodes(root.expr if root.expr is not None else root.sum))
+            replaced[root.top] = merged
+            expr = root.expr if root.expr is not None else root.sum
+            erase.update(expression_nodes(expr))
+            constants.update(constant_nodes(expr))
             erase.add(root.top)
             continue
         pieces: list[tuple[float, fx.Node]] = []
         merged_groups = {id(g) for g, _ in edit.groups}
         with graph.inserting_before(root.node):
             for group, name in edit.groups:
-                pieces.append((1.0, graph.call_module(name, (group.source,))))
+                pieces.append((1.0, graph.call_module(name, (current(group.source),))))
                 for _, term in group.terms:
                     erase.update(expression_nodes(term))
+                    constants.update(constant_nodes(term))
             for group in root.groups:
                 if id(group) not in merged_groups:
-                    pieces += [(c, _top(term)) for c, term in group.terms]
+                    pieces += [(c, current(_top(term))) for c, term in group.terms]
             rebuilt = _chain(graph, pieces)
         root.node.replace_all_uses_with(rebuilt)
+        replaced[root.node] = rebuilt
         erase.update(root.sum.nodes)
         for constant in root.sum.constants:
             erase.update(constant.nodes)
+            constants.update(constant.nodes)
     for node in reversed(list(graph.nodes)):
         if node not in erase:
             continue
         if node.users:
-            if node.op == "get_attr" or not _computes(node):
-                continue  # a constant still read elsewhere
+            if node in constants:
+                continue  # a constant (or a reshape of one) still read elsewhere
             raise RuntimeError(f"internal error: node '{node.name}' of a merged expression is still used by "
                                f"{[u.name for u in node.users]}")
         graph.erase_node(node)
     graph.lint()
-
-
-def _computes(node: fx.Node) -> bool:
-    return node.op in ("call_module", "call_function", "call_method") and not (
-        node.op == "call_method" and node.target in ("view", "reshape", "unsqueeze", "squeeze", "flatten", "expand",
-                                                     "contiguous", "clone", "detach", "float", "double", "half",
-                                                     "bfloat16", "to", "type_as"))
 
 
 def _fetch(root: nn.Module, target: str):

@@ -34,7 +34,7 @@ import refimpl
 
 from .cases import count_calls, randomize_norm_stats, randomize_parameters
 
-__all__ = ["MergeCase", "MERGE_CASES", "iter_merge_cases", "Pair", "Reference", "RepConv", "LayerScale2d",
+__all__ = ["MergeCase", "MERGE_CASES", "iter_merge_cases", "Pair", "Reference", "RepConv", "LayerScale2d", "DropPath",
            "count_layer_calls", "repconv_backbone"]
 
 
@@ -119,6 +119,22 @@ class LayerScale2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """timm's DropPath (stochastic depth): drops whole samples in training; in eval its forward returns its input
+    (a Python branch: a tracer sees no operation at all)."""
+
+    def __init__(self, p: float = 0.1) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
 
 
 class ConvBN(nn.Module):
@@ -316,6 +332,35 @@ def _repmixer_reference(r, b, x):
     return x + (mixer - r.bn(x, b.norm)).scaled(b.ls.gamma.detach().reshape(-1).numpy())
 
 
+@_case("drop_path_branch", X, merges=1, convs=2, norms=0,
+       reference=lambda r, b, x: x + _convbn(r, x, b.mix).scaled(b.ls.gamma.detach().reshape(-1).numpy()))
+def _drop_path_branch():
+    """x + DropPath(LayerScale2d(bn(conv3x3(x)))), a ConvNeXt/FastViT-style residual: the drop path is the
+    identity in eval and leaves no node in a trace, so the branch is affine in x. One 3x3 conv + the head."""
+    return _Block(lambda m, x: x + m.drop_path(m.ls(m.mix(x))), mix=ConvBN(C, C, 3, padding=1), ls=LayerScale2d(C),
+                  drop_path=DropPath(0.2))
+
+
+class _IndexedScale(nn.Module):
+    """``x + conv3x3(x) * gamma[:, None, None]`` with ``gamma`` of shape (C,)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        self.gamma = nn.Parameter(torch.ones(C))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) * self.gamma[:, None, None]
+
+
+@_case("layer_scale_indexed", X, merges=1, convs=2, norms=0,
+       reference=lambda r, b, x: x + r.conv(x, b.conv).scaled(b.gamma.detach().numpy()))
+def _layer_scale_indexed():
+    """A layer scale broadcast by indexing, gamma[:, None, None] (C, 1, 1): a constant indexed with fixed indices
+    is a constant, one value per channel; with the identity, one 3x3 conv + the head."""
+    return _IndexedScale()
+
+
 @_case("repmixer_difference", X, merges=1, convs=2, norms=0, reference=_repmixer_reference)
 def _repmixer_difference():
     """FastViT's RepMixer: x + gamma * ((bn(dw3x3(x)) + bn(dw1x1(x)) + bn(x)) - bn(x)) with depthwise convs:
@@ -445,6 +490,42 @@ def _two_groups():
                   b3=nn.Conv2d(C, C, 3, padding=1))
 
 
+@_case("chained_sums_through_identity", X, merges=2, convs=3, norms=0, wrap=2 * C)
+def _chained_sums_through_identity():
+    """GhostNetV3's ghost module: x1 = act(bn(x) + bn(conv1x1(x)) + bn(conv3x3(x))) with act an nn.Identity,
+    then x2 = bn(x1) + bn(dw3x3(x1)), and cat(x1, x2). The Identity joins the first sum's expression (its
+    output is what the merged conv replaces), and that same output is the source of the second sum, which
+    must read the first merged conv. Two 3x3 convs in the block + the head; all five BNs merge away."""
+    def forward(m, x):
+        x1 = m.act(m.skip(x) + m.scale(x) + m.kxk(x))
+        x2 = m.cheap_skip(x1) + m.cheap(x1)
+        return torch.cat([x1, x2], dim=1)
+    return _Block(forward, skip=_bn(), scale=ConvBN(C, C, 1), kxk=ConvBN(C, C, 3, padding=1), act=nn.Identity(),
+                  cheap_skip=_bn(), cheap=ConvBN(C, C, 3, padding=1, groups=C))
+
+
+class _SharedScale(nn.Module):
+    """``relu(conv3x3(x) * g + x) * g`` with ``g = torch.reshape(gamma, (1, C, 1, 1))`` computed once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1)
+        self.gamma = nn.Parameter(torch.ones(C))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.reshape(self.gamma, (1, C, 1, 1))
+        return torch.relu(self.conv(x) * g + x) * g
+
+
+@_case("layer_scale_also_read_after_the_sum", X, merges=1, convs=2, norms=0,
+       reference=lambda r, b, x: r.conv(x, b.conv).scaled(b.gamma.detach().numpy()) + x)
+def _layer_scale_also_read_after_the_sum():
+    """A layer scale reshaped by a function (torch.reshape), used in the sum conv3x3(x) * g + x and again after
+    the activation. The sum merges into one 3x3 conv; the reshaped constant stays for its other reader.
+    One conv in the block + the head."""
+    return _SharedScale()
+
+
 @_case("conv1d_branches", (2, C, 9), merges=1, convs=2, norms=0, dims=1,
        reference=lambda r, b, x: r.bn(r.conv(x, b.c5), b.bn5) + r.conv(x, b.c1) + r.bn(x, b.identity))
 def _conv1d():
@@ -544,6 +625,19 @@ def _pool_exclude():
     it is no conv. Left."""
     return _Block(lambda m, x: m.c(x) + m.pool(x), c=nn.Conv2d(C, C, 3, padding=1),
                   pool=nn.AvgPool2d(3, 1, 1, count_include_pad=False))
+
+
+@_case("trap_nonlinear_beside_avgpool_shortcut", X, merges=0, convs=4, norms=0, left=("nonlinear_branch",), wrap=8)
+def _nonlinear_beside_avgpool_shortcut():
+    """ResNet-D's downsampling block, 4 -> 8 channels: bn(c2(relu(bn(c1 s2 (x))))) + bn(c1x1(avgpool(2, 2,
+    ceil_mode, count_include_pad=False)(x))). The shortcut's pool is no conv, but the sum could not merge even if
+    it were: the residual operand is not affine in x. Left as nonlinear_branch; all three BNs fold into their
+    convs. 3 convs + the head."""
+    def forward(m, x):
+        return m.b2(m.c2(torch.relu(m.b1(m.c1(x))))) + m.db(m.dc(m.pool(x)))
+    return _Block(forward, c1=nn.Conv2d(C, 8, 3, 2, 1, bias=False), b1=_bn(8), c2=nn.Conv2d(8, 8, 3, 1, 1, bias=False),
+                  b2=_bn(8), pool=nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False),
+                  dc=nn.Conv2d(C, 8, 1, bias=False), db=_bn(8))
 
 
 @_case("trap_branch_output_used_elsewhere", X, merges=0, convs=3, norms=0, left=("branch_output_used_elsewhere",))
