@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     clock = time.process_time if clock_name == "process" else time.perf_counter
 
     fusers = in_place_fusers()
-    names = [f.name for f in fusers]
+    names = [f.name for f in fusers if f.unavailable is None]  # a peer that does not import gets no column
     started = time.perf_counter()
     rows: list[Row] = []
     first_prepared = None
