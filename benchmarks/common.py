@@ -8,6 +8,7 @@ produced them (CPU model or GPU name, torch version, threads) and accepts the sa
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ import torch  # noqa: E402
 log = logging.getLogger("bnfold.benchmarks")
 
 __all__ = ["REPO_ROOT", "Table", "Report", "base_parser", "parse_models", "resolve_device", "machine_info",
-           "markdown_table", "median_time", "timed_runs", "disable_tf32", "format_float", "format_ratio", "set_seed"]
+           "markdown_table", "median_time", "timed_runs", "disable_tf32", "format_float", "format_ratio", "set_seed",
+           "format_counts", "require"]
 
 
 def base_parser(description: str, *, default_models: Sequence[str], quick_models: Sequence[str]
@@ -254,6 +256,19 @@ def configure_threads(threads: int | None) -> None:
         if threads < 1:
             raise SystemExit(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+
+
+def format_counts(counts: Mapping[str, int] | None) -> str:
+    """``{"b": 2, "a": 1}`` as one table cell: ``"a 1, b 2"`` (empty for none)."""
+    return ", ".join(f"{key} {n}" for key, n in sorted((counts or {}).items()))
+
+
+def require(library: str, *, script: str, purpose: str) -> Any:
+    """Import ``library`` or exit with one line saying which script needs it, what for, and what to install."""
+    try:
+        return importlib.import_module(library)
+    except ImportError as exc:
+        raise SystemExit(f"{script} needs {library} {purpose} (pip install {library}): {short_error(exc)}") from None
 
 
 def short_error(exc: BaseException, limit: int = 90) -> str:

@@ -108,18 +108,13 @@ def time_variants(models: dict[str, nn.Module], x: torch.Tensor, *, rounds: int,
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def count_module_calls(model: nn.Module, x: torch.Tensor) -> int:
-    """Calls of any module during one forward pass (each costs Python overhead besides its arithmetic)."""
-    from adapters.torch.suite.cases import count_calls
-
-    return count_calls(model, x)
-
-
 def count_calls(model: nn.Module, x: torch.Tensor) -> tuple[int, int, int]:
-    from adapters.torch.suite.cases import count_norm_calls
+    """Conv/linear calls, norm calls and calls of any module (each costs Python overhead besides its
+    arithmetic) during one forward pass."""
+    from adapters.torch.suite import cases
     from adapters.torch.suite.merge_cases import count_layer_calls
 
-    return count_layer_calls(model, x), count_norm_calls(model, x), count_module_calls(model, x)
+    return count_layer_calls(model, x), cases.count_norm_calls(model, x), cases.count_calls(model, x)
 
 
 ACCURACY_VARIANTS = ("ours", "fuse", "ours (fp32, then converted)", "timm (fp32, then converted)",

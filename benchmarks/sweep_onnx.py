@@ -37,7 +37,7 @@ for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
 
 import collections  # noqa: E402
-import importlib  # noqa: E402
+import functools  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -59,11 +59,13 @@ from adapters.onnx.checking import retyped_copy  # noqa: E402
 from adapters.onnx.suite.cases import count_batch_norms  # noqa: E402
 from adapters.onnx.suite.zoo import export_keeping_bn  # noqa: E402
 from adapters.torch.suite.zoo import randomize_calibrated_norm_stats  # noqa: E402
+from benchmarks import common  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     Report,
     Table,
     base_parser,
     configure_threads,
+    format_counts,
     machine_info,
     parse_models,
     short_error,
@@ -121,13 +123,9 @@ STATUSES = ("ok", "WRONG", "CRASH", "MODIFIED", "INVALID", "clear_error", "NO_ER
             "skipped")
 
 
-def require(library: str) -> Any:
-    """Import ``library`` or exit with one line saying what to install."""
-    try:
-        return importlib.import_module(library)
-    except ImportError as exc:
-        raise SystemExit(f"benchmarks/sweep_onnx.py needs {library} for the models or variants asked for "
-                         f"(pip install {library}): {short_error(exc)}") from None
+#: Import a library the models or variants asked for need, or exit with one line saying what to install.
+require = functools.partial(common.require, script="benchmarks/sweep_onnx.py",
+                            purpose="for the models or variants asked for")
 
 
 def parse_export(text: str) -> tuple[str, int | None]:
@@ -286,17 +284,13 @@ def sweep_network(name: str, exports: list[tuple[str, int | None]], variants: li
                     emit(dict(where, variant=variant, dtype=dtype, **run_variant(variant, base, feeds, folder)))
 
 
-def _counts(counts: dict[str, int] | None) -> str:
-    return ", ".join(f"{reason} {n}" for reason, n in sorted((counts or {}).items()))
-
-
 def table_row(r: dict[str, Any]) -> list[Any]:
     bn = f"{r['bn_before']} → {r['bn_left']}" if "bn_left" in r else str(r.get("bn_before", "—"))
     detail = r.get("detail") or (f"ratio {r['ratio']:.2f}" if r.get("ratio") is not None else "")
     opset = r.get("opset") or ("default" if r.get("exporter") else "—")
     seconds = f"{r['seconds']:.1f}" if "seconds" in r else "—"
     return [r["model"], r.get("exporter", "—"), opset, r.get("variant", "—"), r.get("dtype", "—"), r["status"], bn,
-            _counts(r.get("reasons")), r.get("sabotage", "—"), seconds, detail]
+            format_counts(r.get("reasons")), r.get("sabotage", "—"), seconds, detail]
 
 
 HEADERS = ["model", "exporter", "opset", "variant", "dtype", "status", "BN before → left", "reasons left",

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import collections
 import copy
-import importlib
+import functools
 import logging
 import sys
 import time
@@ -41,11 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     Report,
     Table,
     base_parser,
     configure_threads,
+    format_counts,
     machine_info,
     parse_models,
     short_error,
@@ -85,13 +87,9 @@ MAX_PARAMS_M = 60.0
 STATUSES = ("ok", "WRONG", "CRASH", "MODIFIED", "BEHIND", "skipped")
 
 
-def require(library: str) -> Any:
-    """Import ``library`` or exit with one line saying what to install."""
-    try:
-        return importlib.import_module(library)
-    except ImportError as exc:
-        raise SystemExit(f"benchmarks/sweep_torch.py needs {library} for the models asked for "
-                         f"(pip install {library}): {short_error(exc)}") from None
+#: Import a library the models or variants asked for need, or exit with one line saying what to install.
+require = functools.partial(common.require, script="benchmarks/sweep_torch.py",
+                            purpose="for the models asked for")
 
 
 def build(name: str, seed: int) -> nn.Module:
@@ -235,10 +233,6 @@ def judge(calls: dict[str, CallResult], timm: dict[str, Any] | None) -> tuple[st
     return findings[0][0], "; ".join(detail for _, detail in findings)
 
 
-def _counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
-
-
 def _value(value: Any) -> str:
     return "—" if value is None else str(value)
 
@@ -253,7 +247,7 @@ def table_row(r: dict[str, Any]) -> list[Any]:
     return [r["model"], r["params_m"], r["status"], r["detail"] or f"ratio {ratios}", r["input"],
             f"{r['norms']} → {_value(ours['norms'])}{timm_norms} / {_value(fused['norms'])}",
             f"{r['layers']} → {_value(ours['layers'])}{timm_layers}",
-            ours["merges"], _counts(ours["merges_skipped"]), _counts(fused["skipped"]),
+            ours["merges"], format_counts(ours["merges_skipped"]), format_counts(fused["skipped"]),
             f"{ours['seconds']:.1f}", f"{fused['seconds']:.1f}", f"{r['seconds']:.1f}"]
 
 
