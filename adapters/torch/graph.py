@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm as _WeightNormParametrization
 from torch.nn.utils.weight_norm import WeightNorm as _WeightNormHook
 
-from .norms import NormInfo, NormKind, NormRejection, classify_norm, forward_hooks
+from .norms import NormInfo, NormKind, NormRejection, classify_norm, forward_hooks, weight_hooks
 
 __all__ = ["LayerKind", "ModelIndex", "Region", "CallSite", "NormPosition", "FoldCandidate", "SiteAnalysis",
            "LeafTracer", "trace_regions", "analyse_sites", "classify_layer", "channel_cat_inputs", "CONCAT_FUNCTIONS",
@@ -165,7 +165,7 @@ def _weight_reparametrization(module: nn.Module, kind: str) -> tuple[WeightNorme
     """``(WeightNormed, "")`` for weight_norm per output channel, else ``(None, why a fold cannot pass)``."""
     # Attributes are read through _modules / _parameters: this runs during tracing too, where fx
     # hands out proxies for parameters read as attributes.
-    hooks = [h for h in module._forward_pre_hooks.values() if type(h).__name__ in ("WeightNorm", "SpectralNorm")]
+    hooks = weight_hooks(module)
     if parametrize.is_parametrized(module):
         parametrizations = cast(nn.Module, module._modules["parametrizations"])
         others = [name for name in parametrizations._modules if name != "weight"]
@@ -232,10 +232,7 @@ def is_same_padded_conv(module: nn.Module) -> bool:
 def _has_weight_hook(module: nn.Module) -> bool:
     # torch.nn.utils.weight_norm / spectral_norm (the hook-based, pre-parametrize versions)
     # recompute `weight` from other tensors before every forward.
-    for hook in module._forward_pre_hooks.values():
-        if type(hook).__name__ in ("WeightNorm", "SpectralNorm"):
-            return True
-    return "weight_g" in module._parameters or "weight_orig" in module._parameters
+    return bool(weight_hooks(module)) or "weight_g" in module._parameters or "weight_orig" in module._parameters
 
 
 class ModelIndex:

@@ -120,6 +120,12 @@ def is_norm(module: nn.Module) -> bool:
 _WEIGHT_HOOKS = ("WeightNorm", "SpectralNorm")
 
 
+def weight_hooks(module: nn.Module) -> list[Any]:
+    """The hook-based ``weight_norm`` / ``spectral_norm`` pre-hooks on ``module``, which recompute its weight from
+    other tensors before every forward."""
+    return [hook for hook in module._forward_pre_hooks.values() if type(hook).__name__ in _WEIGHT_HOOKS]
+
+
 def forward_hooks(module: nn.Module) -> list[str]:
     """The forward hooks and pre-hooks registered on ``module`` itself (weight_norm's and spectral_norm's weight
     hooks excepted), by name. A hook may change what the module takes or returns, which folding the module
