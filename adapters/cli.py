@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NoReturn
+
+from .cli_runner import run
 
 PROG = "bnfold"
 
@@ -88,18 +90,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return refimpl_main([], prog=f"{PROG} self-check")
     return refimpl_main([command, *rest], prog=PROG)
-
-
-def run(job: Callable[[], int]) -> NoReturn:
-    """Exit with ``job()``'s status; a reader of stdout that goes away early (``| head``) ends the program
-    quietly instead of with a traceback, as Python's documentation recommends."""
-    try:
-        status = job()
-        sys.stdout.flush()
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
-        status = 1
-    sys.exit(status)
 
 
 def console() -> NoReturn:

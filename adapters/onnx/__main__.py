@@ -335,6 +335,6 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
 
 
 if __name__ == "__main__":
-    from ..cli import run
+    from ..cli_runner import run
 
     run(main)
