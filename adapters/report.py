@@ -28,6 +28,9 @@ REASONS = {
     # ONNX graphs
     "not_constant": "a parameter (of the norm or its neighbour) is a graph input or computed, not a constant",
     "not_per_channel": "parameters vary along more than the channel axis (spatial=0 statistics, a matrix bias)",
+    # torch.export programs and FX graphs
+    "training_mode": "the graph computes it in training mode (batch statistics, running statistics updated): "
+                     "folding would change what the program computes",
     # Merging parallel branches (structural re-parameterisation): why a sum of branches is left as it is.
     "different_inputs": "the operands of the sum are affine functions of different tensors",
     "nonlinear_branch": "an operand of the sum is not an affine function of the sum's input (an activation, ...)",
@@ -49,9 +52,9 @@ REASONS = {
 
 #: When several reasons apply to one norm left unfused, the most specific (earliest here) is reported;
 #: codes missing here come last.
-REASON_PRIORITY = ("overflow", "no_running_stats", "not_constant", "not_per_channel", "reused_incompatibly",
-                   "parametrized", "unsupported_layer", "rank_unknown", "output_used_elsewhere", "zero_padding",
-                   "transposed_after_bn", "untraceable", "unknown_norm", "no_fusable_neighbour")
+REASON_PRIORITY = ("overflow", "training_mode", "no_running_stats", "not_constant", "not_per_channel",
+                   "reused_incompatibly", "parametrized", "unsupported_layer", "rank_unknown", "output_used_elsewhere",
+                   "zero_padding", "transposed_after_bn", "untraceable", "unknown_norm", "no_fusable_neighbour")
 
 
 def most_specific_reason(reasons: list[tuple[str, str]]) -> tuple[str, str]:
