@@ -69,12 +69,15 @@ class FoldedPair:
     """A norm folded into a layer. ``norm`` and ``layer`` are qualified module names.
 
     ``max_rel_change`` is ``max |W' - W| / max |W|`` for this fold (float64, before rounding).
+    ``note`` is non-empty when the pairing rests on the path one recorded run took (example inputs):
+    it names the code whose path may differ on other calls (see spec/folding.md, "Recorded dataflow").
     """
 
     norm: str
     layer: str
     kind: str
     max_rel_change: float
+    note: str = ""
 
     def __post_init__(self):
         if self.kind not in FOLD_KINDS:
@@ -168,6 +171,9 @@ class FusionReport:
         else:
             text = (f"{len(self.folded)} fold(s): {folded_norms} of {self.norms_found} norm layer(s) folded, "
                     f"{len(self.skipped)} left")
+        specialised = sum(1 for p in self.folded if p.note)
+        if specialised:
+            text += f"; {specialised} fold(s) rest on the recorded path (see their note)"
         if self.removed_identities:
             text += f"; {len(self.removed_identities)} Identity module(s) left by folded norms removed"
         if self.training_mode:
@@ -178,8 +184,12 @@ class FusionReport:
         """The report as aligned text columns: folded pairs, then skipped norms, then a summary line."""
         lines: list[str] = []
         if self.folded:
-            lines += _columns(("norm", "layer", "kind", "max rel change"),
-                              [(p.norm, p.layer, p.kind, f"{p.max_rel_change:.3g}") for p in self.folded])
+            if any(p.note for p in self.folded):
+                lines += _columns(("norm", "layer", "kind", "max rel change", "note"),
+                                  [(p.norm, p.layer, p.kind, f"{p.max_rel_change:.3g}", p.note) for p in self.folded])
+            else:
+                lines += _columns(("norm", "layer", "kind", "max rel change"),
+                                  [(p.norm, p.layer, p.kind, f"{p.max_rel_change:.3g}") for p in self.folded])
             lines.append("")
         if self.skipped:
             lines += _columns(("skipped norm", "reason", "detail"),
