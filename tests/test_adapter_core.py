@@ -588,7 +588,7 @@ class TestReport:
         assert "1 of 2 norm layer(s) folded" in lines[-1] and "training mode" in lines[-1]
         data = json.loads(json.dumps(report.to_dict()))
         assert data["folded"][0] == {"norm": "1", "layer": "0", "kind": "conv->bn",
-                                     "max_rel_change": report.folded[0].max_rel_change}
+                                     "max_rel_change": report.folded[0].max_rel_change, "note": ""}
         assert data["skipped"][0]["reason"] == "no_fusable_neighbour"
         assert data["training_mode"] is True and data["norms_found"] == 2
 
