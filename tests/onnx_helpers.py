@@ -100,6 +100,9 @@ def assert_faithful(original: onnx.ModelProto, folded: onnx.ModelProto, report: 
                     i > 0 and after_nodes[i - 1].op_type == "MatMul" and after_nodes[i - 1].output[0] == node.input[0]
                     and node.name.startswith(after_nodes[i - 1].name))), (path, node.name, node.op_type)
 
+        # An Add of a constant right after a folded layer or norm (a bias, a norm's extra shift) may go.
+        gone_copies = gone_copies | _folded_adds(before, after, initializers, report)
+
         def kept(body: GraphProto | onnx.FunctionProto, gone: set[str] = gone_copies,
                  known: set[str] = before_names) -> list[onnx.NodeProto]:
             return [n for n in body.node if n.op_type not in ("BatchNormalization", "Constant") and n.name not in gone
@@ -122,6 +125,27 @@ def assert_faithful(original: onnx.ModelProto, folded: onnx.ModelProto, report: 
                 assert tensor.name in used_after or tensor.name not in used_before, \
                     f"{path}: initializer '{tensor.name}' is left unused"
     _assert_untouched_initializers(original, folded, report)
+
+
+def _folded_adds(before: GraphProto | onnx.FunctionProto, after: GraphProto | onnx.FunctionProto,
+                 initializers: set[str], report: FusionReport) -> set[str]:
+    """Names of the Add nodes of ``before`` missing from ``after``, each checked to add a constant (an initializer or
+    a Constant's output) to the output of a folded layer or norm, or of another such Add."""
+    folded = {name.rsplit("/", 1)[-1] for p in report.folded for name in (p.norm, p.layer)}
+    present = {n.name for n in after.node}
+    constants = set(initializers) | {o for n in before.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: n for n in before.node for o in n.output}
+    gone: set[str] = set()
+    for node in before.node:
+        if node.op_type != "Add" or node.name in present:
+            continue
+        data = [i for i in node.input if i not in constants]
+        assert len(data) == 1 and len(node.input) == 2, f"Add '{node.name}' removed but it adds no constant"
+        source = producer.get(data[0])
+        assert source is not None and (source.name in folded or source.name in gone), \
+            f"Add '{node.name}' removed but it reads no folded layer or norm"
+        gone.add(node.name)
+    return gone
 
 
 def _outer_values(model: onnx.ModelProto, path: str) -> set[str]:

@@ -8,12 +8,14 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from onnx_helpers import assert_faithful  # noqa: E402
+from onnx_helpers import assert_faithful, graphs  # noqa: E402
 
 from adapters.onnx import fuse  # noqa: E402
 from adapters.onnx.checking import verify  # noqa: E402
 from adapters.onnx.suite.cases import CASES, FAMILIES, count_batch_norms, get_case, iter_cases  # noqa: E402
-from adapters.report import REASONS  # noqa: E402
+from adapters.report import FOLD_KINDS, REASONS  # noqa: E402
+
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 CASE_NAMES = list(CASES)
 
@@ -27,8 +29,15 @@ def test_suite_covers_every_family_and_the_named_traps():
                  "bn_opset15_mixed_dtypes"):
         assert get_case(name).name == name
     for case in iter_cases():
-        assert case.doc and set(case.skips) <= {f"{n}" for n in case.skips}
+        assert case.doc, case.name
         assert all(code in REASONS for codes in case.skips.values() for code in codes), case.name
+        assert all(pair.kind in FOLD_KINDS for pair in case.pairs), case.name
+        # The norms named in skips and pairs are BatchNormalization nodes of the graph, the layers are layer nodes.
+        nodes = {n.name: n.op_type for _, body in graphs(case.build()) for n in body.node}
+        assert all(nodes.get(name) == "BatchNormalization" for name in case.skips), case.name
+        assert all(nodes.get(p.norm) == "BatchNormalization" and nodes.get(p.layer) in LAYER_OPS
+                   for p in case.pairs), case.name
+        assert len(case.skips) == case.norms_left, case.name
     with pytest.raises(KeyError, match="no ONNX case"):
         get_case("nope")
     with pytest.raises(ValueError, match="unknown family"):
@@ -57,9 +66,12 @@ def test_case(name):
     assert report.norms_found == case.folds + case.norms_left
     assert len({pair.norm for pair in report.folded}) == case.folds
     assert len(report.skipped) == case.norms_left
-    for skipped in report.skipped:
-        name_in_graph = skipped.norm.rsplit("/", 1)[-1]
-        assert skipped.reason in case.skips[name_in_graph], (skipped, case.skips)
+    skipped = {s.norm.rsplit("/", 1)[-1]: s.reason for s in report.skipped}
+    assert set(skipped) == set(case.skips), (report.skipped, case.skips)
+    for norm, reason in skipped.items():
+        assert reason in case.skips[norm], (norm, reason, case.skips)
+    pairs = {(p.norm.rsplit("/", 1)[-1], p.layer.rsplit("/", 1)[-1], p.kind) for p in report.folded}
+    assert pairs == {(p.norm, p.layer, p.kind) for p in case.pairs}
     assert_faithful(model, folded, report)
     verdict = verify(model, folded, case.inputs(), per_node=False)
     assert verdict.ok, str(verdict)

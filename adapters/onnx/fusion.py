@@ -55,6 +55,7 @@ from .graph import (
     ModelIndex,
     Norm,
     Scope,
+    Shift,
     check_readable,
     copy_field,
     find_candidates,
@@ -123,6 +124,7 @@ class _Step:
     direction: str                       # "forward": the norm runs after the layer; "backward": before it
     order: int                           # norms between this one and the layer
     channels: tuple[int, int] | None     # the norm's channel slice the layer produces (concat); None: all
+    shift: ConstRef | None = None        # backward: a constant added to the norm's output before the layer
 
 
 @dataclass
@@ -213,9 +215,13 @@ class _Planner:
         plans: dict[tuple[int, int], _LayerPlan] = {}
         for direction, cand in choice.values():
             parts = cand.parts if isinstance(cand, Forward) else ((cand.layer, None),)
+            shift = self.a.shifts.get(cand.norm.key) if direction == "backward" else None
             for layer, channels in parts:
                 plan = plans.setdefault(layer.key, _LayerPlan(layer, []))
-                plan.steps.append(_Step(cand.norm, direction, len(cand.between), channels))
+                if layer.shift is not None:
+                    plan.layer = layer  # the Add after the layer is folded too (a norm before it found no Add)
+                plan.steps.append(_Step(cand.norm, direction, len(cand.between), channels,
+                                        shift.constant if shift is not None else None))
         for plan in plans.values():
             # Dataflow order: norms before the layer (nearest first), then norms after it (nearest first).
             plan.steps.sort(key=lambda s: (s.direction != "backward", s.order))
@@ -234,6 +240,8 @@ def _norm_stats(step: _Step) -> tuple[np.ndarray, np.ndarray, float, np.ndarray,
     norm = step.norm
     what = norm.scope.describe(norm.node)
     scale, bias, mean, var = (_values(ref, what) for ref in norm.params)
+    if step.shift is not None:  # norm -> Add(c) -> layer: the norm's shift is B + c (c one value per channel)
+        bias = bias + _values(step.shift, what).reshape(-1)
     if step.channels is not None:
         a, b = step.channels
         scale, bias, mean, var = scale[a:b], bias[a:b], mean[a:b], var[a:b]
@@ -241,12 +249,18 @@ def _norm_stats(step: _Step) -> tuple[np.ndarray, np.ndarray, float, np.ndarray,
 
 
 def _bias_vector(layer: Layer) -> np.ndarray | None:
-    """The layer's bias as one float64 value per output channel (Gemm: beta * C), or None."""
-    if layer.bias is None:
-        return None
-    values = _values(layer.bias, layer.scope.describe(layer.node))
-    vector = np.broadcast_to(values.reshape(-1) if values.size > 1 else values.reshape(()), (layer.out_channels,))
-    return vector * layer.beta if layer.kind == LayerKind.GEMM else np.array(vector)
+    """The layer's bias as one float64 value per output channel (Gemm: beta * C), plus the constant of an Add after
+    it (``shift``); or None."""
+    def per_channel(ref: ConstRef) -> np.ndarray:
+        values = _values(ref, layer.scope.describe(layer.node))
+        return np.broadcast_to(values.reshape(-1) if values.size > 1 else values.reshape(()), (layer.out_channels,))
+    vector = None
+    if layer.bias is not None:
+        vector = per_channel(layer.bias) * layer.beta if layer.kind == LayerKind.GEMM else np.array(
+            per_channel(layer.bias))
+    if layer.shift is not None and layer.kind != LayerKind.MATMUL:
+        vector = per_channel(layer.shift) + (0.0 if vector is None else vector)
+    return vector
 
 
 def _linear_view(layer: Layer, stored: np.ndarray) -> np.ndarray:
@@ -437,8 +451,10 @@ class _Writer:
     """Applies the plans to ``model`` (the index's model), layer by layer; then removes the folded norms and what
     nothing reads any more. Nothing here fails for a reason the input can cause."""
 
-    def __init__(self, index: ModelIndex, source_initializers: list[TensorProto] | None):
+    def __init__(self, index: ModelIndex, source_initializers: list[TensorProto] | None,
+                 shifts: dict[tuple[int, int], Shift] | None = None):
         self.index = index
+        self.shifts = shifts or {}                       # norm -> the Add of a constant right after it
         self.model = index.model
         self.source_initializers = source_initializers   # main initializers when ``model`` is a copy without them
         self.slots: dict[str, TensorProto] = {}          # (copy) the main initializers a plan writes, still empty
@@ -575,6 +591,10 @@ class _Writer:
             if ref is not None and ref.name in self.slots and ref.node is None:
                 self.slots.pop(ref.name).CopyFrom(ref.tensor)
 
+    @staticmethod
+    def layers(cand: Forward | Backward) -> list[Layer]:
+        return [layer for layer, _ in cand.parts] if isinstance(cand, Forward) else [cand.layer]
+
     def remove_norms(self, choice: dict[tuple[int, int], Choice]) -> None:
         """Remove folded norms, wiring their readers to the right value: after a layer the layer's output (or
         the last value before the norm) takes the norm's output name; before a layer the layer reads the
@@ -584,23 +604,47 @@ class _Writer:
             by_scope.setdefault(id(cand.norm.scope), []).append((direction, cand))
         for scope_id, items in by_scope.items():
             scope = self.scope_by_id[scope_id]
+            ns = id(scope.namespace)
             producer = dict(scope.producer)
-            forward = sorted((c.norm.node for d, c in items if d == "forward"))
-            backward = sorted((c.norm.node for d, c in items if d == "backward"), reverse=True)
+            # The Adds of constants folded with the norms: after a layer (its shift), after a norm folded backward.
+            after_layers = {layer.node: layer for d, cand in items if d == "forward" for layer in self.layers(cand)
+                            if layer.shift is not None and layer.add is not None}
+            shifts = {shift.add: shift for d, cand in items if d == "backward"
+                      for shift in [self.shifts.get(cand.norm.key)] if shift is not None}
+            forward = sorted([(c.norm.node, "norm") for d, c in items if d == "forward"]
+                             + [(layer.add, "add") for layer in after_layers.values() if layer.add is not None])
+            backward = sorted([(c.norm.node, "norm") for d, c in items if d == "backward"]
+                              + [(add, "add") for add in shifts], reverse=True)
             removed = self.removed_nodes.setdefault(scope_id, set())
             gone = self.gone_values.setdefault(scope_id, set())
             reader: dict[str, int] = {}
-            for index in forward:
-                bn = scope.nodes[index]
-                x, y = bn.input[0], bn.output[0]
+            layer_of_add = {layer.add: layer for layer in after_layers.values()}
+            norms: list[int] = []
+            for index, what in forward:
+                node = scope.nodes[index]
+                if what == "add":  # layer -> Add(c) -> ...: the layer's output takes the Add's output name
+                    layer = layer_of_add[index]
+                    assert layer.shift is not None
+                    x, y = scope.nodes[layer.node].output[0], node.output[0]
+                    self.released.add((ns, layer.shift.name))
+                else:
+                    x, y = node.input[0], node.output[0]
+                    norms.append(index)
                 source, k = producer[x]
                 scope.nodes[source].output[k] = y
                 producer[y] = (source, k)
                 gone.add(x)
                 removed.add(index)
-            for index in backward:
-                bn = scope.nodes[index]
-                x, y = bn.input[0], bn.output[0]
+            for index, what in backward:
+                node = scope.nodes[index]
+                if what == "add":  # norm -> Add(c) -> ...: the Add's reader reads the Add's other input
+                    constant = shifts[index].constant.name
+                    x = next(name for name in node.input if name != constant)
+                    self.released.add((ns, constant))
+                else:
+                    x = node.input[0]
+                    norms.append(index)
+                y = node.output[0]
                 user = reader.get(y)
                 if user is None:
                     user = scope.consumers[y][0]
@@ -609,7 +653,7 @@ class _Writer:
                 reader[x] = user
                 gone.add(y)
                 removed.add(index)
-            for index in forward + backward:
+            for index in norms:
                 bn = scope.nodes[index]
                 gone.update(o for o in bn.output[1:] if o)
                 self.released.update((id(scope.namespace), name) for name in bn.input[1:])
@@ -754,7 +798,7 @@ def fuse(model: ModelProto | str | os.PathLike, *, inplace: bool = False) -> tup
             break
     labels = {key: scope.label(node) for key, (scope, node) in analysis.all_norms.items()}
     labels.update((plan.layer.key, plan.layer.label) for plan in plans)
-    writer = _Writer(index, main_initializers)
+    writer = _Writer(index, main_initializers, analysis.shifts)
     written: list[_LayerPlan] = []
     with interrupts_held():
         writer.prepare(plans)

@@ -36,7 +36,7 @@ from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProt
 from refimpl.rounding import bfloat16_bits_to_float32
 
 __all__ = ["DEFAULT_DOMAINS", "MIN_OPSET", "FLOAT_TYPES", "Scope", "ModelIndex", "ConstRef", "Layer", "Norm",
-           "Forward", "Backward", "Analysis", "LayerKind", "find_candidates", "read_array",
+           "Forward", "Backward", "Shift", "Analysis", "LayerKind", "find_candidates", "read_array",
            "check_readable", "copy_field", "skeleton", "NotConstant"]
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -472,7 +472,8 @@ class Layer:
     kind: str
     weight: ConstRef
     bias: ConstRef | None = None     # conv bias, Gemm C, or the MatMul's Add constant
-    add: int | None = None           # the Add node carrying a MatMul's bias
+    add: int | None = None           # the Add node carrying a MatMul's bias, or the Add of ``shift``
+    shift: ConstRef | None = None    # a per-channel constant an Add adds to a conv's/Gemm's output (removed by a fold)
     group: int = 1
     trans_b: bool = False
     alpha: float = 1.0
@@ -548,6 +549,15 @@ class Backward:
     between: tuple[int, ...]
 
 
+@dataclass(eq=False)
+class Shift:
+    """An Add of a per-channel constant right after a norm (norm -> Add(constant) -> ... -> layer): the norm's
+    shift ``B`` becomes ``B + constant`` when the norm folds into the layer after it, and the Add goes."""
+
+    add: int
+    constant: ConstRef
+
+
 @dataclass
 class Analysis:
     index: ModelIndex
@@ -557,6 +567,7 @@ class Analysis:
     backward: dict[tuple[int, int], Backward] = field(default_factory=dict)
     reasons: dict[tuple[int, int], list[tuple[str, str]]] = field(default_factory=dict)
     rejected: dict[tuple[int, int], tuple[str, str]] = field(default_factory=dict)   # norms that cannot fold at all
+    shifts: dict[tuple[int, int], Shift] = field(default_factory=dict)   # norm -> the Add right after it
 
     def note(self, key: tuple[int, int], code: str, detail: str) -> None:
         self.reasons.setdefault(key, []).append((code, detail))
@@ -817,6 +828,12 @@ class _Finder:
     def rank(self, name: str) -> int | None:
         return self.index.rank(self.scope, name)
 
+    def constant_or_none(self, name: str) -> ConstRef | None:
+        try:
+            return self.index.constant(self.scope, name)
+        except NotConstant:
+            return None
+
     # -- conv/linear -> norm --------------------------------------------------------------
     def upstream(self) -> None:
         scope, norm = self.scope, self.norm
@@ -855,16 +872,19 @@ class _Finder:
             self.into_concat(source, tuple(between), shared)
             return
         add = None
+        layer: Layer | None = None
         if node.op_type == "Add" and _is_default(node):
             matmul = self.matmul_before_add(source)
             if matmul is None:
-                self.note("no_fusable_neighbour", f"{norm.label} reads {scope.describe(source)}, which does not add a "
-                          "constant to a MatMul")
-                return
-            add, source = source, matmul
-        layer = self.layer(source)
+                layer = self.shifted_layer(source)
+                if layer is None:
+                    return
+            else:
+                add, source = source, matmul
         if layer is None:
-            return
+            layer = self.layer(source)
+            if layer is None:
+                return
         if layer.kind == LayerKind.MATMUL and not self.matmul_with_bias(layer, add):
             return
         if shared is not None:
@@ -903,6 +923,72 @@ class _Finder:
                       f"{layer.out_channels}: the norm's channels are not the layer's columns")
             return False
         return True
+
+    def shifted_layer(self, add: int) -> Layer | None:
+        """conv/Gemm -> Add(constant) -> norm, as PaddlePaddle exports write a conv's bias: the layer with the Add's
+        constant as its ``shift`` (folded into its bias, the Add removed), or None after a note. The Add must be the
+        layer's sole reader and its constant must vary along the channel axis only."""
+        scope, norm = self.scope, self.norm
+        node = scope.nodes[add]
+        what = scope.describe(add)
+        found = None
+        if len(node.input) == 2 and node.input[0] != node.input[1]:
+            for k, name in enumerate(node.input):
+                source = scope.producer.get(name, (None, 0))[0]
+                if source is not None and _is_default(scope.nodes[source]) \
+                        and scope.nodes[source].op_type in ("Conv", "ConvTranspose", "Gemm"):
+                    found = source, name, node.input[1 - k]
+                    break
+        if found is None:
+            self.note("no_fusable_neighbour", f"{norm.label} reads {what}, which adds nothing to the output of a "
+                      "conv or linear layer")
+            return None
+        source, name, other = found
+        try:
+            constant = self.index.constant(scope, other)
+        except NotConstant as exc:
+            code = "not_constant" if self.is_initializer(other) else "no_fusable_neighbour"
+            self.note(code, f"{norm.label} reads {what}, which adds a value that is not a constant to the output of "
+                      f"{scope.describe(source)}: {exc}")
+            return None
+        why = self.sole_reader(name, add)
+        if why is not None:
+            self.note("output_used_elsewhere", f"{scope.describe(source)} -> {what} -> {norm.label}: {why}")
+            return None
+        layer = self.layer(source)
+        if layer is None:
+            return None
+        rank = len(layer.weight.dims) if layer.kind != LayerKind.GEMM else 2
+        if not self.per_channel_shift(constant, rank, layer.out_channels, what):
+            return None
+        layer.add, layer.shift = add, constant
+        return layer
+
+    def is_initializer(self, name: str) -> bool:
+        s: Scope | None = self.scope
+        while s is not None:
+            if name in s.initializers:
+                return True
+            s = s.parent
+        return False
+
+    def per_channel_shift(self, ref: ConstRef, rank: int, channels: int, what: str) -> bool:
+        """Whether an Add of ``ref`` to a rank-``rank`` value with ``channels`` channels on axis 1 adds one value per
+        channel and keeps the value's shape: numpy broadcasting aligns ``ref``'s dims with the value's last axes, so
+        every dim must be 1 except the one aligned with axis 1 ([C, 1, 1] or [1, C, 1, 1] for NCHW, [C] only for
+        (N, C) data; a scalar anywhere)."""
+        dims = ref.dims
+        if ref.dtype is None:
+            self.note("unsupported_layer", f"{what}: its constant '{ref.name}' has element type "
+                      f"{TensorProto.DataType.Name(ref.tensor.data_type)}")
+            return False
+        if len(dims) <= rank and all(d == 1 or (rank - len(dims) + j == 1 and d == channels)
+                                     for j, d in enumerate(dims)):
+            return True
+        self.note("not_per_channel", f"{what}: its constant '{ref.name}' of shape {list(dims)} does not add one "
+                  f"value per channel to a rank-{rank} value with {channels} channels on axis 1 (broadcasting "
+                  "aligns it with the last axes)")
+        return False
 
     def matmul_before_add(self, add: int) -> int | None:
         """The MatMul whose output an Add reads (and nothing else reads), if the Add's other input is not it."""
@@ -1001,6 +1087,9 @@ class _Finder:
         between: list[int] = []
         current = norm.node
         shared: str | None = None
+        shifts: list[tuple[int, ConstRef]] = []   # Adds of constants on the way (one per norm at most)
+        own: Shift | None = None                  # the one right after this norm
+        added = False                             # an Add met since the last norm
         while True:
             name = scope.nodes[current].output[0]
             readers = self.readers(name)
@@ -1021,8 +1110,19 @@ class _Finder:
             if list(node.input).index(name) == 0 and self.passes_through(user) and node.output and node.output[0]:
                 if node.op_type == "BatchNormalization":
                     between.append(user)
+                    added = False
                 current = user
                 continue
+            if not added and node.op_type == "Add" and _is_default(node) and len(node.input) == 2 \
+                    and list(node.input).count(name) == 1 and node.output and node.output[0]:
+                constant = self.constant_or_none(node.input[1 - list(node.input).index(name)])
+                if constant is not None:
+                    shifts.append((user, constant))
+                    if not between:
+                        own = Shift(user, constant)
+                    added = True
+                    current = user
+                    continue
             break
         if node.op_type == "Pad" and _is_default(node):
             self.note("zero_padding", f"{norm.label} feeds {scope.describe(user)}, which pads with a constant (or "
@@ -1072,5 +1172,12 @@ class _Finder:
                 code = "rank_unknown" if rank is None else "no_fusable_neighbour"
                 self.note(code, f"{pair}: the norm's input is not proven 2-D (rank {rank})")
                 return
+        if shifts:
+            rank = 2 if layer.kind in (LayerKind.GEMM, LayerKind.MATMUL) else len(layer.weight.dims)
+            for add, constant in shifts:
+                if not self.per_channel_shift(constant, rank, norm.channels, scope.describe(add)):
+                    return
         self.check_channels(layer, norm.channels, "in")
         self.a.backward[self.key] = Backward(norm, layer, tuple(between))
+        if own is not None:
+            self.a.shifts[self.key] = own
