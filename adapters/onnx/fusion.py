@@ -1,28 +1,7 @@
-"""Folding BatchNormalization in an ONNX model: plan, compute in float64, apply transactionally.
-
-The pass runs in three stages, as the torch adapter's does:
-
-1. **Analyse** (:mod:`.graph`): index every scope's dataflow and find for each BatchNormalization
-   the layer(s) it could fold into -- before it, or after it.
-2. **Plan**: choose one fold per norm (layer -> norm preferred), so that every norm of a chain
-   folds into the same layer the same way; then compute every new bias, and every weight's scale,
-   from refimpl in float64. A fold that overflows the dtype is vetoed and the plan redone without
-   it. Where a veto could move a norm to another layer (it has a fold on its other side too, or a
-   concat shares it between layers), the weight is checked here; elsewhere a veto only leaves that
-   layer and its norms as they are, so the check waits for the weight's single read in step 3.
-3. **Apply**: layer by layer, scale the weight, round once to its dtype and write it with the new
-   bias, then remove the folded norms and whatever nothing reads any more. Every error that input
-   can cause is raised before anything is modified, so a model given with ``inplace=True`` is left
-   untouched by it; the rewrite runs with Ctrl-C held back.
-
-Memory and time: only folded tensors are read, one layer at a time, and only once where the
-overflow check can wait for the write. A weight whose folds all come after the layer is scaled
-as ``W' = W * S`` (``S`` refimpl's fold of a unit kernel, as the torch adapter does) through a
-small float64 buffer, rounded once block by block (:func:`refimpl.rounding.round_product`), so at
-most two copies of one layer's weight are in flight. A weight initializer read by anything else
-keeps its value: the folded layer gets a new initializer. Initializers and Constant nodes that
-nothing reads any more are removed. (The protobuf runtime keeps a replaced tensor's old bytes
-until the whole model is freed, so the model grows by the folded weights either way.)
+"""Folding BatchNormalization in an ONNX model: analyse (:mod:`.graph`), plan one fold per norm and compute every
+new weight and bias from refimpl in float64 (vetoing folds that overflow the dtype), then apply layer by layer,
+rounding once, with every error the input can cause raised before anything is modified. The design, memory and
+time: spec/onnx.md, section 2.
 """
 
 from __future__ import annotations

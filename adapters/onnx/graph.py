@@ -1,24 +1,9 @@
 """Dataflow of an ONNX model: scopes, producers and consumers, constants, ranks, and the fold candidates.
 
-Representation: the raw protobuf (``onnx.ModelProto``, read with ``onnx`` and ``numpy``), not
-``onnx_ir``. Folding touches a few nodes and initializers of a model that may hold gigabytes of
-weights; with the protobuf itself, everything not folded stays the very message it was (its
-bytes are never decoded or re-encoded, so the saved model is byte-faithful outside the folds),
-nothing is converted up front (``onnx_ir.from_proto``/``to_proto`` walk and rebuild every node
-and tensor, a second copy of the model for ``inplace=False``), and only the tensors being folded
-are ever read. The dataflow the pairing needs -- who produces a value, who reads it, is it a
-constant -- is a few dictionaries per graph, built here in one pass.
-
-Scopes: the main graph, every subgraph (graph attributes of ``If``/``Loop``/``Scan`` and any
-other node, at any depth; they read outer-scope values by name) and every model-local function
-(whose body sees only its own inputs, ``Constant`` nodes and attributes). Value names are unique
-within a *namespace*: the main graph with all its subgraphs, or one function with its subgraphs.
-
-A fold pairs a BatchNormalization with a layer in the same scope through values that nothing
-else reads (:func:`find_candidates`), following the torch adapter's rules: conv/linear -> BN
-(through Identity, inference-mode Dropout, a Pad that copies values, and other BNs of a chain),
-a BN after a Concat of conv outputs (channel slices along the channel axis, the whole BN into
-each conv along any other axis), and BN -> conv/linear when exact.
+Works on the raw protobuf (only the tensors being folded are ever read) and indexes the main graph, every
+subgraph and every model-local function; :func:`find_candidates` pairs each BatchNormalization with the
+layer(s) it can fold into, before or after it, by the torch adapter's rules plus an Add of a per-channel
+constant on either side (a bias exported as its own node). The design: spec/onnx.md, sections 1 and 3.
 """
 
 from __future__ import annotations
