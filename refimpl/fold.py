@@ -35,9 +35,15 @@ def _shape(x: Array) -> tuple[int, ...]:
     return tuple(int(d) for d in x.shape)
 
 
+def _dtype_name(dtype: Any) -> str:
+    """``int64`` for numpy's ``int64``, torch's ``torch.int64`` and array_api_strict's ``array_api_strict.int64``
+    alike, so that an error reads the same whatever the namespace."""
+    return str(dtype).rpartition(".")[2]
+
+
 def _require_float(xp, name: str, x: Array | None) -> None:
     if x is not None and not xp.isdtype(x.dtype, "real floating"):
-        raise TypeError(f"{name} must have a real floating dtype, got {x.dtype} (shape {_shape(x)})")
+        raise TypeError(f"{name} must have a real floating dtype, got {_dtype_name(x.dtype)} (shape {_shape(x)})")
 
 
 def _require_vector(name: str, x: Array | None, length: int, what: str) -> None:

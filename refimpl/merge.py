@@ -31,7 +31,7 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as array_device
 
-from .fold import fold_conv_bn
+from .fold import _require_float, fold_conv_bn
 
 __all__ = [
     "MERGE_REASONS",
@@ -76,11 +76,6 @@ class MergeError(ValueError):
 
 def _shape(x: Array | None) -> tuple[int, ...] | None:
     return None if x is None else tuple(int(d) for d in x.shape)
-
-
-def _require_float(xp, name: str, x: Array | None) -> None:
-    if x is not None and not xp.isdtype(x.dtype, "real floating"):
-        raise TypeError(f"{name} must have a real floating dtype, got {x.dtype} (shape {_shape(x)})")
 
 
 def _require_weight(xp, name: str, weight: Array) -> tuple[int, ...]:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refimpl import (
@@ -33,13 +34,28 @@ from refimpl import (
 
 torch = pytest.importorskip("torch")
 
+from conftest import run_on_backend  # noqa: E402
+
 # Operations applied in sequence on top of the reduction, per output element: the bias add
 # (1), the roundings inside s = gamma / sqrt(var + eps) (add, sqrt, divide, multiply: 4) and
 # the scale-and-shift or the product W * s that applies it (1). Both the two-layer result
 # and the folded one carry at most this many, and SAFETY = 2 covers the two sides' errors.
 EXTRA_OPS = 6
 
-PROPERTY = settings(max_examples=50, deadline=None)
+# The backend fixture is set up once per test, not per example: it only swaps the functions under test.
+PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+#: The array-API functions under test: each test marked ON_EVERY_BACKEND calls them on every backend.
+ARRAY_FUNCTIONS = ("bn_scale_shift", "fold_conv_bn", "fold_linear_bn", "fold_bn_conv", "fold_bn_linear")
+
+
+@pytest.fixture
+def on_every_backend(backend, monkeypatch):
+    run_on_backend(backend, monkeypatch, sys.modules[__name__], ARRAY_FUNCTIONS)
+    return backend
+
+
+ON_EVERY_BACKEND = pytest.mark.usefixtures("on_every_backend")
 
 
 def _bn(rng: np.random.Generator, channels: int, affine: bool) -> dict:
@@ -119,6 +135,7 @@ def conv_geometry(draw, transposed=False, bn_first=False):
 
 # --------------------------------------------------------------------------------------------
 
+@ON_EVERY_BACKEND
 class TestBnScaleShift:
     def test_hand_computed(self):
         # var + eps = 4 and 1: sqrt is exact, so s and t are exact.
@@ -144,6 +161,7 @@ class TestBnScaleShift:
                       error_bound(_abs_bn_output(x, bn), EXTRA_OPS, "float64"), what="s*x + t")
 
 
+@ON_EVERY_BACKEND
 class TestFoldConvBn:
     def test_hand_computed_2d(self):
         w = np.arange(1.0, 9.0).reshape(2, 1, 2, 2)
@@ -212,6 +230,7 @@ class TestFoldConvBn:
                       error_bound(magnitude, n, "float64"), what=f"transposed conv->BN fold, {args}")
 
 
+@ON_EVERY_BACKEND
 class TestFoldLinearBn:
     def test_hand_computed(self):
         # s = (1/2, 4), t = (0 - 1/2, 1 - 8).
@@ -237,6 +256,7 @@ class TestFoldLinearBn:
                       error_bound(magnitude, n_in + EXTRA_OPS, "float64"), what="linear->BN fold")
 
 
+@ON_EVERY_BACKEND
 class TestFoldBnConv:
     def test_hand_computed_groups(self):
         # Two groups of one input channel each; s = (2, 4), t = (1, -1).
@@ -316,6 +336,7 @@ class TestFoldBnConv:
                       error_bound(magnitude, 27 + 1 + EXTRA_OPS, "float64"), what="t = 0, zero padding")
 
 
+@ON_EVERY_BACKEND
 class TestFoldBnLinear:
     def test_hand_computed(self):
         # s = (2, 1/4), t = (-2, 1/4 * 0 + 1).
@@ -425,14 +446,17 @@ BAD_INPUT = [
 ]
 
 
+@ON_EVERY_BACKEND
 @pytest.mark.parametrize("call, exception, message", BAD_INPUT)
 def test_bad_input_raises_naming_argument_and_values(call, exception, message):
     with pytest.raises(exception, match=re.escape(message)):
         call()
 
 
-@pytest.mark.parametrize("fold", [fold_linear_bn, fold_bn_linear])
+@ON_EVERY_BACKEND
+@pytest.mark.parametrize("fold", ["fold_linear_bn", "fold_bn_linear"])
 def test_linear_folds_name_linear_arguments(fold):
+    fold = globals()[fold]
     with pytest.raises(TypeError, match="linear_weight"):
         fold(np.ones((2, 2), dtype=np.int64), None, *_ok_bn(2))
 

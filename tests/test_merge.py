@@ -9,12 +9,15 @@ branches' sum on every input size tried, and refused exactly when it does not.
 from __future__ import annotations
 
 import itertools
+import sys
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from conftest import run_on_backend
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+import refimpl
 from refimpl import (
     ConvGeometry,
     Kernel,
@@ -40,7 +43,21 @@ from refimpl import (
 )
 from refimpl.merge import MERGE_REASONS
 
-PROPERTY = settings(max_examples=60, deadline=None)
+# The backend fixture is set up once per test, not per example: it only swaps the functions under test.
+PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+#: The array-API functions under test: each test marked ON_EVERY_BACKEND calls them on every backend.
+ARRAY_FUNCTIONS = ("add_branches", "avg_pool_kernel", "chain_kernels", "check_padding_shift", "compose_kernels",
+                   "fold_conv_bn", "identity_kernel", "pad_kernel", "regroup_kernel", "scale_channels", "sum_kernels")
+
+
+@pytest.fixture
+def on_every_backend(backend, monkeypatch):
+    run_on_backend(backend, monkeypatch, sys.modules[__name__], ARRAY_FUNCTIONS)
+    return backend
+
+
+ON_EVERY_BACKEND = pytest.mark.usefixtures("on_every_backend")
 
 
 def _within(actual, expected, magnitude, n, what=""):
@@ -55,13 +72,15 @@ def _conv_args(g: ConvGeometry) -> dict:
 # --------------------------------------------------------------------------------------------
 # Kernels, each against an independent oracle
 
+@ON_EVERY_BACKEND
 class TestKernels:
     def test_pad_kernel_centres_exactly(self):
         w = np.arange(1.0, 7.0).reshape(1, 1, 2, 3)
         padded = pad_kernel(w, (4, 5))
         assert padded.shape == (1, 1, 4, 5)
         assert padded[0, 0].tolist() == [[0, 0, 0, 0, 0], [0, 1, 2, 3, 0], [0, 4, 5, 6, 0], [0, 0, 0, 0, 0]]
-        assert pad_kernel(w, (2, 3)) is w
+        assert np.array_equal(pad_kernel(w, (2, 3)), w)
+        assert refimpl.pad_kernel(w, (2, 3)) is w  # nothing to pad: the same array, no copy
 
     @pytest.mark.parametrize("size, message", [((3, 3), "difference must be even"), ((0, 3), "difference must be"),
                                                ((4,), "has 1 dims")])
@@ -220,8 +239,9 @@ def _magnitude(x, weights, geometries):
     return sum(conv(abs(x), abs(w), **_conv_args(g)) for w, g in zip(weights, geometries, strict=True))
 
 
+@ON_EVERY_BACKEND
 @given(branch_sets())
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_merge_geometry_accepts_exactly_what_the_merge_computes(geometries):
     weights, runs, everywhere = _outputs(geometries, seed=len(geometries))
     assume(runs)
@@ -302,6 +322,7 @@ class TestGeometry:
 # --------------------------------------------------------------------------------------------
 # The sequential case
 
+@ON_EVERY_BACKEND
 @given(data=st.data())
 @PROPERTY
 def test_compose_is_exact_exactly_when_check_padding_shift_allows_it(data):
@@ -339,6 +360,7 @@ def test_compose_is_exact_exactly_when_check_padding_shift_allows_it(data):
     _within(got, expected, magnitude, n, f"{outer}, shift {shift}")
 
 
+@ON_EVERY_BACKEND
 def test_pointwise_after_a_kernel_is_always_exact():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 4, 7, 7))
@@ -352,6 +374,7 @@ def test_pointwise_after_a_kernel_is_always_exact():
     _within(conv(x, w, b, stride=2, padding=1), expected, magnitude, 36 + 6 + 2)
 
 
+@ON_EVERY_BACKEND
 def test_compose_needs_a_pointwise_layer():
     g3 = ConvGeometry((3,), (1,), (1,), (1,))
     with pytest.raises(MergeError) as caught:
@@ -368,6 +391,7 @@ def test_compose_needs_a_pointwise_layer():
 # --------------------------------------------------------------------------------------------
 # Whole branches: Kernel, sum_kernels, chain_kernels, avg_pool_geometry
 
+@ON_EVERY_BACKEND
 def test_sum_kernels_of_a_grouped_conv_a_norm_a_scale_and_a_pool_is_the_branches():
     rng = np.random.default_rng(11)
     x = rng.standard_normal((2, 4, 6, 6))
@@ -390,6 +414,7 @@ def test_sum_kernels_of_a_grouped_conv_a_norm_a_scale_and_a_pool_is_the_branches
     _within(conv(x, merged.weight, merged.bias, padding=1, groups=2), expected, magnitude, 2 * 18 + 12)
 
 
+@ON_EVERY_BACKEND
 def test_sum_and_chain_refuse_with_reasons():
     like = np.zeros(1)
     dense = Kernel(np.ones((4, 4, 1, 1)), np.zeros(4), ConvGeometry.pointwise(2), 1)
