@@ -44,6 +44,7 @@ from .graph import (
 )
 from .norms import NormInfo, NormRejection, NormStats, norm_stats
 from .precision import round_once, rounds_to_finite, rounds_to_odd, scaled_copy, scaled_copy_buffer_size
+from .recorded import Recording, inspect_leaves, record
 from .running import as_args, copy_model, describe_inputs, eval_mode, listed, meta_tensors
 
 __all__ = ["fuse", "fuse_conv_bn", "FoldedNormAct"]
@@ -758,18 +759,31 @@ def _gc_paused():
 
 def _fuse(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FusionReport]:
     index = ModelIndex(model)
-    observation = _observe(model, index, example_inputs) if example_inputs is not None else None
-
-    # Trace in eval mode: folding assumes eval semantics, and modules that branch on
-    # self.training (stochastic depth, ...) must show their eval-mode dataflow.
-    with eval_mode(model):
-        traced = trace_regions(model, index)
-    analysis = analyse_sites(index, traced.regions, observation.ranks if observation else None)
+    # With example inputs, the dataflow is the graph of the real run (recorded.py); without them, or for a model
+    # that is itself a single layer, the symbolic trace.
+    recording = record(model, index, example_inputs) if example_inputs is not None else None
+    calls: dict[int, int] | None = None
+    if recording is not None:
+        inspect_leaves(recording, index)
+        # Submodules the run never called (the other side of a branch) are analysed from their symbolic trace.
+        with eval_mode(model):
+            traced = trace_regions(model, index, _uncalled_subtrees(model, index, recording.calls))
+        traced.regions.insert(0, recording.region)
+        analysis = analyse_sites(index, traced.regions, recording.ranks)
+        calls = recording.calls
+    else:
+        observation = _observe(model, index, example_inputs) if example_inputs is not None else None
+        # Trace in eval mode: folding assumes eval semantics, and modules that branch on
+        # self.training (stochastic depth, ...) must show their eval-mode dataflow.
+        with eval_mode(model):
+            traced = trace_regions(model, index)
+        analysis = analyse_sites(index, traced.regions, observation.ranks if observation else None)
+        calls = observation.calls if observation else None
 
     planner = _Planner(index, analysis)
     _veto_unshareable_layers(planner, index, analysis)
-    if observation is not None:
-        _veto_hidden_calls(planner, index, analysis, observation)
+    if calls is not None:
+        _veto_hidden_calls(planner, index, analysis, calls)
 
     while True:
         planner.reasons = {}
@@ -789,7 +803,8 @@ def _fuse(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FusionRepor
     folded_norms = [m for m in index.modules if id(m) in folded_norm_ids]
     _apply(plans, folded_norms, index)
 
-    report = _build_report(model, index, traced, analysis, planner, plans, folded_norm_ids)
+    notes = _specialised_notes(recording, index, choice) if recording is not None else {}
+    report = _build_report(model, index, traced, analysis, planner, plans, folded_norm_ids, notes)
     if report.training_mode:
         log.warning("the model is in training mode; BatchNorm was folded with eval semantics (running statistics)")
     log.info("%s", report.summary())
@@ -807,10 +822,61 @@ def _veto_unshareable_layers(planner: _Planner, index: ModelIndex, analysis: Sit
                                                 "with another module (tied weights)")
 
 
-def _veto_hidden_calls(planner: _Planner, index: ModelIndex, analysis: SiteAnalysis, obs: _Observation) -> None:
-    for module_id, count in obs.calls.items():
+def _uncalled_subtrees(model: nn.Module, index: ModelIndex, calls: dict[int, int]) -> list[tuple[str, nn.Module]]:
+    """The largest submodules holding a norm that the recorded run never called, though their parent ran."""
+    holds_norm: dict[int, bool] = {}
+
+    def has_norm(module: nn.Module) -> bool:
+        key = id(module)
+        if key not in holds_norm:
+            holds_norm[key] = key in index.norms or any(has_norm(c) for c in module._modules.values()
+                                                        if c is not None)
+        return holds_norm[key]
+
+    found: list[tuple[str, nn.Module]] = []
+    stack = [("", model)]
+    while stack:
+        prefix, module = stack.pop()
+        for name, child in module._modules.items():
+            if child is None or index.is_leaf(child):
+                continue
+            qualified = f"{prefix}.{name}" if prefix else name
+            if calls.get(id(child)):
+                stack.append((qualified, child))
+            elif has_norm(child):
+                found.append((qualified, child))
+    return found
+
+
+def _specialised_notes(recording: Recording, index: ModelIndex, choice: dict[_SiteKey, _Choice]
+                       ) -> dict[tuple[int, int], str]:
+    """Per (norm id, layer id) folded, why its pairing rests on the recorded path (see Recording.specialised)."""
+    notes: dict[tuple[int, int], str] = {}
+    for cands in choice.values():
+        norm_site = cands[0].norm
+        nodes = [norm_site.node, *[c.layer.node for c in cands], *cands[0].between]
+        why = recording.specialised(nodes, index)
+        info = index.norms.get(id(norm_site.module))
+        if not why and isinstance(info, NormInfo) and info.observed:
+            why = f"the map of {index.name(norm_site.module)} comes from a forward that read its input's shape or value"
+        for cand in cands:
+            layer = cand.layer.module
+            text = why
+            if not text and index.padded.get(id(layer)):
+                text = f"{index.name(layer)} ({type(layer).__qualname__}) read its input's shape in its forward"
+            key = (id(norm_site.module), id(layer))
+            if text and not notes.get(key):
+                notes[key] = "rests on the recorded path: " + text
+            else:
+                notes.setdefault(key, text)
+    return notes
+
+
+def _veto_hidden_calls(planner: _Planner, index: ModelIndex, analysis: SiteAnalysis, calls: dict[int, int]) -> None:
+    leaves = {id(m) for m in index.modules if index.is_leaf(m)}
+    for module_id, count in calls.items():
         traced = len(analysis.sites.get(module_id, ()))
-        if count > traced:
+        if count > traced and module_id in leaves:
             name = index.name_of.get(module_id, "?")
             veto = ("untraceable", f"{name} ran {count} time(s) with example_inputs but the traced graphs show "
                     f"{traced} call site(s); calls in untraced code may see a different fold")
@@ -830,7 +896,7 @@ def _under(name: str, prefixes: dict[str, str]) -> str | None:
     return None
 
 
-def _build_report(model, index, traced, analysis, planner, plans, folded_norm_ids) -> FusionReport:
+def _build_report(model, index, traced, analysis, planner, plans, folded_norm_ids, notes) -> FusionReport:
     report = FusionReport()
     norm_modules = [m for m in index.modules if id(m) in index.norms]
     report.norms_found = len(norm_modules)
@@ -842,7 +908,8 @@ def _build_report(model, index, traced, analysis, planner, plans, folded_norm_id
     for plan in plans:
         for step, change in zip(plan.steps, plan.changes, strict=True):
             report.folded.append(FoldedPair(norm=index.name(step.norm), layer=index.name(plan.layer),
-                                            kind=kinds[(plan.kind, step.position)], max_rel_change=change))
+                                            kind=kinds[(plan.kind, step.position)], max_rel_change=change,
+                                            note=notes.get((id(step.norm), id(plan.layer)), "")))
     for norm in norm_modules:
         if id(norm) in folded_norm_ids:
             continue

@@ -263,6 +263,14 @@ class ModelIndex:
         self._param_users = param_users
         self._layer_cache: dict[int, tuple[str | None, str]] = {}
         self._normed_cache: dict[int, WeightNormed | None] = {}
+        # Layers recognised from their recorded forward (pad, then the conv/linear op on their own weight and
+        # bias), by id: whether that forward read a tensor's shape or value. A norm before them meets the padding.
+        self.padded: dict[int, bool] = {}
+
+    def adopt_layer(self, module: nn.Module, kind: str, observed: bool) -> None:
+        """Treat ``module`` as a fold partner of ``kind`` for norms after it (see :attr:`padded`)."""
+        self._layer_cache[id(module)] = (kind, "")
+        self.padded[id(module)] = observed
 
     def name(self, module: nn.Module) -> str:
         return self.name_of.get(id(module), f"<unregistered {type(module).__name__}>")
@@ -392,10 +400,12 @@ class TraceResult:
     transparent: set[int] = field(default_factory=set)                                 # see LeafTracer
 
 
-def trace_regions(model: nn.Module, index: ModelIndex) -> TraceResult:
-    """Trace ``model``; where a module cannot be traced, trace its non-leaf children separately."""
+def trace_regions(model: nn.Module, index: ModelIndex, roots: list[tuple[str, nn.Module]] | None = None
+                  ) -> TraceResult:
+    """Trace ``model`` (or the submodules ``roots``, by qualified name); where a module cannot be traced, trace its
+    non-leaf children separately."""
     result = TraceResult(regions=[])
-    stack = [("", model)]
+    stack = list(reversed(roots)) if roots is not None else [("", model)]
     while stack:
         prefix, root = stack.pop()
         tracer = LeafTracer(index)
@@ -851,6 +861,10 @@ class SiteAnalysis:
             self.note(norm, "transposed_after_bn", f"{name} feeds the transposed conv {layer_name}: the shift is "
                       "not a per-channel constant")
             return
+        if id(layer_module) in self.index.padded:
+            self.note(norm, "zero_padding", f"{name} feeds {layer_name}, whose own forward pads its input before "
+                      "the conv: a shift does not pass through the padding")
+            return
         if kind == LayerKind.CONV and not conv_pads_exactly(layer_module):
             how = ("'SAME' padding computed at run time" if is_same_padded_conv(layer_module) else
                    f"padding={layer_module.padding!r}, padding_mode={layer_module.padding_mode!r}")
@@ -906,7 +920,7 @@ def norm_fits_layer(info: NormInfo, layer: nn.Module, kind: str) -> bool:
     pair only with 2-D (transposed) convolutions. Linear layers pair with torch's own
     BatchNorm classes, whose channel axis is 1 (the feature axis once the input is 2-D).
     """
-    if info.kind != NormKind.BATCH_NORM:
+    if info.kind not in (NormKind.BATCH_NORM, NormKind.AFFINE):
         return kind != LayerKind.LINEAR and cast(torch.Tensor, layer.weight).dim() == 4
     return True
 

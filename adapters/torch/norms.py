@@ -10,14 +10,14 @@ and the forward is checked to be the one of the known class (a subclass that ove
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-__all__ = ["NormKind", "NormInfo", "NormRejection", "is_norm", "classify_norm", "norm_stats"]
+__all__ = ["NormKind", "NormInfo", "NormRejection", "is_norm", "classify_norm", "norm_stats", "affine_candidate"]
 
 
 class NormKind:
@@ -27,6 +27,7 @@ class NormKind:
     BATCH_NORM_ACT = "batch_norm_act"    # timm BatchNormAct2d / SyncBatchNormAct: batch_norm -> drop -> act
     FROZEN = "frozen"                    # FrozenBatchNorm2d (torchvision, detectron2, timm): buffers only
     FROZEN_ACT = "frozen_act"            # timm FrozenBatchNormAct2d: frozen batch norm -> drop -> act
+    AFFINE = "affine"                    # any layer whose recorded forward is a per-channel affine map (axis 1)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,11 @@ class NormInfo:
 
     kind: str
     num_features: int
+    #: For :data:`NormKind.AFFINE`: ``y = scale[c] * x + shift[c]`` (float64, from the replayed recorded forward),
+    #: and whether that forward read a tensor's shape or value (its map then rests on the recorded path).
+    scale: Any = field(default=None, compare=False, repr=False)
+    shift: Any = field(default=None, compare=False, repr=False)
+    observed: bool = False
 
     @property
     def has_act(self) -> bool:
@@ -170,8 +176,7 @@ def classify_norm(module: nn.Module) -> NormInfo | NormRejection | None:
     if "FrozenBatchNorm" in type(module).__name__:
         width = _frozen_buffers(module)
         if width is None:
-            return NormRejection("unknown_norm", f"{type(module).__qualname__} does not hold the FrozenBatchNorm "
-                                 "buffers (weight, bias, running_mean, running_var; no parameters; eps)")
+            return NormRejection("unknown_norm", _frozen_mismatch(module))
         if forward_hooks(module):
             return NormRejection("unknown_norm", f"{type(module).__qualname__} has forward hooks "
                                  f"({', '.join(forward_hooks(module))}), which folding it would bypass")
@@ -186,7 +191,48 @@ def classify_norm(module: nn.Module) -> NormInfo | NormRejection | None:
             return NormRejection("unknown_norm", f"{type(module).__qualname__} has child modules "
                                  f"{list(module._modules)}; its computation is unknown")
         return NormInfo(NormKind.FROZEN, width)
+    buffers = module._buffers
+    if not module._modules and buffers.get("running_mean") is not None and buffers.get("running_var") is not None:
+        return NormRejection("unknown_norm", f"{type(module).__qualname__} holds running_mean and running_var but is "
+                             "not a known BatchNorm class; pass example_inputs so that its recorded forward shows "
+                             "what it computes")
     return None
+
+
+def _frozen_mismatch(module: nn.Module) -> str:
+    """What a FrozenBatchNorm-named layer lacks (for its skip detail): the buffers, parameters or eps."""
+    name = type(module).__qualname__
+    names = ("weight", "bias", "running_mean", "running_var")
+    present = [n for n in names if isinstance(module._buffers.get(n), torch.Tensor)]
+    if module._parameters:
+        return f"{name} has parameters ({', '.join(module._parameters)}), which FrozenBatchNorm2d does not"
+    if len(present) != len(names):
+        missing = [n for n in names if n not in present]
+        return f"{name} lacks the FrozenBatchNorm buffers {', '.join(missing)}"
+    shapes = {n: tuple(cast(torch.Tensor, module._buffers[n]).shape) for n in names}
+    if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 1:
+        return f"{name} has FrozenBatchNorm buffers of shapes {shapes}, not one vector per channel"
+    return (f"{name} holds the FrozenBatchNorm buffers but no numeric eps attribute (its eps is fixed in its "
+            "forward); pass example_inputs so that its recorded forward gives eps, scale and shift")
+
+
+def affine_candidate(module: nn.Module) -> bool:
+    """Whether ``module`` may be a per-channel affine layer: no children, not a torch.nn class, and its
+    floating tensors (at least one) are all vectors of one length (possibly with unit axes: [1, C, 1, 1])."""
+    if module._modules or type(module).__module__.startswith("torch."):
+        return False
+    width = None
+    for tensor in (*module._parameters.values(), *module._buffers.values()):
+        if tensor is None or not tensor.is_floating_point():
+            continue
+        sizes = [d for d in tensor.shape if d != 1]
+        if len(sizes) > 1 or tensor.dim() == 0:
+            return False
+        size = sizes[0] if sizes else 1
+        if width is not None and size != width:
+            return False
+        width = size
+    return width is not None
 
 
 def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -196,6 +242,11 @@ def _detached(t: torch.Tensor | None) -> torch.Tensor | None:
 def norm_stats(module: nn.Module, info: NormInfo) -> NormStats:
     """Read the running statistics, eps and affine parameters of a recognised norm."""
     norm: Any = module  # a _BatchNorm or a FrozenBatchNorm lookalike: its attributes are read by duck typing
+    if info.kind == NormKind.AFFINE:
+        # y = scale * x + shift, as BatchNorm with mean 0, var 1, eps 0: s = scale / sqrt(1) is scale exactly.
+        scale = info.scale
+        return NormStats(mean=torch.zeros_like(scale), var=torch.ones_like(scale), eps=0.0, weight=scale,
+                         bias=info.shift, num_features=info.num_features)
     eps = float(norm.eps)
     if not math.isfinite(eps) or eps < 0:
         raise ValueError(f"{type(norm).__qualname__} has eps={norm.eps!r}; it must be finite and >= 0")
