@@ -3,7 +3,9 @@
 A layer is a vector's ``layer`` entry (a dict: ``type`` "conv" or "linear" and ``torch.nn``'s
 arguments), a BatchNorm its ``inputs.bn`` entry with the tensors decoded. This module runs the
 unfused pair and the fold on them, and computes the error model's inputs: the magnitude of every
-folded element (the fold run on absolute values) and the number of roundings behind it.
+folded element (the fold run on absolute values) and the number of roundings behind it. What a layer
+kind is (weight layout, channel counts, reduction length) and which refimpl function folds a pair come
+from :mod:`refimpl.layers`, the one table for every caller.
 """
 
 from __future__ import annotations
@@ -15,15 +17,19 @@ from typing import Any
 import numpy as np
 
 from .. import ops
-from ..fold import fold_bn_conv, fold_bn_linear, fold_conv_bn, fold_linear_bn
+from ..layers import CONV, CONV_TRANSPOSE, LINEAR, NORM_AFTER, NORM_BEFORE, Fold, LayerKind, fold_for
 from ..tolerance import Comparison, compare, error_bound
 
-__all__ = ["FOLDS", "conv_layer", "linear_layer", "weight_shape", "out_channels", "in_channels",
-           "reduction_length", "apply_layer", "apply_bn", "unfused_output", "fold_pair", "fold_magnitude",
-           "N_WEIGHT", "bias_rounding_count", "output_magnitude", "verify_fold"]
+__all__ = ["FOLDS", "conv_layer", "linear_layer", "layer_kind", "vector_fold", "weight_shape", "out_channels",
+           "in_channels", "reduction_length", "apply_layer", "apply_bn", "unfused_output", "fold_pair",
+           "fold_magnitude", "N_WEIGHT", "bias_rounding_count", "output_magnitude", "verify_fold"]
 
-#: The dataflow orders a vector's ``fold`` names: the layer before the BatchNorm, or after it.
-FOLDS = ("conv_bn", "linear_bn", "bn_conv", "bn_linear")
+#: The dataflow orders a vector's ``fold`` names, each with the position of its BatchNorm (refimpl.layers): after
+#: the layer (``conv_bn``: the conv's output feeds the norm), or before it.
+#: Each name also says the layer's ``type`` (a transposed conv is a ``conv`` with ``transposed`` set).
+_FOLD_NAMES = {"conv_bn": ("conv", NORM_AFTER), "linear_bn": ("linear", NORM_AFTER), "bn_conv": ("conv", NORM_BEFORE),
+               "bn_linear": ("linear", NORM_BEFORE)}
+FOLDS = tuple(_FOLD_NAMES)
 
 # Roundings in the fold, per element (each contributes at most u): var + eps, sqrt, divide, multiply.
 N_WEIGHT = 4
@@ -54,36 +60,57 @@ def linear_layer(in_features: int, out_features: int, *, bias: bool = True) -> d
     return {"type": "linear", "in_features": in_features, "out_features": out_features, "bias": bias}
 
 
+def layer_kind(layer: dict) -> LayerKind:
+    """The :class:`~refimpl.layers.LayerKind` of a vector's ``layer`` entry."""
+    if layer["type"] == "linear":
+        return LINEAR
+    if layer["type"] == "conv":
+        return CONV_TRANSPOSE if layer["transposed"] else CONV
+    raise ValueError(f"unknown layer type {layer['type']!r}; known: conv, linear")
+
+
+def _groups(layer: dict) -> int:
+    return 1 if layer["type"] == "linear" else int(layer["groups"])
+
+
 def weight_shape(layer: dict) -> tuple[int, ...]:
     """The layer's weight shape in torch's layout (transposed convs: input channels first)."""
     if layer["type"] == "linear":
-        return (layer["out_features"], layer["in_features"])
-    if layer["transposed"]:
-        return (layer["in_channels"], layer["out_channels"] // layer["groups"], *layer["kernel_size"])
-    return (layer["out_channels"], layer["in_channels"] // layer["groups"], *layer["kernel_size"])
+        return LINEAR.weight_shape(layer["in_features"], layer["out_features"])
+    return layer_kind(layer).weight_shape(layer["in_channels"], layer["out_channels"], layer["kernel_size"],
+                                          groups=layer["groups"])
 
 
 def out_channels(layer: dict) -> int:
-    return int(layer["out_features"] if layer["type"] == "linear" else layer["out_channels"])
+    return layer_kind(layer).out_channels(weight_shape(layer), _groups(layer))
 
 
 def in_channels(layer: dict) -> int:
-    return int(layer["in_features"] if layer["type"] == "linear" else layer["in_channels"])
+    return layer_kind(layer).in_channels(weight_shape(layer), _groups(layer))
 
 
 def reduction_length(layer: dict) -> int:
     """Terms summed into one output element of the layer."""
-    if layer["type"] == "linear":
-        return int(layer["in_features"])
-    # A transposed conv sums at most in/groups * prod(kernel) taps into an output element, like a conv.
-    return layer["in_channels"] // layer["groups"] * math.prod(layer["kernel_size"])
+    return layer_kind(layer).reduction_length(weight_shape(layer), _groups(layer))
+
+
+def vector_fold(fold: str, layer: dict) -> Fold:
+    """The refimpl fold a vector's ``fold`` name stands for on its ``layer``; ValueError when the name is unknown
+    or does not fit the layer (``linear_bn`` on a conv, ``bn_conv`` on a transposed conv)."""
+    if fold not in _FOLD_NAMES:
+        raise ValueError(f"unknown fold kind {fold!r}; known: {', '.join(FOLDS)}")
+    layer_type, position = _FOLD_NAMES[fold]
+    if layer["type"] != layer_type:
+        raise ValueError(f"fold {fold!r} takes a {layer_type} layer, got a {layer['type']} layer")
+    return fold_for(layer_kind(layer), position)
 
 
 def apply_layer(layer: dict, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     """Run the layer described by ``layer`` (a vector's ``layer`` entry) on ``x`` in float64."""
-    if layer["type"] == "linear":
+    kind = layer_kind(layer)
+    if kind is LINEAR:
         return ops.linear(x, weight, bias)
-    if layer["transposed"]:
+    if kind is CONV_TRANSPOSE:
         return ops.conv_transpose(x, weight, bias, stride=layer["stride"], padding=layer["padding"],
                                   output_padding=layer["output_padding"], groups=layer["groups"],
                                   dilation=layer["dilation"])
@@ -98,23 +125,15 @@ def apply_bn(bn: dict, x: np.ndarray) -> np.ndarray:
 
 def unfused_output(fold: str, layer: dict, weight: Any, bias: Any, bn: dict, x: np.ndarray) -> np.ndarray:
     """The unfused pair (layer then BatchNorm, or BatchNorm then layer) run on ``x`` in float64."""
-    if fold in ("conv_bn", "linear_bn"):
+    if vector_fold(fold, layer).position == NORM_AFTER:
         return apply_bn(bn, apply_layer(layer, x, weight, bias))
     return apply_layer(layer, apply_bn(bn, x), weight, bias)
 
 
 def fold_pair(fold: str, layer: dict, weight: Any, bias: Any, bn: dict) -> tuple[Any, Any]:
     """Fold the pair with refimpl's fold function for ``fold`` (in the dtype and namespace given)."""
-    args = (weight, bias, bn["running_mean"], bn["running_var"], bn["eps"], bn["weight"], bn["bias"])
-    if fold == "conv_bn":
-        return fold_conv_bn(*args, transposed=layer["transposed"], groups=layer["groups"])
-    if fold == "linear_bn":
-        return fold_linear_bn(*args)
-    if fold == "bn_conv":
-        return fold_bn_conv(*args, groups=layer["groups"])
-    if fold == "bn_linear":
-        return fold_bn_linear(*args)
-    raise ValueError(f"unknown fold kind {fold!r}; known: {', '.join(FOLDS)}")
+    return vector_fold(fold, layer)(weight, bias, bn["running_mean"], bn["running_var"], bn["eps"], bn["weight"],
+                                    bn["bias"], groups=_groups(layer))
 
 
 def fold_magnitude(fold: str, layer: dict, weight: Any, bias: Any, bn: dict) -> tuple[Any, Any]:
@@ -132,7 +151,7 @@ def fold_magnitude(fold: str, layer: dict, weight: Any, bias: Any, bn: dict) -> 
 
 def bias_rounding_count(fold: str, layer: dict) -> int:
     """Roundings behind one folded bias element (the ``n`` of its error bound)."""
-    if fold in ("conv_bn", "linear_bn"):
+    if vector_fold(fold, layer).position == NORM_AFTER:
         return _N_BIAS_AFTER
     # b + sum_k W_k t_k: the reduction, the shift's own roundings, and the final sum.
     return math.prod(weight_shape(layer)[1:]) + _N_BIAS_AFTER
