@@ -36,7 +36,17 @@ import refimpl
 
 from ..report import FoldedPair, FusionReport, SkippedNorm, most_specific_reason
 from ..torch.precision import round_once, rounds_to_finite, scaled_copy
-from .graph import LayerCall, NormCall, Program, layer_call, module_path, norm_call, op_name, set_argument
+from .graph import (
+    LayerCall,
+    NormCall,
+    Program,
+    functional_calls,
+    layer_call,
+    module_path,
+    norm_call,
+    op_name,
+    set_argument,
+)
 
 __all__ = ["fuse"]
 
@@ -439,15 +449,6 @@ def _erase_norm(program: Program, norm: NormCall) -> None:
 # The entry point
 
 
-def _has_module_norms(gm: fx.GraphModule) -> bool:
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            module = gm.get_submodule(str(node.target))
-            if isinstance(module, nn.modules.batchnorm._NormBase):
-                return True
-    return False
-
-
 def fuse(program: ExportedProgram | fx.GraphModule, *, inplace: bool = False
          ) -> tuple[ExportedProgram | fx.GraphModule, FusionReport]:
     """Fold every BatchNorm of an exported program or FX graph that folds exactly into a conv or linear layer.
@@ -457,8 +458,9 @@ def fuse(program: ExportedProgram | fx.GraphModule, *, inplace: bool = False
     program : ExportedProgram or torch.fx.GraphModule
         An ExportedProgram in any IR (the training IR of ``torch.export.export``, the inference IR
         of ``run_decompositions()``, ExecuTorch's edge dialect), or a GraphModule: ATen-level (an
-        ExportedProgram's ``.module()``, ``make_fx``) or torch-level (``torch.fx.symbolic_trace``;
-        one that calls BatchNorm modules is folded by :func:`adapters.torch.fuse`, the module adapter).
+        ExportedProgram's ``.module()``, ``make_fx``) or torch-level (``torch.fx.symbolic_trace``:
+        calls of conv, linear and eval-mode BatchNorm modules are first rewritten as the functional
+        calls their forwards make, so that each call folds on its own).
     inplace : bool
         Edit ``program`` itself. By default an ExportedProgram is copied (graph, signature and
         tables; the tensors no fold changes are shared with the original, as ``run_decompositions``
@@ -489,10 +491,7 @@ def fuse(program: ExportedProgram | fx.GraphModule, *, inplace: bool = False
     >>> sorted(folded.state_dict)
     ['0.bias', '0.weight']
     """
-    if isinstance(program, fx.GraphModule) and _has_module_norms(program):
-        from ..torch import fuse as fuse_modules
-        fused, module_report = fuse_modules(program, inplace=inplace)
-        return fused if isinstance(fused, fx.GraphModule) else fx.symbolic_trace(fused), module_report
+    module_norms: list[fx.Node] = []
     if isinstance(program, ExportedProgram):
         if inplace:
             target = Program.of(program)
@@ -503,6 +502,7 @@ def fuse(program: ExportedProgram | fx.GraphModule, *, inplace: bool = False
                              output_specs=signature.output_specs)
     elif isinstance(program, fx.GraphModule):
         target = Program(program if inplace else copy.deepcopy(program))
+        module_norms = functional_calls(target.gm)
     else:
         raise TypeError(f"fuse: expected a torch.export.ExportedProgram or a torch.fx.GraphModule, got "
                         f"{type(program).__module__}.{type(program).__qualname__}")
@@ -516,7 +516,7 @@ def fuse(program: ExportedProgram | fx.GraphModule, *, inplace: bool = False
             planner.veto(plan, detail)
     plans = [plan for plan in plans if plan.steps]
 
-    report = FusionReport(norms_found=len(planner.norms))
+    report = FusionReport(norms_found=len(planner.norms) + len(module_norms))
     for plan in plans:
         for step, change in zip(plan.steps, plan.changes, strict=True):
             report.folded.append(FoldedPair(module_path(step.norm.node), module_path(plan.layer.node),
@@ -526,6 +526,16 @@ def fuse(program: ExportedProgram | fx.GraphModule, *, inplace: bool = False
             code, detail = most_specific_reason(planner.reasons.get(norm.node) or
                                                 [("no_fusable_neighbour", "nothing foldable before or after it")])
             report.skipped.append(SkippedNorm(module_path(norm.node), code, detail))
+    for node in module_norms:
+        module = target.gm.get_submodule(str(node.target))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            code, detail = "training_mode", f"{node.target} ({type(module).__name__}) is in training mode"
+        elif not getattr(module, "track_running_stats", True):
+            code, detail = "no_running_stats", f"{node.target} has track_running_stats=False"
+        else:
+            code, detail = "unknown_norm", f"{node.target} is a {type(module).__qualname__} (hooks or a forward " \
+                                           "not known)"
+        report.skipped.append(SkippedNorm(str(node.target), code, detail))
 
     outputs_before = _output_names(target)
     for plan in plans:
@@ -535,6 +545,8 @@ def fuse(program: ExportedProgram | fx.GraphModule, *, inplace: bool = False
     target.gm.recompile()
     renamed = dict(zip(outputs_before, _output_names(target), strict=True))
     if not isinstance(program, ExportedProgram):
+        target.gm.delete_all_unused_submodules()
+        target.gm.recompile()
         return target.gm, report
     if inplace:
         _rename_call_graph(program.module_call_graph, renamed)

@@ -31,7 +31,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, InputSpec, OutputKind, TensorArgument
 
 __all__ = ["NormCall", "LayerCall", "Program", "norm_call", "layer_call", "op_name", "module_path", "rank",
-           "is_transpose_2d"]
+           "is_transpose_2d", "functional_calls"]
 
 F = nn.functional
 
@@ -330,7 +330,14 @@ def layer_call(node: fx.Node) -> LayerCall | None:
 
 
 def _writes(node: fx.Node) -> set[fx.Node]:
-    """The nodes among ``node``'s arguments that its op writes into (schema alias ``(a!)``)."""
+    """The nodes among ``node``'s arguments that its op writes into (schema alias ``(a!)``, or an in-place
+    tensor method such as ``x.mul_(...)`` in a torch-level graph)."""
+    if node.op == "call_method":
+        name = str(node.target)
+        first = node.args[0] if node.args else None
+        if name.endswith("_") and not name.startswith("_") and isinstance(first, fx.Node):
+            return {first}
+        return set()
     schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
     if schema is None:
         return set()
@@ -374,6 +381,7 @@ class Program:
         self._written: set[fx.Node] = set()
         for node in self.graph.nodes:
             self._written |= _writes(node)
+        self._written_attributes = {n.target for n in self._written if n.op == "get_attr"}
         self._mutated = {name for name, spec in self._spec.items() if spec.target in mutated_targets}
         self.removed_modules: set[str] = set()
 
@@ -391,7 +399,7 @@ class Program:
         """``(key, tensor)`` for a node that stands for a constant tensor, else why it is not one."""
         if not isinstance(node, fx.Node):
             return f"{node!r} is not a tensor of the graph"
-        if node in self._written:
+        if node in self._written or (node.op == "get_attr" and node.target in self._written_attributes):
             return f"{node.name} is written in place by the graph"
         if node.op == "placeholder" and self.exported:
             spec = self._spec.get(node.name)
@@ -619,3 +627,68 @@ class Program:
             if isinstance(spec.arg, TensorArgument) and spec.arg.name == old:
                 spec.arg = TensorArgument(name=new)
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Torch-level graphs: module calls as the functional calls they make
+
+_CONV_FUNCTIONS = {nn.Conv1d: torch.conv1d, nn.Conv2d: torch.conv2d, nn.Conv3d: torch.conv3d}
+_CONV_TRANSPOSE_FUNCTIONS = {nn.ConvTranspose1d: torch.conv_transpose1d, nn.ConvTranspose2d: torch.conv_transpose2d,
+                             nn.ConvTranspose3d: torch.conv_transpose3d}
+_NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_parametrizations", None))
+
+
+def functional_calls(gm: fx.GraphModule) -> list[fx.Node]:
+    """Replace each call of a conv, transposed conv, linear or eval-mode BatchNorm module by the functional call
+    its forward makes, reading the module's tensors with ``get_attr`` (so the folds see one node per call and the
+    tensors' own nodes). Modules with hooks or parametrizations, convs that pad other than with zeros, transposed
+    convs given an ``output_size`` and BatchNorms in training mode (whose forward also counts batches) stay module
+    calls. Returns the norm module calls left, for the report."""
+    graph = gm.graph
+    left = []
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(str(node.target))
+        kind = type(module)
+        if isinstance(module, nn.modules.batchnorm._NormBase) and (kind not in _NORM_MODULES or module.training
+                                                                   or not module.track_running_stats):
+            left.append(node)
+            continue
+        if _hooked(module) or len(node.args) != 1 or node.kwargs:
+            if isinstance(module, nn.modules.batchnorm._NormBase):
+                left.append(node)
+            continue
+        prefix = str(node.target)
+
+        def attr(name: str, prefix: str = prefix, module: nn.Module = module) -> fx.Node | None:
+            return graph.get_attr(f"{prefix}.{name}") if getattr(module, name, None) is not None else None
+
+        with graph.inserting_before(node):
+            if kind in _CONV_FUNCTIONS and module.padding_mode == "zeros":
+                args: tuple = (node.args[0], attr("weight"), attr("bias"), module.stride, module.padding,
+                               module.dilation, module.groups)
+                function: Any = _CONV_FUNCTIONS[kind]
+            elif kind in _CONV_TRANSPOSE_FUNCTIONS and module.padding_mode == "zeros":
+                args = (node.args[0], attr("weight"), attr("bias"), module.stride, module.padding,
+                        module.output_padding, module.groups, module.dilation)
+                function = _CONV_TRANSPOSE_FUNCTIONS[kind]
+            elif kind is nn.Linear:
+                args = (node.args[0], attr("weight"), attr("bias"))
+                function = F.linear
+            elif kind in _NORM_MODULES:
+                args = (node.args[0], attr("running_mean"), attr("running_var"), attr("weight"), attr("bias"), False,
+                        0.0, module.eps)
+                function = F.batch_norm
+            else:
+                continue
+            call = graph.call_function(function, args)
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+    gm.recompile()
+    return left
