@@ -26,6 +26,8 @@ COMMANDS = {
                                                 "(torch)"),
     "onnx": ("python -m adapters.onnx", "fold BatchNormalization in an ONNX file; 'onnx verify', 'onnx audit' "
                                         "(onnx, no torch)"),
+    "export": ("python -m adapters.export", "fold BatchNorm in a torch.export program (.pt2); 'export verify', "
+                                            "'export audit' (torch)"),
     "vectors": ("python -m refimpl vectors", "write the conformance vectors"),
     "check": ("python -m refimpl check", "judge an implementation's results file against the conformance vectors"),
     "results": ("python -m refimpl results", "write refimpl's own results file (a working example)"),
@@ -71,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         job = {"fuse": main_job, "verify": verify_job, "audit": audit_job}[command]
         return job(rest, f"{PROG} {command}")
+    if command == "export":
+        from .export.__main__ import main as export_main
+
+        return export_main(rest, f"{PROG} export")
     if command == "onnx":
         try:
             import onnx  # noqa: F401
