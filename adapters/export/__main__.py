@@ -73,11 +73,14 @@ def _fuse(args: argparse.Namespace) -> int:
     from .fusion import fuse
 
     program = _load(args.program)
+    if not isinstance(program, torch.export.ExportedProgram):
+        raise _Usage(f"{args.program} holds a {type(program).__name__}, not an ExportedProgram")
     try:
         folded, report = fuse(program)
     except (ValueError, TypeError) as error:
         raise _Usage(str(error)) from error
     if args.output:
+        assert isinstance(folded, torch.export.ExportedProgram)  # fuse returns the kind it was given
         torch.export.save(folded, args.output)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
     return 0
