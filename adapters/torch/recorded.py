@@ -8,10 +8,10 @@ node kinds a symbolic trace gives (``call_module`` for fold partners and norms, 
 planner never knows which one it got. Python control flow, shape arithmetic, loops and optional
 arguments are simply executed.
 
-The run first goes on the ``meta`` device (shapes only, no arithmetic: parameters are turned into
-meta tensors where an op meets one), and again on the real inputs when it cannot (an op needs
-values, or code looked at a tensor's device). Whatever a meta run assigned to the model's modules
-is put back.
+The first run is shape-only: conv and linear layers return zeros of their output's shape instead
+of computing it (most of a forward's time); when code reads a tensor's values (a branch on a value,
+a data-dependent shape) the model runs again, really. Whatever the shape-only run assigned to the
+model's modules is put back.
 
 Leaves whose forward is not known from their class (a norm with running statistics under an
 unknown class, a per-channel scale layer, a conv subclass with its own forward) have the ops of
@@ -27,12 +27,14 @@ only tensors for all its parameters (:meth:`Recording.specialised`): the rule of
 from __future__ import annotations
 
 import operator
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 from torch import fx, nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
 from refimpl.tolerance import error_bound
@@ -49,8 +51,16 @@ def recorded_constant() -> None:
     raise RuntimeError("a recorded constant node is not executable")
 
 
-#: Names of tensor methods and properties that hand Python the tensor's device (a meta run cannot stand in).
-_DEVICE_READS = {"device", "is_cuda", "is_cpu", "is_meta", "get_device", "is_mps", "is_xpu", "data_ptr"}
+#: What Python may read of a tensor without reading its values (the tensor's metadata).
+_METADATA_READS = {"shape", "size", "dim", "ndim", "ndimension", "numel", "nelement", "dtype", "device", "is_cuda",
+                   "is_cpu", "is_meta", "layout", "stride", "is_contiguous", "element_size", "__len__", "get_device",
+                   "is_floating_point", "is_complex", "requires_grad", "is_sparse", "storage_offset", "is_quantized",
+                   "names", "grad_fn", "is_leaf", "data_ptr", "itemsize", "nbytes", "is_mps", "is_xpu", "mT", "T"}
+#: Ops whose output shape depends on their input's values.
+_VALUE_SHAPED = {"nonzero", "argwhere", "unique", "unique_consecutive", "masked_select", "bincount", "histc",
+                 "nonzero_static", "repeat_interleave"}
+#: Layer ops whose output a shape-only run replaces by zeros of the right shape (see _layer_output_shape).
+_LAYER_OPS = {"conv1d", "conv2d", "conv3d", "linear", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 _PAD_FUNCTIONS = {"pad", "constant_pad_nd"}
 _LAYER_FUNCTIONS = {LayerKind.CONV: {"conv1d", "conv2d", "conv3d"}, LayerKind.LINEAR: {"linear"}}
 #: Casting methods that a float64 replay skips (they would round the probe).
@@ -58,7 +68,7 @@ _FLOAT_CASTS = {"float", "half", "bfloat16", "double"}
 
 
 class _NeedsRealRun(Exception):
-    """The meta run met something only real values answer."""
+    """The shape-only run met code that reads tensor values: only the real run can answer it."""
 
 
 @dataclass
@@ -119,7 +129,7 @@ class Recording:
     ranks: dict[int, set[int]]                  # leaf module id -> ranks of its first input
     programs: dict[int, list[Program]]          # inspected leaf id -> one program per call
     frames: dict[fx.Node, Frame | None]         # call_module node -> the frame it was called from
-    on_meta: bool
+    shape_only: bool                            # the layers' outputs were zeros (no value was read)
 
     def specialised(self, nodes: list[fx.Node], index: ModelIndex) -> str:
         """Why the pairing of the calls ``nodes`` rests on the recorded path ('' when it holds for every call).
@@ -176,24 +186,62 @@ def _is_tensors(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
 
 
-def _to_meta(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value if value.is_meta else value.to("meta")
-    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
-        return type(value)(_to_meta(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_meta(v) for k, v in value.items()}
-    return value
+def _pair(value: Any, dims: int) -> tuple[int, ...] | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * dims
+    if isinstance(value, (tuple, list)) and len(value) == dims and all(isinstance(v, int) for v in value):
+        return tuple(value)
+    return None
 
 
-def _has_meta(values: Any) -> bool:
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            if value.is_meta:
-                return True
-        elif isinstance(value, (tuple, list)) and _has_meta(value):
-            return True
-    return False
+_CONV_DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}
+_CONV_ORDER = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_TRANSPOSE_ORDER = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+
+
+def _layer_output_shape(name: str, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    """The output shape of ``torch.<name>(*args, **kwargs)`` for a conv or linear op, or None when not sure."""
+    order = _CONV_TRANSPOSE_ORDER if name.startswith("conv_transpose") else _CONV_ORDER
+    bound = dict(zip(order, args, strict=False))
+    bound.update(kwargs)
+    x, weight = bound.get("input"), bound.get("weight")
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        return None
+    if name == "linear":
+        if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+            return None
+        return (*x.shape[:-1], int(weight.shape[0]))
+    dims = weight.dim() - 2
+    if x.dim() != dims + 2 or dims < 1:
+        return None
+    stride, dilation = _pair(bound.get("stride", 1), dims), _pair(bound.get("dilation", 1), dims)
+    groups, padding = bound.get("groups", 1), bound.get("padding", 0)
+    if stride is None or dilation is None or not isinstance(groups, int) or groups < 1:
+        return None
+    kernel = tuple(int(k) for k in weight.shape[2:])
+    size = tuple(int(n) for n in x.shape[2:])
+    if name.startswith("conv_transpose"):
+        pad, extra = _pair(padding, dims), _pair(bound.get("output_padding", 0), dims)
+        if pad is None or extra is None or x.shape[1] != weight.shape[0]:
+            return None
+        spatial = tuple((n - 1) * s - 2 * p + d * (k - 1) + e + 1
+                        for n, s, p, d, k, e in zip(size, stride, pad, dilation, kernel, extra, strict=True))
+        channels = int(weight.shape[1]) * groups
+    else:
+        if x.shape[1] != weight.shape[1] * groups:
+            return None
+        if padding == "same":
+            spatial = size
+        else:
+            pad = (0,) * dims if padding == "valid" else _pair(padding, dims)
+            if pad is None:
+                return None
+            spatial = tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                            for n, s, p, d, k in zip(size, stride, pad, dilation, kernel, strict=True))
+        channels = int(weight.shape[0])
+    if any(n < 1 for n in spatial):
+        return None
+    return (int(x.shape[0]), channels, *spatial)
 
 
 def _func_name(func: Callable) -> str:
@@ -219,14 +267,19 @@ def _tensors_in(value: Any, found: list[torch.Tensor]) -> list[torch.Tensor]:
 class _Recorder(TorchFunctionMode):
     """Builds the graph while the model runs (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, index: ModelIndex, inspected: set[int], on_meta: bool):
+    def __init__(self, model: nn.Module, index: ModelIndex, inspected: set[int], shape_only: bool):
         super().__init__()
         self.model = model
         self.index = index
         self.inspected = inspected
         # Decided before the hooks exist: forward_hooks() would see the recorder's own hooks.
         self.leaves = {id(m) for m in index.modules if index.is_leaf(m)} | inspected
-        self.on_meta = on_meta
+        # Standard layers, whose outputs a shape-only run replaces by zeros.
+        self.zeroed = {key for key in self.leaves if key not in inspected} & {
+            id(m) for m in index.modules if index.layer(m)[0] is not None}
+        self.known = {id(m) for m in index.modules}
+        self.thread = threading.get_ident()
+        self.shape_only = shape_only
         self.graph = fx.Graph()
         self.values: dict[int, tuple[fx.Node, torch.Tensor]] = {}   # tensor id -> (node, tensor kept alive)
         self.modules: dict[str, nn.Module] = {}
@@ -236,7 +289,8 @@ class _Recorder(TorchFunctionMode):
         self.frames: dict[fx.Node, Frame | None] = {}
         self.frame: Frame | None = None
         self.leaf_depth = 0
-        self.leaf_stack: list[tuple[nn.Module, fx.Node | None, Program | None, Frame | None]] = []
+        self.leaf_zeroed = False
+        self.leaf_stack: list[tuple[nn.Module, Program | None]] = []
         self.program: Program | None = None
         self.program_values: dict[int, Ref] = {}
         self.program_keep: list[torch.Tensor] = []
@@ -316,31 +370,39 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.in_hook:
             return func(*args, **kwargs)
+        if self.leaf_depth:
+            if self.leaf_zeroed and self.leaf_depth == 1:
+                name = _func_name(func)
+                if name in _LAYER_OPS:
+                    shape = _layer_output_shape(name, args, kwargs)
+                    if shape is not None:
+                        return torch.zeros(shape, dtype=args[0].dtype, device=args[0].device)
+            if self.program is None or self.leaf_depth != 1:
+                return func(*args, **kwargs)
         name = _func_name(func)
-        if name in _DEVICE_READS and self.on_meta:
-            raise _NeedsRealRun(f"the model reads a tensor's {name}")
-        if self.on_meta and (_has_meta(args) or _has_meta(kwargs.values())):
-            call_args, call_kwargs = _to_meta(args), _to_meta(kwargs)
-        else:
-            call_args, call_kwargs = args, kwargs
-        result = func(*call_args, **call_kwargs)
+        result = func(*args, **kwargs)
         returns_tensor = isinstance(result, torch.Tensor) or (
             isinstance(result, (tuple, list)) and any(isinstance(r, torch.Tensor) for r in result))
         if self.leaf_depth:
-            if self.program is not None and self.leaf_depth == 1:
-                module = self.leaf_stack[-1][0]
-                own = {id(t): n for n, t in (*module._parameters.items(), *module._buffers.items()) if t is not None}
-                step = Step(func, self._program_args(args, own), self._program_args(kwargs, own), [],
-                            not returns_tensor)
-                k = len(self.program.steps)
-                self.program.steps.append(step)
-                for item, tensor in enumerate(_tensors_in(result, [])):
-                    self.program_values[id(tensor)] = Ref("op", index=k, item=item)
-                    self.program_keep.append(tensor)
+            module = self.leaf_stack[-1][0]
+            program = cast(Program, self.program)
+            own = {id(t): n for n, t in (*module._parameters.items(), *module._buffers.items()) if t is not None}
+            step = Step(func, self._program_args(args, own), self._program_args(kwargs, own), [], not returns_tensor)
+            k = len(program.steps)
+            program.steps.append(step)
+            for item, tensor in enumerate(_tensors_in(result, [])):
+                self.program_values[id(tensor)] = Ref("op", index=k, item=item)
+                self.program_keep.append(tensor)
             return result
+        reads_values = (not returns_tensor and result is not None and name not in _METADATA_READS)
+        if self.shape_only and (reads_values or name in _VALUE_SHAPED or (name == "__getitem__" and _bool_index(args))):
+            raise _NeedsRealRun(f"the model reads tensor values ({name})")
         if not returns_tensor:
-            self._observe(name or "a value")
-            return result
+            if result is not None:
+                self._observe(name or "a value")
+            if name in _METADATA_READS:
+                return result
+            # A value read or an in-place write returning None (x[i] = y): a use of its tensors all the same.
         is_method = getattr(torch.Tensor, name, None) is func or getattr(torch._C.TensorBase, name, None) is func
         node = self.graph.create_node("call_method" if is_method else "call_function",
                                       name if is_method else func,
@@ -349,32 +411,60 @@ class _Recorder(TorchFunctionMode):
         return result
 
     # -- module hooks ------------------------------------------------------------------------------
-    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def pre_hook(self, module: nn.Module, args: tuple) -> None:
+        if id(module) not in self.known or threading.get_ident() != self.thread:
+            return
         self.in_hook = True
         try:
-            self._enter(module, args, kwargs)
+            self._enter(module, args)
         finally:
             self.in_hook = False
 
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if id(module) not in self.known or threading.get_ident() != self.thread:
+            return
         self.in_hook = True
         try:
-            self._leave(module, output)
+            self._leave(module, args, kwargs, output)
         finally:
             self.in_hook = False
 
-    def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _enter(self, module: nn.Module, args: tuple) -> None:
         key = id(module)
         self.calls[key] = self.calls.get(key, 0) + 1
         if self.leaf_depth:
             self.leaf_depth += 1
-            self.leaf_stack.append((module, None, None, self.frame))
+            self.leaf_stack.append((module, None))
             return
         if module is self.model:
-            for i, tensor in enumerate(_tensors_in((args, kwargs), [])):
+            for i, tensor in enumerate(_tensors_in(args, [])):
                 node = self.graph.placeholder(f"input_{i}")
                 self.values[id(tensor)] = (node, tensor)
         if key in self.leaves:
+            program = None
+            if key in self.inspected:
+                first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                program = Program(None if first is None else tuple(first.shape),
+                                  None if first is None else first.dtype, extra_inputs=len(args) != 1)
+                self.program_values = {} if first is None else {id(first): Ref("input")}
+                self.program_keep = [] if first is None else [first]
+                self.programs.setdefault(key, []).append(program)
+            self.program = program
+            self.leaf_depth = 1
+            self.leaf_zeroed = self.shape_only and key in self.zeroed
+            self.leaf_stack.append((module, program))
+            return
+        # Keyword arguments are not seen here (global pre-hooks get none): they count at the frame's exit.
+        self.frame = Frame(module, self.frame, all(_is_tensors(a) for a in args), len(args))
+
+    def _leave(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.leaf_depth:
+            _, program = self.leaf_stack.pop()
+            self.leaf_depth -= 1
+            if self.leaf_depth:
+                return
+            self.leaf_zeroed = False
+            key = id(module)
             if args and isinstance(args[0], torch.Tensor):
                 self.ranks.setdefault(key, set()).add(args[0].dim())
             target = self.index.name(module)
@@ -382,30 +472,9 @@ class _Recorder(TorchFunctionMode):
             node = self.graph.create_node("call_module", target, cast(tuple, self._mapped(tuple(args))),
                                           cast(dict, self._mapped(kwargs)))
             self.frames[node] = self.frame
-            program = None
-            if key in self.inspected:
-                first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-                program = Program(None if first is None else tuple(first.shape),
-                                  None if first is None else first.dtype,
-                                  extra_inputs=len(args) + len(kwargs) != 1)
-                self.program_values = {} if first is None else {id(first): Ref("input")}
-                self.program_keep = [] if first is None else [first]
-                self.programs.setdefault(key, []).append(program)
-            self.program = program
-            self.leaf_depth = 1
-            self.leaf_stack.append((module, node, program, self.frame))
-            return
-        self.frame = Frame(module, self.frame, all(_is_tensors(a) for a in (*args, *kwargs.values())),
-                           len(args) + len(kwargs))
-
-    def _leave(self, module: nn.Module, output: Any) -> None:
-        if self.leaf_depth:
-            _, node, program, _ = self.leaf_stack.pop()
-            self.leaf_depth -= 1
-            if node is None:
-                return
             if program is not None:
                 program.output = self.program_values.get(id(output)) if isinstance(output, torch.Tensor) else None
+                program.extra_inputs = program.extra_inputs or bool(kwargs)
                 self.program = None
                 self.program_values = {}
                 self.program_keep = []
@@ -413,9 +482,19 @@ class _Recorder(TorchFunctionMode):
         else:
             frame = self.frame
             if frame is not None and frame.module is module:
+                if kwargs:
+                    frame.args_are_tensors = frame.args_are_tensors and all(_is_tensors(v) for v in kwargs.values())
+                    frame.given += len(kwargs)
                 self.frame = frame.parent
         if module is self.model:
             self.graph.output(self._mapped(output))
+
+
+def _bool_index(args: tuple) -> bool:
+    """Whether ``x[index]`` indexes with a boolean tensor (its shape then depends on the mask's values)."""
+    index = args[1] if len(args) > 1 else None
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
 
 
 def _snapshot(modules: list[nn.Module]) -> list[tuple[nn.Module, dict, dict, dict]]:
@@ -435,26 +514,29 @@ def _restore(snapshot: list[tuple[nn.Module, dict, dict, dict]]) -> None:
                 mine.update(saved)
 
 
-def _run(model: nn.Module, index: ModelIndex, inspected: set[int], args: tuple, on_meta: bool) -> _Recorder:
-    recorder = _Recorder(model, index, inspected, on_meta)
-    handles = []
-    snapshot = _snapshot(index.modules) if on_meta else []
+def _run(model: nn.Module, index: ModelIndex, inspected: set[int], args: tuple, shape_only: bool) -> _Recorder:
+    recorder = _Recorder(model, index, inspected, shape_only)
+    # A shape-only run may leave zeros where a forward caches what it computed: those assignments are undone.
+    snapshot = _snapshot(index.modules) if shape_only else []
+    handles = [register_module_forward_pre_hook(recorder.pre_hook),
+               register_module_forward_hook(recorder.post_hook, with_kwargs=True)]
     try:
-        for module in index.modules:
-            handles.append(module.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True, prepend=True))
-            handles.append(module.register_forward_hook(recorder.post_hook, with_kwargs=True))
         with eval_mode(model), torch.no_grad(), recorder:
-            model(*(_to_meta(args) if on_meta else args))
+            model(*args)
     finally:
-        if on_meta:
-            _restore(snapshot)
         for handle in handles:
             handle.remove()
+        if shape_only:
+            _restore(snapshot)
     return recorder
 
 
 def record(model: nn.Module, index: ModelIndex, example_inputs: Any) -> Recording | None:
     """Run ``model`` on ``example_inputs`` and return its recorded dataflow (None when the model itself is a leaf).
+
+    The first run is shape-only: conv and linear layers return zeros of their output's shape instead of
+    computing it (most of a forward's time). Code that reads a tensor's values (a branch on a value, a
+    data-dependent shape) stops it, and the model runs again, really.
 
     Raises ValueError naming the model and the inputs' shapes when the model cannot run on them.
     """
@@ -466,14 +548,13 @@ def record(model: nn.Module, index: ModelIndex, example_inputs: Any) -> Recordin
     args = as_args(example_inputs)
     inspected = {id(m) for m in index.modules if _inspected(m, index)}
     recorder = None
-    if not any(isinstance(t, torch.Tensor) and t.is_meta for t in _tensors_in(args, [])):
-        try:
-            recorder = _run(model, index, inspected, args, on_meta=True)
-        except Exception:  # noqa: BLE001 - a shape-only run that cannot go on: the real run decides
-            recorder = None
+    try:
+        recorder = _run(model, index, inspected, args, shape_only=True)
+    except Exception:  # noqa: BLE001 - whatever stops the shape-only run, the real run decides
+        recorder = None
     if recorder is None:
         try:
-            recorder = _run(model, index, inspected, args, on_meta=False)
+            recorder = _run(model, index, inspected, args, shape_only=False)
         except Exception as error:  # the user's model on the user's inputs: say which and what shapes
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise ValueError(f"fuse: running {type(model).__qualname__} on example_inputs "
@@ -483,7 +564,7 @@ def record(model: nn.Module, index: ModelIndex, example_inputs: Any) -> Recordin
                          "without its forward hooks running")
     region = Region("", model, recorder.graph, recorder.modules)
     return Recording(region, recorder.calls, recorder.ranks, recorder.programs, recorder.frames,
-                     recorder.on_meta)
+                     recorder.shape_only)
 
 
 def _inspected(module: nn.Module, index: ModelIndex) -> bool:
