@@ -82,6 +82,20 @@ def test_the_readme_stays_short():
     assert lines <= 320, f"README.md has {lines} lines; move reference material to docs/"
 
 
+TEST_COMMAND = 'pip install -e ".[test,zoo,peers]" && python -m pytest'
+
+
+def test_ci_runs_the_readmes_test_command_verbatim():
+    """The README's second command is what CI runs: the same line in both, and in .ci/run as a command, not a
+    comment."""
+    readme = README.read_text(encoding="utf-8")
+    bash_blocks = [m["body"] for m in _FENCE.finditer(readme) if m["info"].strip() == "bash"]
+    assert any(TEST_COMMAND in line.split("#", 1)[0] for line in bash_blocks[0].splitlines()), (
+        "the README's first bash block no longer holds the test command")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert TEST_COMMAND in [line.strip() for line in ci], ".ci/run does not run the README's test command verbatim"
+
+
 @pytest.fixture(scope="module")
 def namespaces() -> dict[str, dict]:
     return {}
