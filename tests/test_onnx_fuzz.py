@@ -13,6 +13,8 @@ oracle, never the code under test:
 - two convs -> Concat(axis=1) -> BN: folds, a channel slice into each conv;
 - Relu -> BN -> zero-padded 3x3 conv; Relu -> BN -> Relu; Relu -> BN -> transposed conv;
   Relu -> BN -> two convs; conv -> BN added to the conv's own output: none fold;
+- a bias as its own Add (PaddlePaddle): conv -> Add(per-channel constant) -> 1 or 2 BNs, or BN -> Add(per-channel
+  constant) -> 1x1 conv: all fold; conv -> Add(a constant along W, or per position) -> BN -> Relu: none;
 - a plain conv, or an Add of two public values: no BN;
 - optionally a head: GlobalAveragePool -> Flatten -> Gemm or MatMul+Add -> BN (folds), or
   Flatten -> BN -> Gemm (folds).
@@ -122,12 +124,44 @@ def block_trap(p: Program, data: st.DataObject, x: str) -> str:
     return b.node("Add", [b.conv(y, p.name("conv"), C, C, 1), b.conv(y, p.name("conv"), C, C, 1)], p.name("add"))
 
 
+#: Shapes of an Add's constant that add one value per channel to an (N, C, H, W) value, and shapes that do not.
+PER_CHANNEL = [(1, C, 1, 1), (C, 1, 1), (), (1,), (1, 1, 1, 1)]
+NOT_PER_CHANNEL = [(SHAPE[3],), (1, C, SHAPE[2], SHAPE[3]), (1, 1, SHAPE[2], 1)]
+
+
+def _add_constant(p: Program, data: st.DataObject, y: str, shapes: list) -> str:
+    shape = data.draw(st.sampled_from(shapes))
+    return p.b.add_constant(y, p.name("add"), shape, first=data.draw(st.booleans()))
+
+
+def block_add_bias(p: Program, data: st.DataObject, x: str) -> str:
+    """A bias written as its own Add (PaddlePaddle): conv -> Add(c) -> 1 or 2 BNs, or BN -> Add(c) -> unpadded
+    conv; every BN folds."""
+    if data.draw(st.booleans()):
+        y = _add_constant(p, data, _conv(p, data, x), PER_CHANNEL)
+        norms = data.draw(st.integers(1, 2))
+        for _ in range(norms):
+            y = p.b.bn(y, p.name("bn"), C)
+        p.folds += norms
+        return y
+    y = _add_constant(p, data, p.b.bn(x, p.name("bn"), C), PER_CHANNEL)
+    p.folds += 1
+    return p.b.conv(y, p.name("conv"), C, C, 1, group=data.draw(st.sampled_from([1, 2])))
+
+
+def block_add_trap(p: Program, data: st.DataObject, x: str) -> str:
+    """conv -> Add(a constant that is not per channel) -> BN -> Relu: the BN stays."""
+    y = _add_constant(p, data, _conv(p, data, x, transposed=False), NOT_PER_CHANNEL)
+    p.left += 1
+    return p.b.node("Relu", [p.b.bn(y, p.name("bn"), C)], p.name("relu"))
+
+
 def block_plain(p: Program, data: st.DataObject, x: str) -> str:
     return _conv(p, data, x)
 
 
 BLOCKS = {"conv_bn": block_conv_bn, "bn_conv": block_bn_conv, "concat_bn": block_concat_bn, "trap": block_trap,
-          "plain": block_plain}
+          "plain": block_plain, "add_bias": block_add_bias, "add_trap": block_add_trap}
 
 
 def head(p: Program, data: st.DataObject, x: str) -> str:

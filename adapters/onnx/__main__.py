@@ -48,13 +48,16 @@ its relative RMS error is within 4x the original's own error in the same dtype (
 original with every parameter rounded once more), for every output and for every intermediate value
 the two graphs share by name and folding leaves unchanged; the first diverging value is named.
 
-Inputs are seeded random (standard normal floats). Dynamic dims are 1 unless --input-shape gives
-them. Exit status 0 when the folded model passes, 1 when it fails (or cannot run), 2 for bad input.
+Inputs are seeded random (standard normal floats). Dynamic dims (named, unknown or negative, as
+PaddlePaddle writes them) take --input-shape, else the smallest candidate size (the graph's own size
+constants, then 8, 16, 32, 64, 224, 320, 640) on which the original graph's outputs are finite and not
+constant; without one, verify refuses and names the inputs. Exit status 0 when the folded model
+passes, 1 when it fails (or cannot run), 2 for bad input.
 """
 
 _AUDIT_DESCRIPTION = """\
 Run one or more third-party passes, each a function ModelProto -> ModelProto given as
-MODULE:FUNCTION, over the ONNX case suite (adapters/onnx/suite/cases.py; with --zoo also the ONNX
+MODULE:FUNCTION, over the ONNX case suite (adapters/onnx/suite/cases/; with --zoo also the ONNX
 exports of the model zoo, which need torch and torchvision) and give each model one status:
 
   ok       the output is right and every foldable BatchNormalization was folded
@@ -113,11 +116,24 @@ def _readable_model(path_text: str, what: str) -> Any:
         raise BadInput(f"{what} {path_text} uses opset {opset}, newer than the installed onnx {onnx.__version__} "
                        f"knows ({newest}): unsupported")
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        if _has_negative_dims(model):
+            # PaddlePaddle writes -1 for a dynamic dim, which onnx's shape inference would compute with: check the
+            # weightless skeleton, whose negative dims are left unknown.
+            from .graph import skeleton
+
+            onnx.checker.check_model(skeleton(model, {t.name: t for t in model.graph.initializer}), full_check=True)
+        else:
+            onnx.checker.check_model(str(path), full_check=True)
     except Exception as error:  # ValidationError, InferenceError
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise BadInput(f"{what} {path_text} is not a valid ONNX model (onnx.checker): {first}") from error
     return model
+
+
+def _has_negative_dims(model: Any) -> bool:
+    graph = model.graph
+    return any(d.HasField("dim_value") and d.dim_value < 0 for info in (*graph.input, *graph.output, *graph.value_info)
+               if info.type.HasField("tensor_type") for d in info.type.tensor_type.shape.dim)
 
 
 def _writable_output(path_text: str, source: str) -> Path:
@@ -161,12 +177,17 @@ def _fold_main(argv: Sequence[str], prog: str = PROG) -> int:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--verify", action="store_true",
                         help="also judge the folded model against the float64 reference of the original")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]D0,D1,...",
+                        help="with --verify: shape of a graph input's generated feed (repeat for several inputs)")
     args = parser.parse_args(argv)
     try:
         output = _writable_output(args.output, args.model)
         model = _readable_model(args.model, "model")
+        shapes = _parse_shapes(args.input_shape, model)
     except BadInput as error:
         return _fail(str(error))
+    if shapes and not args.verify:
+        return _fail("--input-shape is for --verify (the fold itself needs no inputs)")
 
     from . import fuse
 
@@ -179,7 +200,7 @@ def _fold_main(argv: Sequence[str], prog: str = PROG) -> int:
         from .checking import ModelRunError, verify
 
         try:
-            verdict = verify(model, folded)
+            verdict = verify(model, folded, input_shapes=shapes)
         except (ModelRunError, ValueError) as error:
             return _fail(f"cannot verify {args.model}: {error}")
     try:

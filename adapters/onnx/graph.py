@@ -188,10 +188,12 @@ class Scope:
 
 
 def _shape_of(info: onnx.ValueInfoProto) -> Dims | None:
-    """The declared shape (None for a dim without a fixed value), or None when not even the rank is given."""
+    """The declared shape (None for a dim without a fixed value: a name, nothing, or a negative value as PaddlePaddle
+    writes for a dynamic dim), or None when not even the rank is given."""
     t = info.type
     if t.HasField("tensor_type") and t.tensor_type.HasField("shape"):
-        return tuple(d.dim_value if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim)
+        return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                     for d in t.tensor_type.shape.dim)
     return None
 
 
@@ -390,7 +392,8 @@ _SKELETON_KEEP = 1024
 
 def skeleton(model: ModelProto, initializers: dict[str, TensorProto]) -> ModelProto:
     """The model without its large weights: every initializer over a few hundred values becomes a graph input of
-    the same type and shape. Cheap to validate and to run shape inference on, whatever the model's size."""
+    the same type and shape, and a negative dim of the main graph's inputs, outputs and value_info is left
+    unknown. Cheap to validate and to run shape inference on, whatever the model's size."""
     skel = ModelProto()
     for fd, value in model.ListFields():
         if fd.name in ("graph", "training_info"):
@@ -408,6 +411,12 @@ def skeleton(model: ModelProto, initializers: dict[str, TensorProto]) -> ModelPr
             graph.initializer.append(tensor)
         elif name not in listed:
             graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+    # A negative dim value (PaddlePaddle's "dynamic") is no size: shape inference would compute with it.
+    for info in (*graph.input, *graph.output, *graph.value_info):
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            for dim in info.type.tensor_type.shape.dim:
+                if dim.HasField("dim_value") and dim.dim_value < 0:
+                    dim.Clear()
     return skel
 
 

@@ -8,11 +8,12 @@ kernels are replaced and which values a fold may change: spec/onnx.md, "Verifyin
 """
 
 from ...verdict import LayerDivergence, ModelRunError, OutputCheck, Verdict
+from .feeds import choose_input_shapes, graph_feeds, make_feeds
 from .judge import verify
 from .kernels import REFERENCE_KERNELS
 from .retype import load_model, retyped_copy
-from .run import graph_feeds, make_feeds, onnxruntime_session, reference_outputs, rounded_copy, run_onnxruntime
+from .run import onnxruntime_session, reference_outputs, rounded_copy, run_onnxruntime
 
 __all__ = ["verify", "reference_outputs", "run_onnxruntime", "retyped_copy", "rounded_copy", "make_feeds",
-           "load_model", "graph_feeds", "onnxruntime_session", "REFERENCE_KERNELS", "Verdict", "OutputCheck",
-           "LayerDivergence", "ModelRunError"]
+           "choose_input_shapes", "load_model", "graph_feeds", "onnxruntime_session", "REFERENCE_KERNELS",
+           "Verdict", "OutputCheck", "LayerDivergence", "ModelRunError"]

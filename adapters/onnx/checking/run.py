@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,91 +26,6 @@ from .kernels import REFERENCE_KERNELS
 from .retype import _rounded, load_model, retyped_copy
 
 _PROTO_LIMIT = 1_800_000_000  # serialized protobufs are capped at 2 GiB; larger models go through a file
-
-
-def graph_feeds(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """The graph inputs that must be fed (inputs that are also initializers are optional overrides)."""
-    initializers = {t.name for t in model.graph.initializer} | {
-        s.values.name for s in model.graph.sparse_initializer}
-    return [value for value in model.graph.input if value.name not in initializers]
-
-
-def _float_type(value: onnx.ValueInfoProto) -> int | None:
-    if value.type.WhichOneof("value") != "tensor_type":
-        return None
-    return value.type.tensor_type.elem_type
-
-
-def make_feeds(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0,
-               notes: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Seeded random inputs for every graph input: standard normal floats, small non-negative integers.
-
-    A dimension given by name (symbolic) or left unknown takes ``input_shapes[name]`` when given,
-    else 1 (and a note is appended to ``notes``). ``input_shapes`` must name existing inputs, and
-    may not contradict a fixed dimension.
-    """
-    shapes = dict(input_shapes or {})
-    wanted = graph_feeds(model)
-    unknown = set(shapes) - {v.name for v in wanted}
-    if unknown:
-        raise ValueError(f"input_shapes names no graph input: {sorted(unknown)}; the inputs are "
-                         f"{[v.name for v in wanted]}")
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
-    for value in wanted:
-        elem_type = _float_type(value)
-        if elem_type is None:
-            raise ValueError(f"graph input {value.name!r} is not a tensor ({value.type.WhichOneof('value')}): "
-                             "pass feeds explicitly")
-        dims = value.type.tensor_type.shape.dim if value.type.tensor_type.HasField("shape") else None
-        if dims is None:
-            if value.name not in shapes:
-                raise ValueError(f"graph input {value.name!r} has no shape (not even a rank): pass input_shapes")
-            shape = [int(d) for d in shapes[value.name]]
-        else:
-            fixed = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-            given = shapes.get(value.name)
-            if given is not None:
-                given = [int(d) for d in given]
-                if len(given) != len(fixed):
-                    raise ValueError(f"input_shapes[{value.name!r}] = {given} has rank {len(given)}, the graph input "
-                                     f"has rank {len(fixed)} ({_shape_text(dims)})")
-                clash = [i for i, (f, g) in enumerate(zip(fixed, given, strict=True)) if f is not None and f != g]
-                if clash:
-                    raise ValueError(f"input_shapes[{value.name!r}] = {given} contradicts the fixed dims of the graph "
-                                     f"input ({_shape_text(dims)}) at axis {clash[0]}")
-                shape = given
-            else:
-                shape = [1 if f is None else f for f in fixed]
-                symbolic = [_dim_text(d) for d, f in zip(dims, fixed, strict=True) if f is None]
-                if symbolic and notes is not None:
-                    notes.append(f"input {value.name!r} has dynamic dims {symbolic}: fed with 1 there "
-                                 f"(shape {shape}); pass input_shapes to choose")
-        if any(d < 0 for d in shape):
-            raise ValueError(f"input {value.name!r}: negative dimension in shape {shape}")
-        np_dtype = helper.tensor_dtype_to_np_dtype(elem_type)
-        if elem_type in FLOAT_TYPES:
-            feeds[value.name] = rng.standard_normal(shape).astype(np_dtype)
-        elif elem_type == TensorProto.BOOL:
-            feeds[value.name] = rng.integers(0, 2, shape).astype(bool)
-        elif np.issubdtype(np_dtype, np.integer):
-            feeds[value.name] = rng.integers(0, 4, shape).astype(np_dtype)
-            if notes is not None:
-                notes.append(f"input {value.name!r} is {np.dtype(np_dtype).name}: fed with random values in [0, 4)")
-        else:
-            raise ValueError(f"graph input {value.name!r} has element type "
-                             f"{TensorProto.DataType.Name(elem_type)}: pass feeds explicitly")
-    return feeds
-
-
-def _dim_text(dim: onnx.TensorShapeProto.Dimension) -> str:
-    if dim.HasField("dim_value"):
-        return str(dim.dim_value)
-    return dim.dim_param or "?"
-
-
-def _shape_text(dims: Iterable[onnx.TensorShapeProto.Dimension]) -> str:
-    return "[" + ", ".join(_dim_text(d) for d in dims) + "]"
 
 
 def _with_outputs(model: onnx.ModelProto, names: Sequence[str],
@@ -159,13 +74,14 @@ def _weight_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def onnxruntime_session(model: onnx.ModelProto, threads: int = 0) -> Any:
-    """An onnxruntime CPU session for ``model`` with every graph optimization disabled (large models via a file)."""
+def onnxruntime_session(model: onnx.ModelProto, threads: int = 0, *, quiet: bool = False) -> Any:
+    """An onnxruntime CPU session for ``model`` with every graph optimization disabled (large models via a file);
+    ``quiet``: not even errors are logged (runs that are allowed to fail)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4 if quiet else 3
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
