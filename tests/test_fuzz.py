@@ -34,6 +34,7 @@ from adapters.torch.suite.cases import (
     randomize_norm_stats,
     randomize_parameters,
 )
+from adapters.torch.suite.realcode_cases import CustomBatchNormCall, FrozenCopy, PaddedConv2d, SquaredLookalike
 from refimpl import compare_models
 
 CHANNELS = 4
@@ -107,6 +108,12 @@ class FuzzModel(nn.Module):
                 env[out] = env[args[0]].flatten(0, 1)
             elif op == "reshape_as":
                 env[out] = env[args[0]].reshape_as(env[args[1]])
+            elif op == "write":       # an in-place write into the tensor (no new value for the graph)
+                env[args[0]][:, :1] = 0.5
+                env[out] = env[args[0]]
+            elif op == "pad_same":    # TF-"same" zero padding for a 3x3 kernel, computed from the shape
+                height, width = env[args[0]].shape[-2:]
+                env[out] = nn.functional.pad(env[args[0]], [1, 1, 1, 1] if height > 1 and width > 1 else [0] * 4)
             else:
                 raise ValueError(f"unknown op {op!r} in program")
         return env[out]
@@ -241,7 +248,41 @@ def block_token_linear_bn(draw, p: Program, x: str) -> str:
     return p.apply("untokens", normed, x)
 
 
-BLOCKS = [block_same_conv, block_token_linear_bn, block_conv_bn, block_conv_bn_bn, block_conv_act_bn, block_bn_conv,
+def block_norm_by_semantics(draw, p: Program, x: str) -> str:
+    # Norms recognised from their recorded forward (a FrozenBatchNorm copy with a literal eps, F.batch_norm in a
+    # custom module) fold like BatchNorm2d; a running-statistics lookalike that squares its output never does.
+    kind = draw(st.sampled_from([FrozenCopy, CustomBatchNormCall, SquaredLookalike]))
+    conv, norm = p.module(_conv(draw)), p.module(kind(CHANNELS))
+    if kind is not SquaredLookalike:
+        p.foldable.add(norm)
+    return p.call(norm, p.call(conv, x))
+
+
+def block_padded_conv(draw, p: Program, x: str) -> str:
+    # A conv subclass that pads from x.shape, then F.conv2d on its own weight and bias: a partner for a BN after
+    # it, never for one before it (the padding sits between them).
+    conv = p.module(PaddedConv2d(CHANNELS, CHANNELS, 3, bias=draw(st.booleans())))
+    bn = p.module(nn.BatchNorm2d(CHANNELS))
+    if draw(st.booleans()):
+        p.foldable.add(bn)
+        return p.call(bn, p.call(conv, x))
+    return p.call(conv, p.call(bn, x))
+
+
+def block_written_or_padded(draw, p: Program, x: str) -> str:
+    # conv -> in-place write -> BN: the written values are not the conv's, nothing folds. Padding computed from
+    # the input's shape before a conv (padding=0) -> BN: folds (the padding is before the conv).
+    bn = p.module(nn.BatchNorm2d(CHANNELS))
+    if draw(st.booleans()):
+        conv = p.module(_conv(draw))
+        return p.call(bn, p.apply("write", p.call(conv, x)))
+    conv = p.module(nn.Conv2d(CHANNELS, CHANNELS, 3, bias=draw(st.booleans())))
+    p.foldable.add(bn)
+    return p.call(bn, p.call(conv, p.apply("pad_same", x)))
+
+
+BLOCKS = [block_norm_by_semantics, block_padded_conv, block_written_or_padded,
+          block_same_conv, block_token_linear_bn, block_conv_bn, block_conv_bn_bn, block_conv_act_bn, block_bn_conv,
           block_bn_conv_transpose,
           block_conv_transpose_bn, block_branches, block_bn_after_add, block_conv_output_used_twice,
           block_conv_reused, block_shared_bn]
