@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import nn
 
-from .registry import _register, _seq
+from .registry import _PADDING_MODES, _PaddingMode, _register, _seq
 
 
 @_register("conv1d_bn", (2, 3, 8), foldable=1, left=0, family="conv->bn",
@@ -17,9 +15,6 @@ def _conv1d_bn() -> nn.Module:
     channels are BN's channels whatever the padding, so the BN folds; nothing is left."""
     return _seq(nn.Conv1d(3, 4, 3, stride=2, padding=1, padding_mode="reflect"), nn.BatchNorm1d(4))
 
-
-_PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
-_PADDING_MODES: tuple[_PaddingMode, ...] = ("zeros", "reflect", "replicate", "circular")
 
 for _mode in _PADDING_MODES:
     def _make(mode: _PaddingMode = _mode) -> nn.Module:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .conv_bn import _PADDING_MODES, _PaddingMode
-from .registry import _register, _seq
+from .registry import _PADDING_MODES, _PaddingMode, _register, _seq
 
 
 @_register("linear_bn1d_2d_input", (4, 5), foldable=1, left=0, family="linear->bn",

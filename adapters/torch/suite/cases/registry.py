@@ -35,6 +35,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -118,6 +119,11 @@ def _register(name: str, input_shape: tuple[int, ...], *, foldable: int, left: i
         return make
 
     return decorator
+
+
+#: torch's padding modes, for the cases that run through each.
+_PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
+_PADDING_MODES: tuple[_PaddingMode, ...] = ("zeros", "reflect", "replicate", "circular")
 
 
 def _seq(*layers: nn.Module) -> nn.Sequential:
