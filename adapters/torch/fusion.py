@@ -37,6 +37,7 @@ from .graph import (
     ModelIndex,
     NormPosition,
     SiteAnalysis,
+    TraceResult,
     WeightNormed,
     analyse_sites,
     summarize_arguments,
@@ -766,8 +767,12 @@ def _fuse(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FusionRepor
     if recording is not None:
         inspect_leaves(recording, index)
         # Submodules the run never called (the other side of a branch) are analysed from their symbolic trace.
-        with eval_mode(model):
-            traced = trace_regions(model, index, _uncalled_subtrees(model, index, recording.calls))
+        uncalled = _uncalled_subtrees(model, index, recording.calls)
+        if uncalled:
+            with eval_mode(model):
+                traced = trace_regions(model, index, uncalled)
+        else:
+            traced = TraceResult(regions=[])
         traced.regions.insert(0, recording.region)
         analysis = analyse_sites(index, traced.regions, recording.ranks)
         calls = recording.calls

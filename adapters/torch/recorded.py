@@ -67,6 +67,10 @@ _LAYER_FUNCTIONS = {LayerKind.CONV: {"conv1d", "conv2d", "conv3d"}, LayerKind.LI
 _FLOAT_CASTS = {"float", "half", "bfloat16", "double"}
 
 
+#: Whether this torch's fx.Graph has the internals the recorder's fast node creation uses (else create_node).
+_FAST_NODES = all(hasattr(fx.Graph, a) for a in ("_insert",)) and hasattr(fx.Graph(), "_find_nodes_lookup_table")
+
+
 class _NeedsRealRun(Exception):
     """The shape-only run met code that reads tensor values: only the real run can answer it."""
 
@@ -296,8 +300,22 @@ class _Recorder(TorchFunctionMode):
         self.program_keep: list[torch.Tensor] = []
         self.tensor_names: dict[int, str] | None = None
         self.in_hook = False      # the hooks' own tensor reads (shape, dim) are not the model's
+        self.node_count = 0
 
     # -- values ------------------------------------------------------------------------------
+    def _node(self, op: str, target: Any, args: tuple = (), kwargs: dict | None = None) -> fx.Node:
+        """A new node at the end of the graph. ``Graph.create_node`` walks every argument again and derives a
+        name from the target (a third of the recording's time); names here only need to be unique."""
+        graph = self.graph
+        if not _FAST_NODES:
+            return graph.create_node(op, target, args, kwargs)
+        self.node_count += 1
+        node = fx.Node(graph, f"{op}_{self.node_count}", op, target, args, kwargs or {})
+        graph._insert(node)
+        graph._find_nodes_lookup_table.insert(node)
+        graph._len += 1
+        return node
+
     def _node_of(self, tensor: torch.Tensor) -> fx.Node:
         known = self.values.get(id(tensor))
         if known is not None and known[1] is tensor:
@@ -311,9 +329,9 @@ class _Recorder(TorchFunctionMode):
             self.tensor_names = names
         owner_name = self.tensor_names.get(id(tensor))
         if owner_name is not None:
-            node = self.graph.create_node("get_attr", owner_name)
+            node = self._node("get_attr", owner_name)
         else:
-            node = self.graph.create_node("call_function", recorded_constant)
+            node = self._node("call_function", recorded_constant)
             node.meta["value"] = tensor
         self.values[id(tensor)] = (node, tensor)
         return node
@@ -337,7 +355,7 @@ class _Recorder(TorchFunctionMode):
         elif isinstance(result, (tuple, list)):
             for i, item in enumerate(result):
                 if isinstance(item, torch.Tensor):
-                    item_node = self.graph.create_node("call_function", operator.getitem, (node, i))
+                    item_node = self._node("call_function", operator.getitem, (node, i))
                     self.values[id(item)] = (item_node, item)
 
     def _observe(self, what: str) -> None:
@@ -404,7 +422,7 @@ class _Recorder(TorchFunctionMode):
                 return result
             # A value read or an in-place write returning None (x[i] = y): a use of its tensors all the same.
         is_method = getattr(torch.Tensor, name, None) is func or getattr(torch._C.TensorBase, name, None) is func
-        node = self.graph.create_node("call_method" if is_method else "call_function",
+        node = self._node("call_method" if is_method else "call_function",
                                       name if is_method else func,
                                       cast(tuple, self._mapped(tuple(args))), cast(dict, self._mapped(kwargs)))
         self._bind(node, result)
@@ -469,7 +487,7 @@ class _Recorder(TorchFunctionMode):
                 self.ranks.setdefault(key, set()).add(args[0].dim())
             target = self.index.name(module)
             self.modules[target] = module
-            node = self.graph.create_node("call_module", target, cast(tuple, self._mapped(tuple(args))),
+            node = self._node("call_module", target, cast(tuple, self._mapped(tuple(args))),
                                           cast(dict, self._mapped(kwargs)))
             self.frames[node] = self.frame
             if program is not None:
@@ -497,19 +515,22 @@ def _bool_index(args: tuple) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
 
 
-def _snapshot(modules: list[nn.Module]) -> list[tuple[nn.Module, dict, dict, dict]]:
-    return [(m, dict(vars(m)), dict(m._buffers), dict(m._parameters)) for m in modules]
+_Snapshot = list[tuple[nn.Module, tuple, tuple, dict, dict]]
 
 
-def _restore(snapshot: list[tuple[nn.Module, dict, dict, dict]]) -> None:
+def _snapshot(modules: list[nn.Module]) -> _Snapshot:
+    return [(m, tuple(vars(m)), tuple(vars(m).values()), dict(m._buffers), dict(m._parameters)) for m in modules]
+
+
+def _restore(snapshot: _Snapshot) -> None:
     """Put back every attribute, buffer and parameter a run assigned (what it wrote into tensors stays)."""
-    for module, attributes, buffers, parameters in snapshot:
+    for module, names, values, buffers, parameters in snapshot:
         current = vars(module)
-        if current.keys() != attributes.keys() or any(current[k] is not v for k, v in attributes.items()):
+        if tuple(current) != names or not all(map(operator.is_, current.values(), values)):
             current.clear()
-            current.update(attributes)
+            current.update(zip(names, values, strict=True))
         for mine, saved in ((module._buffers, buffers), (module._parameters, parameters)):
-            if mine.keys() != saved.keys() or any(mine[k] is not v for k, v in saved.items()):
+            if mine.keys() != saved.keys() or not all(map(operator.is_, mine.values(), saved.values())):
                 mine.clear()
                 mine.update(saved)
 
