@@ -1051,7 +1051,8 @@ class _Finder:
         start = 0
         for position, name in enumerate(node.input):
             source = scope.producer.get(name, (None, 0))[0]
-            if source is None or scope.nodes[source].op_type not in ("Conv", "ConvTranspose"):
+            shifted = source is not None and scope.nodes[source].op_type == "Add" and _is_default(scope.nodes[source])
+            if source is None or not (shifted or scope.nodes[source].op_type in ("Conv", "ConvTranspose")):
                 origin = "an input" if source is None else scope.describe(source)
                 self.note("no_fusable_neighbour", f"{norm.label} reads {what}, whose input {position} '{name}' comes "
                           f"from {origin}, not a conv")
@@ -1060,7 +1061,12 @@ class _Finder:
             if why is not None:
                 self.note("output_used_elsewhere", f"{scope.describe(source)} -> {what} -> {norm.label}: {why}")
                 return
-            layer = self.layer(source)
+            # a conv, or a conv -> Add(per-channel constant): its bias as its own node
+            layer = self.shifted_layer(source) if shifted else self.layer(source)
+            if layer is not None and layer.kind not in (LayerKind.CONV, LayerKind.CONV_TRANSPOSE):
+                self.note("no_fusable_neighbour", f"{norm.label} reads {what}, whose input {position} '{name}' comes "
+                          f"from {layer.label}, not a conv")
+                return
             if layer is None or not self.layer_feeds_norm(layer, f"{layer.label} -> {norm.label}"):
                 return
             if axis == 1:

@@ -190,3 +190,16 @@ def _bn_conv_add_bn(b: GraphBuilder) -> None:
     x = b.input("x", [2, 3, 6, 6])
     y = b.add_constant(b.conv(b.bn(x, "bn0", 3), "conv", 3, 4, 1, bias=False), "add", (1, 4, 1, 1))
     b.output(b.bn(y, "bn1", 4))
+
+
+@register("conv_add_concat_bn", "conv->bn", folds=1, norms_left=0,
+          pairs=(("bn", "conv_a", "conv->bn", (0, 2)), ("bn", "conv_b", "conv->bn", (2, 5))))
+def _conv_add_concat_bn(b: GraphBuilder) -> None:
+    """Conv (3->2, no bias) -> Add([1, 2, 1, 1]) and Conv (3->3, bias) -> Concat(axis=1) -> BatchNormalization(5):
+    the Add is conv_a's bias; channels [0, 2) of the BN fold into conv_a (the Add goes), [2, 5) into conv_b; one
+    BN removed."""
+    x = b.input("x", [2, 3, 6, 6])
+    a = b.add_constant(b.conv(x, "conv_a", 3, 2, 3, bias=False, **PAD1), "add", (1, 2, 1, 1))
+    c = b.conv(x, "conv_b", 3, 3, 1)
+    b.output(b.bn(b.node("Concat", [a, c], "concat", axis=1), "bn", 5))
+

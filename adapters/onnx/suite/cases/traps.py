@@ -366,3 +366,14 @@ def _bn_add_last_axis_conv(b: GraphBuilder) -> None:
     folds (the BN reads a graph input)."""
     x = b.input("x", [2, 3, 6, 6])
     b.output(b.conv(b.add_constant(b.bn(x, "bn", 3), "add", (6,)), "conv", 3, 4, 1))
+
+
+@register("gemm_add_concat_bn", "trap", folds=0, norms_left=1, skips={"bn": ("no_fusable_neighbour",)})
+def _gemm_add_concat_bn(b: GraphBuilder) -> None:
+    """Two Gemm -> Add([3]) outputs -> Concat(axis=1) -> BatchNormalization(6): a Concat joins convs' outputs
+    only (for linear layers it is not taken as a fold partner); nothing folds."""
+    x = b.input("x", [2, 4])
+    parts = [b.add_constant(b.node("Gemm", [x, b.weight(f"fc{i}.weight", (4, 3), 4)], f"fc{i}"), f"add{i}", (3,))
+             for i in range(2)]
+    b.output(b.bn(b.node("Concat", parts, "concat", axis=1), "bn", 6))
+
