@@ -4,7 +4,7 @@ Each broken pass below has one deliberate fault of a kind real passes have (fold
 activation by walking back to the nearest conv, raising, returning nothing, returning a graph that
 fails the checker or that onnxruntime cannot load or run, dying in native code). Their folds use
 ``refimpl`` so that the only fault is the one named. The expected statuses are worked out from the
-case graphs (``adapters/onnx/suite/cases.py``), never by running a correct folder.
+case graphs (``adapters/onnx/suite/cases/``), never by running a correct folder.
 """
 
 from __future__ import annotations

@@ -170,12 +170,20 @@ def choose_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Seque
     """``input_shapes`` completed with a shape for every input that has dynamic dims: axis 0 of an input of rank 2
     or more (the batch) is 1, every other dynamic dim takes one candidate size (:func:`_candidate_sizes`), the
     smallest on which the original graph runs in onnxruntime with outputs that are finite and not one value
-    everywhere. Raises ValueError (one line naming the inputs and an example ``--input-shape``) when no candidate
-    does."""
+    everywhere (when only batch axes are dynamic there is nothing to choose and nothing is run). Raises ValueError
+    (one line naming the inputs and an example ``--input-shape``) when no candidate does."""
     shapes = {k: [int(d) for d in v] for k, v in (input_shapes or {}).items()}
     open_inputs = dynamic_inputs(model, shapes)
     if not open_inputs:
         return shapes
+    if all(axis == 0 and len(dims) >= 2 for _, dims, _ in open_inputs for axis, d in enumerate(dims) if d is None):
+        # only batch axes: nothing to choose (1), and verify's own run of the original warns if it is degenerate
+        trial = dict(shapes)
+        trial.update((name, [1 if d is None else d for d in dims]) for name, dims, _ in open_inputs)
+        if notes is not None:
+            described = ", ".join(f"{name!r} {text} as {trial[name]}" for name, _, text in open_inputs)
+            notes.append(f"dynamic dims: fed {described} (batch 1); pass input_shapes / --input-shape to choose")
+        return trial
     names = [o.name for o in model.graph.output]
     session = None
     failures: list[str] = []
