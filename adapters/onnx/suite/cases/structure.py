@@ -192,3 +192,39 @@ def _function_eps_attr(b: GraphBuilder) -> None:
     b.extra_opsets["bnfold.cases"] = 1
     x = b.input("x", [2, 3, 6, 6])
     b.output(b.node("ConvBnEps", [x], "block", domain="bnfold.cases", eps=1e-3))
+
+
+@register("function_conv_add_bn", "graph", folds=1, norms_left=0, opset=18, pairs=(("bn", "conv", "conv->bn"),))
+def _function_conv_add_bn(b: GraphBuilder) -> None:
+    """A model-local function whose body is Conv (Constant weight, no bias) -> Add(a Constant [1, 3, 1, 1]) ->
+    BatchNormalization -> Relu: the Add is the conv's bias; the BN folds, the Add and its Constant go; one fold."""
+    f = GraphBuilder("ConvAddBn", rng=b.rng)
+    w = f.node("Constant", [], "w", value=numpy_helper.from_array(f.uniform((3, 3, 3, 3), 0.33), "w"))
+    c = f.node("Constant", [], "c", value=numpy_helper.from_array(f.uniform((1, 3, 1, 1), 0.5), "c"))
+    params = [f.node("Constant", [], f"bn_{p}", value=numpy_helper.from_array(a, p))
+              for p, a in zip(("scale", "B", "mean", "var"), f.bn_params("bn", 3), strict=True)]
+    y = f.node("Add", [f.node("Conv", ["x", w], "conv", pads=[1, 1, 1, 1]), c], "add")
+    y = f.node("Relu", [f.node("BatchNormalization", [y, *params], "bn")], "relu")
+    b.functions.append(local_function("ConvAddBn", f.nodes, ["x"], 18))
+    b.extra_opsets["bnfold.cases"] = 1
+    x = b.input("x", [2, 3, 6, 6])
+    b.output(b.node("ConvAddBn", [x], "block", domain="bnfold.cases"))
+
+
+@register("if_branch_conv_add_bn", "graph", folds=2, norms_left=0,
+          pairs=(("then_bn", "then_conv", "conv->bn"), ("else_bn", "else_bn_conv", "bn->conv")))
+def _if_branch_conv_add_bn(b: GraphBuilder) -> None:
+    """An If whose then-branch runs Conv -> Add(a main-graph initializer [1, 4, 1, 1]) -> BN and whose
+    else-branch runs BN -> Add(another) -> Conv 1x1, on the outer input: each Add folds with its BN inside its
+    branch; two folds."""
+    x = b.input("x", [2, 3, 6, 6])
+    cond = b.input("cond", [], np.bool_, value=np.array(True))
+    then = GraphBuilder("then_branch", parent=b, rng=b.rng)
+    y = then.bn(then.add_constant(then.conv(x, "then_conv", 3, 4, 3, bias=False, **PAD1), "then_add", (1, 4, 1, 1)),
+                "then_bn", 4)
+    other = GraphBuilder("else_branch", parent=b, rng=b.rng)
+    z = other.conv(other.add_constant(other.bn(x, "else_bn", 3), "else_add", (1, 3, 1, 1)), "else_bn_conv", 3, 4, 1)
+    branches = [g.graph([helper.make_tensor_value_info(v, TensorProto.FLOAT, [2, 4, 6, 6])])
+                for g, v in ((then, y), (other, z))]
+    b.output(b.node("If", [cond], "if", then_branch=branches[0], else_branch=branches[1]))
+
