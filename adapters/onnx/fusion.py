@@ -570,10 +570,6 @@ class _Writer:
             if ref is not None and ref.name in self.slots and ref.node is None:
                 self.slots.pop(ref.name).CopyFrom(ref.tensor)
 
-    @staticmethod
-    def layers(cand: Forward | Backward) -> list[Layer]:
-        return [layer for layer, _ in cand.parts] if isinstance(cand, Forward) else [cand.layer]
-
     def remove_norms(self, choice: dict[tuple[int, int], Choice]) -> None:
         """Remove folded norms, wiring their readers to the right value: after a layer the layer's output (or
         the last value before the norm) takes the norm's output name; before a layer the layer reads the
@@ -586,8 +582,8 @@ class _Writer:
             ns = id(scope.namespace)
             producer = dict(scope.producer)
             # The Adds of constants folded with the norms: after a layer (its shift), after a norm folded backward.
-            after_layers = {layer.node: layer for d, cand in items if d == "forward" for layer in self.layers(cand)
-                            if layer.shift is not None and layer.add is not None}
+            after_layers = {layer.node: layer for d, cand in items if d == "forward"
+                            for layer in _Planner.layers_of(cand) if layer.shift is not None and layer.add is not None}
             shifts = {shift.add: shift for d, cand in items if d == "backward"
                       for shift in [self.shifts.get(cand.norm.key)] if shift is not None}
             forward = sorted([(c.norm.node, "norm") for d, c in items if d == "forward"]
