@@ -119,6 +119,32 @@ class TestNormsBySemantics:
         assert "different maps" in report.skipped[0].detail
 
 
+    @pytest.mark.parametrize("squash", [lambda x: x.clamp(-8.0, 8.0), lambda x: torch.maximum(x, torch.tensor(-20.0)),
+                                        lambda x: F.hardtanh(x, -50.0, 50.0)],
+                             ids=["clamp", "maximum", "hardtanh"])
+    def test_piecewise_map_that_every_probe_sees_as_affine_is_no_norm(self, squash):
+        # clamp(x, -8, 8) * w + b agrees with an affine map on zeros, ones and N(0, 1) probes, yet not on large
+        # inputs: a fold would be silently wrong there. Its forward applies a non-affine op to the input: no fold,
+        # and (it holds running statistics) it is reported as unknown_norm naming the op.
+        class Squashed(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+                self.bias = nn.Parameter(torch.linspace(-1.0, 1.0, 4))
+                self.register_buffer("running_mean", torch.zeros(4))
+                self.register_buffer("running_var", torch.ones(4))
+
+            def forward(self, x):
+                return squash(x) * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+        model = _prepared(nn.Sequential(nn.Conv2d(3, 4, 3), Squashed()))
+        fused, report = fuse(model, example_inputs=torch.randn(2, 3, 6, 6))
+        assert report.folded == []
+        assert [(s.norm, s.reason) for s in report.skipped] == [("1", "unknown_norm")]
+        assert "not an affine op" in report.skipped[0].detail
+        big = 100 * torch.randn(2, 3, 6, 6)
+        assert torch.equal(fused(big), model(big))
+
 class TestConvPartnersBySemantics:
     def test_padded_conv_takes_a_bn_after_it_not_before(self):
         # bn0 -> PaddedConv2d -> bn2: bn2 folds into the conv (1 fold); bn0 would meet the padding (zero_padding).

@@ -701,6 +701,68 @@ def _replay(module: nn.Module, program: Program, probe: torch.Tensor) -> torch.T
     return cast(torch.Tensor, value(program.output))
 
 
+#: Ops that are affine in a tensor operand that depends on the leaf's input (see :func:`_nonlinear_step`).
+_SUM_OPS = {"add", "__add__", "__radd__", "add_", "__iadd__", "sub", "__sub__", "__rsub__", "rsub", "sub_",
+            "__isub__", "subtract", "neg", "__neg__", "negative", "positive", "__pos__"}
+_PRODUCT_OPS = {"mul", "__mul__", "__rmul__", "mul_", "__imul__", "multiply"}
+_QUOTIENT_OPS = {"div", "__truediv__", "true_divide", "div_", "__itruediv__", "divide"}
+_LAYOUT_OPS = {"view", "reshape", "view_as", "reshape_as", "flatten", "unflatten", "contiguous", "clone", "to",
+               "type", "type_as", "permute", "transpose", "unsqueeze", "squeeze", "movedim", "detach",
+               *_FLOAT_CASTS}
+
+
+def _depends(value: Any, dependent: set[int]) -> bool:
+    if isinstance(value, Ref):
+        return value.kind == "input" or (value.kind == "op" and value.index in dependent)
+    if isinstance(value, (tuple, list)):
+        return any(_depends(v, dependent) for v in value)
+    if isinstance(value, dict):
+        return any(_depends(v, dependent) for v in value.values())
+    return False
+
+
+def _nonlinear_step(program: Program) -> str:
+    """The first op of ``program`` that is not affine in the leaf's input ('' when every op is).
+
+    Probes alone cannot prove a map affine: ``clamp(x, -8, 8)`` agrees with ``x`` on every probe of
+    moderate size. Each op whose result depends on the input must be a sum, a product with at most
+    one input-dependent factor, a quotient whose divisor is constant, a batch_norm (instance_norm) of
+    the input by constant running statistics, or a change of layout or dtype; ops on constants alone (``rsqrt``
+    of a variance, ...) are free. Then the map is affine for every input, and the probes only
+    measure it.
+    """
+    dependent: set[int] = set()
+    for k, step in enumerate(program.steps):
+        name = _func_name(step.func)
+        operands = (*step.args, *step.kwargs.values())
+        if not _depends(operands, dependent):
+            continue
+        if name in _METADATA_READS:
+            continue
+        flags = [_depends(a, dependent) for a in step.args]
+        if name in _SUM_OPS or name in _LAYOUT_OPS:
+            ok = True
+        elif name in _PRODUCT_OPS:
+            ok = sum(flags) <= 1 and not _depends(step.kwargs, dependent)
+        elif name in _QUOTIENT_OPS:
+            ok = (not any(flags[1:]) and not _depends(step.kwargs, dependent)
+                  and step.kwargs.get("rounding_mode") is None)
+        elif name == "addcmul":
+            ok = sum(flags[1:3]) <= 1 and not _depends(step.kwargs, dependent)
+        elif name in ("batch_norm", "native_batch_norm"):
+            training = step.kwargs.get("training", step.args[5] if len(step.args) > 5 else False)
+            ok = not any(flags[1:]) and not _depends(step.kwargs, dependent) and training is False
+        elif name == "instance_norm":  # by its running statistics (use_input_stats=False): affine
+            by_input = step.kwargs.get("use_input_stats", step.args[5] if len(step.args) > 5 else True)
+            ok = not any(flags[1:]) and not _depends(step.kwargs, dependent) and by_input is False
+        else:
+            ok = False
+        if not ok:
+            return f"{name or step.func!r} is applied to its input (not an affine op)"
+        dependent.add(k)
+    return ""
+
+
 def affine_map(module: nn.Module, programs: list[Program]) -> AffineMap | str:
     """The per-channel affine map every call of ``module`` computes, or why it is not one.
 
@@ -715,6 +777,9 @@ def affine_map(module: nn.Module, programs: list[Program]) -> AffineMap | str:
             return "it is not called on one tensor returning one tensor"
         if program.others:
             return "its forward reads tensors that are neither its input nor its own parameters or buffers"
+        nonlinear = _nonlinear_step(program)
+        if nonlinear:
+            return f"it is not an affine map of its input: {nonlinear}"
         shape = program.input_shape
         if len(shape) < 2 or shape[1] < 1:
             return f"its input has shape {shape}: no channel axis"
