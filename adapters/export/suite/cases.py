@@ -44,7 +44,7 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 shape = (module.num_features,)
-                if module.running_mean is not None:
+                if module.running_mean is not None and module.running_var is not None:
                     module.running_mean.copy_(torch.rand(shape, generator=generator) * 2 - 1)
                     module.running_var.copy_(torch.rand(shape, generator=generator) * 1.5 + 0.25)
                 if module.affine:
@@ -127,7 +127,7 @@ class _MutatedStats(nn.Module):
         self.bn = nn.BatchNorm2d(6)
 
     def forward(self, x):
-        self.bn.running_mean.mul_(1.0)
+        self.bn.running_mean.mul_(1.0)  # type: ignore[union-attr]
         return self.bn(self.conv(x))
 
 
@@ -163,8 +163,8 @@ def _overflowing() -> tuple[nn.Module, tuple]:
     model = nn.Sequential(conv, norm).eval()
     with torch.no_grad():
         conv.weight.copy_(torch.rand(conv.weight.shape) * 1000 + 500)
-        norm.running_mean.fill_(20.0)
-        norm.running_var.fill_(1.0)
+        norm.running_mean.fill_(20.0)  # type: ignore[union-attr]
+        norm.running_var.fill_(1.0)  # type: ignore[union-attr]
         norm.weight.fill_(100.0)
     x = torch.rand((2, 3, 9, 9), generator=torch.Generator().manual_seed(1)) * 1e-3
     return model.half(), (x.half(),)
@@ -221,6 +221,10 @@ CASES: tuple[ExportCase, ...] = (
                rank_dependent=1),
     ExportCase("linear_bn1d_3d_input", "left", _seeded(_Linear3d, (4, 5, 10)), 1,
                "BatchNorm1d normalises dim 1 of (N, C, L); the linear layer's features are dim 2"),
+    ExportCase("linear_bn1d_3d_equal_sizes", "left", _seeded(lambda: nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)),
+                                                             (4, 8, 8)), 1,
+               "Linear(8, 8) over the last axis of (N, 8, 8), BatchNorm1d(8) over dim 1: the sizes match, the axes "
+               "do not"),
     ExportCase("bn_conv_no_padding", "bn->layer", _seeded(lambda: nn.Sequential(nn.BatchNorm2d(3),
                                                                                 nn.Conv2d(3, 8, 3)), (2, 3, 9, 9)), 0),
     ExportCase("bn_conv_zero_padding", "left", _seeded(lambda: nn.Sequential(nn.BatchNorm2d(3),

@@ -81,12 +81,11 @@ def inductor_freezing(program: ExportedProgram) -> nn.Module:
 
 @_irs("edge")
 def xnnpack_fuse_batch_norm(program: ExportedProgram) -> ExportedProgram:
-    """ExecuTorch's XNNPACK ``FuseBatchNormPass`` on an edge-dialect program (which it edits in place)."""
+    """ExecuTorch's XNNPACK ``FuseBatchNormPass`` on an edge-dialect program, applied the way the XNNPACK
+    pass manager applies it (``executorch.exir.program._program._transform``)."""
     from executorch.backends.xnnpack._passes.fuse_batch_norm import FuseBatchNormPass
-    result = FuseBatchNormPass(program)(program.graph_module)
-    if result is not None and result.graph_module is not program.graph_module:
-        raise RuntimeError("FuseBatchNormPass returned a new graph module; the audit expects it to edit in place")
-    return program
+    from executorch.exir.program._program import _transform
+    return _transform(program, FuseBatchNormPass(program))
 
 
 @_irs("fx")
