@@ -828,8 +828,11 @@ def _veto_unshareable_layers(planner: _Planner, index: ModelIndex, analysis: Sit
 
 
 def _uncalled_subtrees(model: nn.Module, index: ModelIndex, calls: dict[int, int]) -> list[tuple[str, nn.Module]]:
-    """The largest submodules holding a norm that the recorded run never called, though their parent ran."""
+    """The largest submodules holding a norm of which the recorded run called nothing (the other side of a
+    branch). Containers the code iterates over instead of calling (``for layer in self.layers``) are not among
+    them when it called some of their children."""
     holds_norm: dict[int, bool] = {}
+    ran: dict[int, bool] = {}
 
     def has_norm(module: nn.Module) -> bool:
         key = id(module)
@@ -837,6 +840,12 @@ def _uncalled_subtrees(model: nn.Module, index: ModelIndex, calls: dict[int, int
             holds_norm[key] = key in index.norms or any(has_norm(c) for c in module._modules.values()
                                                         if c is not None)
         return holds_norm[key]
+
+    def any_called(module: nn.Module) -> bool:
+        key = id(module)
+        if key not in ran:
+            ran[key] = bool(calls.get(key)) or any(any_called(c) for c in module._modules.values() if c is not None)
+        return ran[key]
 
     found: list[tuple[str, nn.Module]] = []
     stack = [("", model)]
@@ -846,7 +855,7 @@ def _uncalled_subtrees(model: nn.Module, index: ModelIndex, calls: dict[int, int
             if child is None or index.is_leaf(child):
                 continue
             qualified = f"{prefix}.{name}" if prefix else name
-            if calls.get(id(child)):
+            if any_called(child):
                 stack.append((qualified, child))
             elif has_norm(child):
                 found.append((qualified, child))

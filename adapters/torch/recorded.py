@@ -280,7 +280,7 @@ class _Recorder(TorchFunctionMode):
         self.leaves = {id(m) for m in index.modules if index.is_leaf(m)} | inspected
         # Standard layers, whose outputs a shape-only run replaces by zeros.
         self.zeroed = {key for key in self.leaves if key not in inspected} & {
-            id(m) for m in index.modules if index.layer(m)[0] is not None}
+            id(m) for m in index.modules if index.layer(m)[0] is not None or index.is_foldable_norm(m)}
         self.known = {id(m) for m in index.modules}
         self.thread = threading.get_ident()
         self.shape_only = shape_only
@@ -391,6 +391,8 @@ class _Recorder(TorchFunctionMode):
         if self.leaf_depth:
             if self.leaf_zeroed and self.leaf_depth == 1:
                 name = _func_name(func)
+                if name == "batch_norm" and args and isinstance(args[0], torch.Tensor):
+                    return torch.zeros_like(args[0])  # eval-mode batch norm keeps its input's shape
                 if name in _LAYER_OPS:
                     shape = _layer_output_shape(name, args, kwargs)
                     if shape is not None:
