@@ -68,7 +68,7 @@ _FLOAT_CASTS = {"float", "half", "bfloat16", "double"}
 
 
 #: Whether this torch's fx.Graph has the internals the recorder's fast node creation uses (else create_node).
-_FAST_NODES = all(hasattr(fx.Graph, a) for a in ("_insert",)) and hasattr(fx.Graph(), "_find_nodes_lookup_table")
+_FAST_NODES = all(hasattr(fx.Graph(), a) for a in ("_insert", "_find_nodes_lookup_table", "_len"))
 
 
 class _NeedsRealRun(Exception):
