@@ -3,7 +3,7 @@
     python -m adapters.export fuse model.pt2 -o folded.pt2 [--json]
     python -m adapters.export verify model.pt2 folded.pt2 [--input-shape 1,3,224,224]
     python -m adapters.export audit [MODULE:FUNCTION] [--ir training,inference] [--select NAME ...]
-                                    [--json | --markdown]
+                                    [--json | --markdown | --peers]
 
 ``verify`` runs both programs on the example inputs saved with the original program, or on
 random inputs of ``--input-shape`` (one per positional argument). Bad input ends with one line
@@ -106,14 +106,27 @@ def _audit(args: argparse.Namespace) -> int:
     from .suite.audit import audit_targets, run_audit
 
     try:
-        fold_pass = load_object(args.fuser, "the folder")
         targets = audit_targets([ir.strip() for ir in args.ir.split(",") if ir.strip()], args.select)
+        if args.peers:
+            from .suite.peers import available
+            fusers = {name: spec for name, spec in available().items() if name != "Inductor freezing"}
+        else:
+            fusers = {args.fuser: args.fuser}
+        passes = {name: load_object(spec, "the folder") for name, spec in fusers.items()}
     except ValueError as error:
         raise _Usage(str(error)) from error
-    progress = AuditProgress(targets, sys.stderr) if args.progress else None
-    results = run_audit(fold_pass, targets, None if progress is None else progress.update)
-    if progress is not None:
-        progress.clear()
+    runs: dict[str, Sequence[Any]] = {}
+    for name, fold_pass in passes.items():
+        progress = AuditProgress(targets, sys.stderr) if args.progress else None
+        runs[name] = run_audit(fold_pass, targets, None if progress is None else progress.update)
+        if progress is not None:
+            progress.clear()
+    if args.peers:
+        print(table(runs))
+        for name, results in runs.items():
+            print(f"\n{format_summary(results, name)}")
+        return exit_code(runs[next(iter(runs))])
+    results = runs[args.fuser]
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     elif args.markdown:
@@ -146,6 +159,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     audit.add_argument("--ir", default="training,inference", help="comma-separated IRs: training, inference, edge, fx")
     audit.add_argument("--select", nargs="*", default=[], help="case names or families")
     audit.add_argument("--progress", action="store_true", help="progress lines on stderr")
+    audit.add_argument("--peers", action="store_true",
+                       help="run bnfold and every peer that imports here (Inductor apart: name it as the folder) and "
+                            "print one markdown table; the exit status is bnfold's")
     output = audit.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true")
     output.add_argument("--markdown", action="store_true")
