@@ -70,6 +70,7 @@ def compare(name: str) -> ZooComparison:
     start = time.process_time()
     folded, report = fuse(program)
     seconds = time.process_time() - start
+    assert isinstance(folded, torch.export.ExportedProgram)  # fuse returns the kind it was given
     fused_module, module_report = fuse_modules(model, example_inputs=x)
     expected = {k: v for k, v in fused_module.state_dict().items() if isinstance(v, torch.Tensor)
                 and not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
