@@ -538,8 +538,11 @@ def fuse(program: ExportedProgram | fx.GraphModule, *, inplace: bool = False
         report.skipped.append(SkippedNorm(str(node.target), code, detail))
 
     outputs_before = _output_names(target)
+    released = torch.empty(0)
     for plan in plans:
         _rewrite(target, plan)
+        # The layer's old tensors go as soon as nothing in the program reads them: peak memory stays one layer.
+        plan.weight, plan.bias, plan.new_bias = released, None, None
     target.remove_orphaned_buffers()
     target.graph.lint()
     target.gm.recompile()
