@@ -15,7 +15,8 @@ one untimed warm-up round, and the peak extra memory: each (model, tool) once in
 that first folds a small model with the same tool (imports and first-use set-up are not counted),
 loads the program, resets the resident-set high-water mark (``echo 5 > /proc/self/clear_refs``),
 folds, and reports ``VmHWM`` minus the resident set just before the fold, as a multiple of the
-model's weights (glibc's mmap threshold fixed at 128 KiB, so that freed weights leave the resident set). Targets (issue 16): bnfold's time <= pt2e's, peak extra <= 0.1x the weights.
+model's weights (glibc's mmap threshold fixed at 128 KiB, so that freed weights leave the resident
+set). Targets (issue 16): bnfold's time <= pt2e's, peak extra <= 0.1x the weights.
 
 Command: ``python benchmarks/export_fold_time.py [--models a,b] [--reps 5] [--no-memory]``
 """
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     headers = ["model", "weights MiB"] + [f"{t} ms" for t in tools]
     if not args.no_memory:
         headers += [f"{t} peak extra / weights" for t in tools]
-    print(f"# export fold time (median of {args.reps}, CPU time, 1 thread); {describe_machine(machine_info(torch.device('cpu')))}")
+    machine = describe_machine(machine_info(torch.device("cpu")))
+    print(f"# export fold time (median of {args.reps}, CPU time, 1 thread); {machine}")
     print(markdown_table(headers, rows))
     return 0
 
