@@ -16,7 +16,8 @@ that first folds a small model with the same tool (imports and first-use set-up 
 loads the program, resets the resident-set high-water mark (``echo 5 > /proc/self/clear_refs``),
 folds, and reports ``VmHWM`` minus the resident set just before the fold, as a multiple of the
 model's weights (glibc's mmap threshold fixed at 128 KiB, so that freed weights leave the resident
-set). Targets (issue 16): bnfold's time <= pt2e's, peak extra <= 0.1x the weights.
+set; tensors under 128 KiB come from the heap and are not seen). Targets (issue 16): bnfold's time
+<= pt2e's, peak extra <= 0.1x the weights.
 
 Command: ``python benchmarks/export_fold_time.py [--models a,b] [--reps 5] [--no-memory]``
 """

@@ -4,6 +4,7 @@
     python -m adapters.export verify model.pt2 folded.pt2 [--input-shape 1,3,224,224]
     python -m adapters.export audit [MODULE:FUNCTION] [--ir training,inference] [--select NAME ...]
                                     [--json | --markdown | --peers]
+    python -m adapters.export zoo [--models NAME ...]
 
 ``verify`` runs both programs on the example inputs saved with the original program, or on
 random inputs of ``--input-shape`` (one per positional argument). Bad input ends with one line
@@ -139,6 +140,25 @@ def _audit(args: argparse.Namespace) -> int:
     return exit_code(results)
 
 
+def _zoo(args: argparse.Namespace) -> int:
+    from .suite.zoo import ZOO, compare
+
+    names = args.models or list(ZOO)
+    unknown = [name for name in names if name not in ZOO]
+    if unknown:
+        raise _Usage(f"unknown zoo model(s) {unknown}; known: {', '.join(ZOO)}")
+    print("| model | norms | folded (export / module adapter) | bit-identical | verify | ratio | fold CPU s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    failed = False
+    for name in names:
+        result = compare(name)
+        failed |= not (result.identical and result.ok)
+        print(f"| {name} | {result.norms} | {result.folded} / {result.module_folded} | "
+              f"{'yes' if result.identical else 'NO: ' + ', '.join(result.mismatched[:3])} | "
+              f"{'ok' if result.ok else 'WRONG'} | {result.ratio:.3g} | {result.seconds:.3f} |", flush=True)
+    return int(failed)
+
+
 def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Fold BatchNorm in torch.export programs (.pt2), verify "
                                                             "a folded program, audit a folder over the case suite.")
@@ -162,6 +182,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     audit.add_argument("--peers", action="store_true",
                        help="run bnfold and every peer that imports here (Inductor apart: name it as the folder) and "
                             "print one markdown table; the exit status is bnfold's")
+    zoo = commands.add_parser("zoo", help="fold exported torchvision/timm networks; compare with the module adapter")
+    zoo.add_argument("--models", nargs="*", default=[], help="zoo names (default: all)")
     output = audit.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true")
     output.add_argument("--markdown", action="store_true")
@@ -175,7 +197,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m adapters.expo
     except ImportError:
         print(f"error: {prog} needs torch: pip install 'bnfold[torch]'", file=sys.stderr)
         return 2
-    job = {"fuse": _fuse, "verify": _verify, "audit": _audit}[args.command]
+    job = {"fuse": _fuse, "verify": _verify, "audit": _audit, "zoo": _zoo}[args.command]
     try:
         return job(args)
     except _Usage as error:
