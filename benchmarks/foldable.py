@@ -7,9 +7,10 @@ torch function and tensor method called (with the module whose forward was runni
 applies the rules of ``spec/folding.md`` to the recorded calls.
 
 What is a BN call
-    A call of a *BN-like module*: a module with its own ``running_mean`` and ``running_var``
-    tensor buffers (``nn.BatchNorm*``, ``SyncBatchNorm``, ``FrozenBatchNorm2d`` and its copies under
-    any class name, custom modules that call ``F.batch_norm`` on their own statistics), counted
+    A call of a *BN-like module*: torch's ``_BatchNorm`` layers (``nn.BatchNorm*``, ``SyncBatchNorm``,
+    also with ``track_running_stats=False``), and any module with its own ``running_mean`` and
+    ``running_var`` tensor buffers (``FrozenBatchNorm2d`` and its copies under any class name,
+    custom modules that call ``F.batch_norm`` on their own statistics), counted
     where it is not called inside another BN-like module's forward; and a ``batch_norm`` function
     call with running statistics made outside every BN-like module (a model's forward calling
     ``F.batch_norm`` itself; calls without running statistics, such as BiT's weight standardisation,
@@ -87,7 +88,10 @@ _COMMUTING_PAD = frozenset({"reflect", "replicate", "circular"})
 
 
 def is_bn_like(module: nn.Module) -> bool:
-    """A module with its own ``running_mean`` and ``running_var`` tensor buffers."""
+    """A torch ``_BatchNorm`` (also with ``track_running_stats=False``) or a module with its own ``running_mean``
+    and ``running_var`` tensor buffers."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return True
     buffers = module._buffers
     return isinstance(buffers.get("running_mean"), torch.Tensor) and isinstance(buffers.get("running_var"),
                                                                                 torch.Tensor)
@@ -393,8 +397,9 @@ def _judge_module_call(mc: _ModuleCall, analysis: _Analysis) -> tuple[str | None
     if module.training:
         return "training mode", None
     x, y = _bn_input(mc), mc.output
-    running_mean = module._buffers["running_mean"]
-    assert running_mean is not None  # is_bn_like
+    running_mean = module._buffers.get("running_mean")
+    if running_mean is None:
+        return "batch statistics", None
     channels = running_mean.numel()
     if x is None or not isinstance(y, torch.Tensor) or x.dim() < 2 or x.shape != y.shape or x.shape[1] != channels:
         return "not a per-channel map of its input", None

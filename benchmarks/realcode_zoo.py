@@ -48,7 +48,7 @@ BATCH = 2
 #: Layer counts (config attributes named like ``num_hidden_layers``) above this are cut to it.
 MAX_LAYERS = 2
 #: Models with more parameters than this (millions) are not swept (ultralytics YOLOv3 and the like).
-MAX_PARAMS_M = 60.0
+MAX_PARAMS_M = 70.0
 
 
 @dataclass
@@ -185,8 +185,12 @@ _LAYER_COUNT = re.compile(r"^(num_hidden_layers|num_layers|encoder_layers|decode
 
 
 @functools.lru_cache(maxsize=1)
-def transformers_types() -> dict[str, str]:
-    """``{model_type: class name}`` for every type swept (see the module docstring), in alphabetical order."""
+def transformers_types() -> dict[str, list[str]]:
+    """``{model_type: candidate class names}`` for every type swept (see the module docstring), alphabetically.
+
+    The candidates are the type's classes in :data:`TASK_ORDER`, then its vision and audio sub-models
+    (``AlignVisionModel`` for ``AlignModel``: a multimodal model whose BatchNorm sits in one tower).
+    """
     import transformers
     import transformers.models.auto.modeling_auto as auto
 
@@ -195,13 +199,20 @@ def transformers_types() -> dict[str, str]:
     for path in models_dir.glob("*/modeling_*.py"):
         if _BN_MARKERS.search(path.read_text(encoding="utf-8", errors="replace")):
             types.add(path.parent.name)
-    chosen: dict[str, str] = {}
+    chosen: dict[str, list[str]] = {}
     for model_type in sorted(types):
+        classes: list[str] = []
         for mapping in TASK_ORDER:
             names = getattr(auto, mapping, {}).get(model_type)
-            if names:
-                chosen[model_type] = names if isinstance(names, str) else names[0]
-                break
+            for name in (names,) if isinstance(names, str) else tuple(names or ()):
+                if name not in classes:
+                    classes.append(name)
+        base = getattr(auto, "MODEL_MAPPING_NAMES", {}).get(model_type)
+        if isinstance(base, str) and base.endswith("Model"):
+            classes += [base[: -len("Model")] + tower for tower in ("VisionModel", "AudioModel")
+                        if hasattr(transformers, base[: -len("Model")] + tower)]
+        if classes:
+            chosen[model_type] = classes[:4]
     return chosen
 
 
@@ -315,37 +326,42 @@ SMALL_IMAGE = 128
 def build_transformers(model_type: str, seed: int) -> RealModel:
     """One transformers model with random weights from its default config, wrapped for positional calls.
 
-    Tried in turn until a forward pass on the example inputs succeeds: the shrunk config (:func:`shrink_config`)
-    with a :data:`SMALL_IMAGE` input, the shrunk config with the config's image size, then the same two with the
+    Tried in turn until a forward pass on the example inputs succeeds and the model has a module with running
+    statistics: each candidate class (:func:`transformers_types`) with the shrunk config (:func:`shrink_config`)
+    and a :data:`SMALL_IMAGE` input, the shrunk config with the config's image size, then the same two with the
     default config (a few models tie their layer counts to other settings). The last error is raised.
     """
     import transformers
     from transformers import CONFIG_MAPPING
 
-    class_name = transformers_types()[model_type]
-    model_class = getattr(transformers, class_name)
     error: Exception | None = None
-    for shrink in (True, False):
-        for small in (True, False):
-            config = CONFIG_MAPPING[model_type]()
-            changes = shrink_config(config) if shrink else []
-            if not shrink:
-                _set_everywhere(config, _no_pretrained)
-            try:
-                torch.manual_seed(seed)
-                model = model_class(config).eval()
-                names, tensors, fixed = transformers_inputs(model_type, model, config,
-                                                            torch.Generator().manual_seed(seed + 1), small=small)
-                wrapped = KeywordCall(model, names, fixed).eval()
-                with torch.no_grad():
-                    wrapped(*tensors)
-            except Exception as exc:  # try the next, larger configuration
-                error = exc
-                continue
-            changed = f" with {', '.join(sorted(set(changes)))}" if changes else ""
-            shapes = ", ".join(f"{n}={tuple(t.shape)}" for n, t in zip(names, tensors, strict=True))
-            note = f"{class_name} from {type(config).__name__}(){changed}; {shapes}"
-            return RealModel(f"transformers/{model_type}", "transformers", wrapped, tensors, None, [note])
+    for class_name in transformers_types()[model_type]:
+        model_class = getattr(transformers, class_name)
+        for shrink in (True, False):
+            for small in (True, False):
+                config = CONFIG_MAPPING[model_type]()
+                changes = shrink_config(config) if shrink else []
+                if not shrink:
+                    _set_everywhere(config, _no_pretrained)
+                try:
+                    if class_name.endswith(("VisionModel", "AudioModel")):  # a tower: its own sub-config
+                        config = getattr(config, "vision_config" if "Vision" in class_name else "audio_config")
+                    torch.manual_seed(seed)
+                    model = model_class(config).eval()
+                    names, tensors, fixed = transformers_inputs(model_type, model, config,
+                                                                torch.Generator().manual_seed(seed + 1), small=small)
+                    wrapped = KeywordCall(model, names, fixed).eval()
+                    with torch.no_grad():
+                        wrapped(*tensors)
+                    if not any(_bn_like(m) for m in model.modules()):
+                        raise ValueError(f"{class_name} has no module with running statistics")
+                except Exception as exc:  # try the next configuration, then the next class
+                    error = exc
+                    continue
+                changed = f" with {', '.join(sorted(set(changes)))}" if changes else ""
+                shapes = ", ".join(f"{n}={tuple(t.shape)}" for n, t in zip(names, tensors, strict=True))
+                note = f"{class_name} from {type(config).__name__}(){changed}; {shapes}"
+                return RealModel(f"transformers/{model_type}", "transformers", wrapped, tensors, None, [note])
     assert error is not None
     raise error
 
