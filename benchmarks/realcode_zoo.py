@@ -337,8 +337,11 @@ def build_transformers(model_type: str, seed: int) -> RealModel:
     error: Exception | None = None
     for class_name in transformers_types()[model_type]:
         model_class = getattr(transformers, class_name)
+        no_bn = False
         for shrink in (True, False):
             for small in (True, False):
+                if no_bn:
+                    break
                 config = CONFIG_MAPPING[model_type]()
                 changes = shrink_config(config) if shrink else []
                 if not shrink:
@@ -348,13 +351,15 @@ def build_transformers(model_type: str, seed: int) -> RealModel:
                         config = getattr(config, "vision_config" if "Vision" in class_name else "audio_config")
                     torch.manual_seed(seed)
                     model = model_class(config).eval()
+                    if not any(_bn_like(m) for m in model.modules()):
+                        error = ValueError(f"{class_name} has no module with running statistics")
+                        no_bn = True  # another config of the same class will not have any either: the next class
+                        break
                     names, tensors, fixed = transformers_inputs(model_type, model, config,
                                                                 torch.Generator().manual_seed(seed + 1), small=small)
                     wrapped = KeywordCall(model, names, fixed).eval()
                     with torch.no_grad():
                         wrapped(*tensors)
-                    if not any(_bn_like(m) for m in model.modules()):
-                        raise ValueError(f"{class_name} has no module with running statistics")
                 except Exception as exc:  # try the next configuration, then the next class
                     error = exc
                     continue

@@ -20,10 +20,12 @@ model YAML at its smallest scale). Per model, in eval mode with randomised BN st
 - **verdict**: ``adapters.torch.verify(original, fused, inputs)`` against the float64 reference:
   ``ok``, ``WRONG`` (verify fails) or ``CRASH`` (fuse or verify raised; one line);
 - **ours ms**: the process's CPU time of ``fuse(copy, inplace=True, example_inputs=...)``, median of
-  ``--reps`` runs each on a fresh deep copy made before the clock starts (1 torch thread by default);
+  ``--reps`` runs each on a fresh deep copy made before the clock starts (1 torch thread by default),
+  after one untimed run (the one verified);
 - **mmcv ms**: the same for mmcv's ``fuse_conv_bn`` (``adapters/torch/suite/peers.py``), with its
-  verdict; **own ms**: the library's own fuse where it has one (ultralytics ``model.fuse()``, which
-  also merges RepConv branches), with its verdict; the ratios are ours over each;
+  verdict (``verify`` on the outputs, one rounded baseline copy: a peer's verdict costs less time);
+  **own ms**: the library's own fuse where it has one (ultralytics ``model.fuse()``, which also
+  merges RepConv branches), with its verdict; the ratios are ours over each;
 - **flag**: ``folded>foldable`` where the fused model dropped more BN calls than the independent
   count allows (a counting gap or a wrong fold: investigate), ``unreported`` where the report misses
   a BN-like module.
@@ -116,12 +118,16 @@ def cpu_times(fn: Callable[[nn.Module], Any], prepared: nn.Module, reps: int) ->
     return times
 
 
-def judge(original: nn.Module, fused: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[str, str]:
-    """``("ok", "")``, ``("WRONG", first divergence)`` or ``("CRASH", error)`` from ``adapters.torch.verify``."""
+def judge(original: nn.Module, fused: nn.Module, inputs: tuple[torch.Tensor, ...], *, light: bool = False
+          ) -> tuple[str, str]:
+    """``("ok", "")``, ``("WRONG", first divergence)`` or ``("CRASH", error)`` from ``adapters.torch.verify``.
+
+    ``light`` (the peers): outputs only, one parameter-rounded baseline copy instead of three.
+    """
     from adapters.torch import verify
 
     try:
-        verdict = verify(original, fused, inputs)
+        verdict = verify(original, fused, inputs, per_layer=not light, rounding_trials=1 if light else 3)
     except Exception as exc:
         return "CRASH", f"verify: {short_error(exc, 160)}"
     if verdict.ok:
@@ -141,7 +147,7 @@ def run_peer(name: str, fn: Callable[[nn.Module], nn.Module], prepared: nn.Modul
         fused = fn(copy.deepcopy(prepared))
     except Exception as exc:
         return {"verdict": "CRASH", "detail": f"{name}: {short_error(exc, 160)}"}
-    verdict, detail = judge(prepared, fused, inputs)
+    verdict, detail = judge(prepared, fused, inputs, light=True)
     record: dict[str, Any] = {"verdict": verdict, "detail": detail}
     try:
         record["bn_calls_left"] = bn_calls_after(fused, inputs)
