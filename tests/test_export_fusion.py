@@ -20,7 +20,7 @@ import refimpl  # noqa: E402
 from adapters.export import fuse, verify  # noqa: E402
 from adapters.export.graph import norm_call  # noqa: E402
 from adapters.export.suite.audit import audit_targets, build_program, count_norms, run_audit  # noqa: E402
-from adapters.export.suite.cases import CASES, randomize_norms  # noqa: E402
+from adapters.export.suite.cases import CASES, _Concat, randomize_norms  # noqa: E402
 from adapters.export.suite.peers import bnfold  # noqa: E402
 from adapters.report import REASONS  # noqa: E402
 from refimpl.rounding import round_once  # noqa: E402
@@ -61,6 +61,7 @@ class TestSuite:
 
     @pytest.mark.parametrize("name, code", [
         ("conv_output_second_user", "output_used_elsewhere"), ("train_mode_export", "training_mode"),
+        ("concat_second_user", "output_used_elsewhere"),
         ("no_running_stats", "no_running_stats"), ("stats_as_user_inputs", "not_constant"),
         ("mutated_running_mean", "not_constant"), ("fp16_overflow", "overflow"),
         ("linear_bn1d_3d_input", "no_fusable_neighbour"), ("linear_bn1d_3d_equal_sizes", "no_fusable_neighbour"),
@@ -110,6 +111,7 @@ def _cross_models():
         "conv_bn_bn": nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.BatchNorm2d(8)),
         "bn_conv": nn.Sequential(nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)),
         "linear": nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6)),
+        "concat": _Concat(),
     }
 
 
@@ -122,7 +124,7 @@ class TestSameAsModuleAdapter:
         from adapters.torch import fuse as fuse_modules
 
         model = randomize_norms(_cross_models()[name]).eval().to(dtype)
-        x = torch.randn((4, 8) if name == "linear" else (2, 3 if name in ("conv", "conv_bn_bn") else 8, 9, 9),
+        x = torch.randn((4, 8) if name == "linear" else (2, 3 if name in ("conv", "conv_bn_bn", "concat") else 8, 9, 9),
                         dtype=dtype)
         fused_module, module_report = fuse_modules(model, example_inputs=x)
         folded, report = fuse(export(model, x))

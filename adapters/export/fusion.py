@@ -40,11 +40,13 @@ from .graph import (
     LayerCall,
     NormCall,
     Program,
+    bind,
     functional_calls,
     layer_call,
     module_path,
     norm_call,
     op_name,
+    rank,
     set_argument,
 )
 
@@ -60,6 +62,9 @@ class _Step:
     norm: NormCall
     position: str
     order: int
+    #: the norm's channels this layer produces, ``[start, stop)``, when the norm reads a concat of layers
+    channels: tuple[int, int] | None = None
+    concat: fx.Node | None = None
 
 
 @dataclass
@@ -146,11 +151,74 @@ class _Planner:
         self.plans[layer.node] = plan
         return plan
 
+    def _out_channels(self, layer: LayerCall) -> int | None:
+        found = self.program.source(layer.weight)
+        if isinstance(found, str) or found[1].dim() < 2:
+            return None
+        shape = found[1].shape
+        return int(shape[1] * layer.groups) if layer.kind == "conv_transpose" else int(shape[0])
+
+    def _concat(self, norm: NormCall, cat: fx.Node) -> list[tuple[_Plan, tuple[int, int]]] | None:
+        """Slices of a norm that reads ``cat(layers, dim=1)``: one per layer, or None (with a reason)."""
+        name = module_path(norm.node)
+        bound = bind(cat)
+        assert bound is not None
+        parts, dim = bound.get("tensors"), bound.get("dim", 0)
+        input_rank = rank(cat)
+        if input_rank is not None and isinstance(dim, int) and dim < 0:
+            dim += input_rank
+        if dim != 1 or not isinstance(parts, (list, tuple)):
+            self.note(norm, "no_fusable_neighbour", f"{name} reads {cat.name}, a concat along dim {dim}, not the "
+                                                    "channels")
+            return None
+        if len(cat.users) != 1:
+            self.note(norm, "output_used_elsewhere", f"the concat {cat.name} that {name} normalises is also read "
+                                                     "elsewhere")
+            return None
+        layers = [layer_call(p) if isinstance(p, fx.Node) else None for p in parts]
+        if any(layer is None for layer in layers) or len(set(parts)) != len(parts):
+            self.note(norm, "no_fusable_neighbour", f"{name} reads the concat {cat.name}, whose inputs are not all "
+                                                    "distinct conv/linear outputs")
+            return None
+        slices = []
+        start = 0
+        for part, layer in zip(parts, layers, strict=True):
+            assert layer is not None
+            if len(part.users) != 1:
+                self.note(norm, "output_used_elsewhere", f"{part.name}, concatenated into {name}'s input, is also "
+                                                         "read elsewhere")
+                return None
+            if layer.kind == "linear" and layer.input_rank != 2:
+                self.note(norm, "rank_unknown" if layer.input_rank is None else "no_fusable_neighbour",
+                          f"{module_path(layer.node)} in the concat before {name}: input not proven 2-D")
+                return None
+            channels = self._out_channels(layer)
+            if channels is None:
+                self.note(norm, "not_constant", f"the weight of {module_path(layer.node)} is not a constant")
+                return None
+            if layer.node in self.plans and self.plans[layer.node].steps:
+                self.note(norm, "no_fusable_neighbour", f"{module_path(layer.node)} already folds another norm")
+                return None
+            plan = self._layer_plan(norm, layer)
+            if plan is None:
+                return None
+            slices.append((plan, (start, start + channels)))
+            start += channels
+        return slices
+
     def _after(self, norm: NormCall, chain: dict[fx.Node, _Plan]) -> _Plan | None:
         producer = norm.input
         if not isinstance(producer, fx.Node):
             return None
         name = module_path(norm.node)
+        if producer.op == "call_function" and op_name(producer.target) in ("aten::cat", "aten::concat"):
+            slices = self._concat(norm, producer)
+            if slices is None:
+                return None
+            for part_plan, channels in slices:
+                part_plan.steps.append(_Step(norm, _AFTER, 0, channels, producer))
+            self.planned[norm.node] = slices[0][0]
+            return None
         plan = chain.get(producer)
         layer = plan.layer if plan is not None else layer_call(producer)
         if layer is None:
@@ -211,7 +279,8 @@ class _Planner:
         for norm in foldable:  # graph order is a topological order
             plan = self._after(norm, chain)
             if plan is None:
-                left.append(norm)
+                if norm.node not in self.planned:
+                    left.append(norm)
                 continue
             order = sum(1 for s in plan.steps if s.position == _AFTER)
             plan.steps.append(_Step(norm, _AFTER, order))
@@ -232,30 +301,40 @@ class _Planner:
             plan.steps.sort(key=lambda s: (s.position != _BEFORE, s.order))
 
     def veto(self, plan: _Plan, detail: str) -> None:
+        """Leave the plan's layer and its norms; a norm split over a concat is left in every layer it spans."""
+        norms = {step.norm.node for step in plan.steps}
         for step in plan.steps:
             self.planned.pop(step.norm.node, None)
             self.reasons[step.norm.node] = [("overflow", detail)]
         plan.steps = []
+        for other in self.plans.values():
+            if any(step.norm.node in norms for step in other.steps):
+                self.veto(other, detail)
 
 
 # --------------------------------------------------------------------------------------------------
 # Compute
 
 
-def _norm_tensors(program: Program, norm: NormCall) -> tuple[Any, Any, float, Any, Any]:
+def _norm_tensors(program: Program, step: _Step) -> tuple[Any, Any, float, Any, Any]:
+    norm = step.norm
+
     def value(node: Any) -> torch.Tensor | None:
         if node is None:
             return None
         found = program.source(node)
         assert not isinstance(found, str)
-        return found[1].detach().to(torch.float64)
+        tensor = found[1].detach()
+        if step.channels is not None:
+            tensor = tensor[step.channels[0]:step.channels[1]]
+        return tensor.to(torch.float64)
     return value(norm.mean), value(norm.var), norm.eps, value(norm.weight), value(norm.bias)
 
 
 def _fold_step(program: Program, plan: _Plan, step: _Step, w: torch.Tensor, b: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     layer = plan.layer
-    args = _norm_tensors(program, step.norm)
+    args = _norm_tensors(program, step)
     try:
         if step.position == _AFTER:
             if layer.kind == "linear":
@@ -422,7 +501,7 @@ def _rewrite(program: Program, plan: _Plan) -> None:
     program.remove_if_unused(bias_node)
     program.remove_if_unused(weight_node)
 
-    after = [s for s in plan.steps if s.position == _AFTER]
+    after = [s for s in plan.steps if s.position == _AFTER and s.concat is None]
     before = [s for s in plan.steps if s.position == _BEFORE]
     if after:
         last = after[-1].norm.value
@@ -539,10 +618,17 @@ def fuse(program: ExportedProgram | fx.GraphModule, *, inplace: bool = False
 
     outputs_before = _output_names(target)
     released = torch.empty(0)
+    concats: dict[fx.Node, _Step] = {}
     for plan in plans:
         _rewrite(target, plan)
         # The layer's old tensors go as soon as nothing in the program reads them: peak memory stays one layer.
         plan.weight, plan.bias, plan.new_bias = released, None, None
+        concats.update({step.norm.node: step for step in plan.steps if step.concat is not None})
+    for step in concats.values():  # a norm over a concat goes once every layer it spans has its slice
+        assert step.norm.value is not None and step.concat is not None
+        step.norm.value.replace_all_uses_with(step.concat)
+        target.rename_output(step.norm.value.name, step.concat.name)
+        _erase_norm(target, step.norm)
     target.remove_orphaned_buffers()
     target.graph.lint()
     target.gm.recompile()

@@ -44,6 +44,7 @@ _TORCH_LEVEL: dict[Any, Any] = {
     torch.conv_transpose3d: torch.ops.aten.conv_transpose3d.input,
     F.linear: torch.ops.aten.linear.default, torch.batch_norm: torch.ops.aten.batch_norm.default,
     torch.addmm: torch.ops.aten.addmm.default, torch.mm: torch.ops.aten.mm.default,
+    torch.cat: torch.ops.aten.cat.default, torch.concat: torch.ops.aten.cat.default,
 }
 _F_BATCH_NORM_PARAMETERS = tuple(inspect.signature(F.batch_norm).parameters)
 

@@ -143,6 +143,21 @@ class _Linear3d(nn.Module):
         return self.bn(self.linear(x))
 
 
+class _Concat(nn.Module):
+    """Two convs of one input concatenated along the channels, then one BatchNorm: each conv folds its slice."""
+
+    def __init__(self, second_user: bool = False):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 4, 3, bias=False)
+        self.bn = nn.BatchNorm2d(12)
+        self.second_user = second_user
+
+    def forward(self, x):
+        a = self.a(x)
+        y = self.bn(torch.cat([a, self.b(x)], dim=1))
+        return y + a.mean() if self.second_user else y
+
+
 class _Residual(nn.Module):
     def __init__(self):
         super().__init__()
@@ -197,6 +212,10 @@ CASES: tuple[ExportCase, ...] = (
                "one conv node per call, one BatchNorm each: fused-weight names collide"),
     ExportCase("shared_weight_two_convs", "shared", _seeded(_SharedWeight, (2, 3, 9, 9)), 0,
                "one weight, two convs, two norms: each fold needs a weight of its own"),
+    ExportCase("concat_convs_bn", "concat", _seeded(_Concat, (2, 3, 9, 9)), 0,
+               "one norm over cat([conv_a, conv_b]): each conv folds its slice of the statistics"),
+    ExportCase("concat_second_user", "left", _seeded(lambda: _Concat(second_user=True), (2, 3, 9, 9)), 1,
+               "a conv in the concat is also read elsewhere: no slice folds"),
     ExportCase("conv_output_second_user", "left", _seeded(_SecondUser, (2, 3, 9, 9)), 1,
                "the conv's output is also read unnormalised"),
     ExportCase("train_mode_export", "left", _seeded(lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)),
