@@ -10,7 +10,8 @@ Two libraries, each enumerated from the library itself rather than from a hand-w
   layer counts over :data:`MAX_LAYERS` cut to it and a few sizes shrunk (:func:`shrink_config`);
   a type whose built model has no BN-like module (``running_mean`` and ``running_var`` buffers)
   is dropped. The example inputs come from the config (:func:`transformers_inputs`).
-- **ultralytics**: every YAML under ``ultralytics/cfg/models``, at its smallest scale, built with
+- **ultralytics**: every YAML under ``ultralytics/cfg/models`` (but those with a ``TorchVision``
+  backbone layer, which loads pretrained torchvision weights), at its smallest scale, built with
   ``YOLO(<name>.yaml)`` (``RTDETR(...)`` for RT-DETR), detection, segmentation, pose, OBB,
   classification, depth, semantic segmentation, YOLO-World and YOLOE heads included.
 
@@ -391,6 +392,8 @@ def ultralytics_yamls() -> dict[str, Path]:
 
     found: dict[str, Path] = {}
     for path in sorted((Path(ultralytics.__file__).parent / "cfg" / "models").rglob("*.yaml")):
+        if "TorchVision" in path.read_text(encoding="utf-8"):
+            continue  # a TorchVision backbone layer loads torchvision's pretrained weights: nothing is downloaded here
         scales = yaml_model_load(path).get("scales") or {}
         stem = path.stem
         if len(scales) > 1:  # name the smallest scale the way ultralytics parses it: yolov8-seg -> yolov8n-seg

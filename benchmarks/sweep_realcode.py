@@ -1,7 +1,8 @@
 """Real-code sweep of the torch adapter: transformers and ultralytics models built from configs and YAMLs.
 
 Usage: ``python benchmarks/sweep_realcode.py [--library transformers|ultralytics|all] [--models NAME,...]
-[--quick] [--reps 3] [--json [PATH]] [--markdown] [--timeout 300] [--isolate] [--threads 1] [--seed 0]``
+[--quick] [--reps 3] [--json [PATH]] [--markdown] [--timeout 300] [--isolate] [--threads 1] [--seed 0]``;
+``--render A.json[,B.json]`` prints the tables of saved runs; ``--list`` the model names.
 
 Model code people actually run, beyond timm/torchvision, with random weights and nothing downloaded
 (``benchmarks/realcode_zoo.py`` enumerates and builds them: every transformers model type whose
@@ -86,6 +87,25 @@ class ModelTimeout(Exception):
     pass
 
 
+class NotBuilt(Exception):
+    """The model could not be built or run from its default config (before any fold was tried)."""
+
+
+_NO_BN = "has no module with running statistics"
+
+
+def classify(record: dict[str, Any]) -> dict[str, Any]:
+    """A record whose model could not be built is ``not built`` (``no BN`` when it has no BN-like module), never
+    ``CRASH``: ``CRASH`` is for fuse or verify raising (also applied to records saved by older runs)."""
+    if record.get("status") == "CRASH" and "ours" not in record and "bn_calls" not in record:
+        detail = record.get("detail", "")
+        if _NO_BN in detail:
+            return dict(record, status="no BN")
+        if record.get("stage") == "build" or record.get("stage") is None:
+            return dict(record, status="not built")
+    return record
+
+
 @contextlib.contextmanager
 def time_limit(seconds: int) -> Iterator[None]:
     """Raise :class:`ModelTimeout` in the main thread after ``seconds`` (0: no limit)."""
@@ -166,7 +186,10 @@ def sweep_model(name: str, seed: int, reps: int) -> dict[str, Any]:
     from adapters.torch.suite.peers import PEERS, peer_unavailable
 
     started = time.process_time()
-    built = zoo.build(name, seed)
+    try:
+        built = zoo.build(name, seed)
+    except Exception as exc:  # the library's own code failing from its default config: not a finding about folding
+        raise NotBuilt(short_error(exc, 200)) from exc
     model, inputs = built.module.eval(), built.inputs
     record: dict[str, Any] = {"model": name, "library": built.library, "notes": list(built.notes),
                               "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
@@ -370,6 +393,8 @@ def parse_args(argv: list[str] | None) -> Any:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--list", action="store_true", help="print the model names and exit")
+    parser.add_argument("--render", metavar="JSON", default=None,
+                        help="print the tables of a saved --json file (its machine, settings and records) and exit")
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error(f"--reps must be >= 1, got {args.reps}")
@@ -414,9 +439,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     configure_threads(args.threads)
-    for library in LIBRARIES if args.library == "all" and not args.models else \
+    for library in () if args.render else LIBRARIES if args.library == "all" and not args.models else \
             sorted({m.split("/", 1)[0] for m in (args.models or "").split(",") if "/" in m} or {args.library}):
         require(library)
+    if args.render:
+        render(args.render)
+        return 0
     quiet_libraries()
     names = model_names(args)
     if args.list:
@@ -431,9 +459,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 with time_limit(args.timeout):
                     record = sweep_model(name, args.seed, args.reps)
-            except Exception as exc:  # building, running or fusing failed: one line, and the sweep goes on
+            except NotBuilt as exc:
+                record = classify({"model": name, "status": "CRASH", "stage": "build", "detail": str(exc)})
+            except Exception as exc:  # running or fusing failed: one line, and the sweep goes on
                 log.debug("%s", name, exc_info=True)
-                record = {"model": name, "status": "CRASH", "detail": short_error(exc, 200)}
+                record = {"model": name, "status": "CRASH", "stage": "sweep", "detail": short_error(exc, 200)}
         record.setdefault("library", name.split("/", 1)[0])
         print(f"{name}: {record['status']} {record.get('detail') or ''}".rstrip(), file=sys.stderr, flush=True)
         records.append(record)
@@ -446,18 +476,36 @@ def main(argv: list[str] | None = None) -> int:
         import mmcv
 
         info["mmcv"] = mmcv.__version__
-    tables = [library_table(lib, [r for r in records if r["library"] == lib])
-              for lib in LIBRARIES if any(r["library"] == lib for r in records)]
-    overall = totals(records)
-    report = Report("Real-code sweep: transformers and ultralytics models, fold coverage, verdict, fuse time", info,
-                    {"models": len(names), "reps": args.reps, "seed": args.seed, "batch": zoo.BATCH,
-                     "clock": "process CPU time", "wall_s": round(wall_s, 1)}, tables,
-                    [f"Versions: {', '.join(f'{k} {info[k]}' for k in (*LIBRARIES, 'mmcv') if k in info)}.",
-                     f"All libraries: {totals_line(overall)}"])
+    report = make_report(records, info, {"models": len(names), "reps": args.reps, "seed": args.seed,
+                                         "batch": zoo.BATCH, "clock": "process CPU time",
+                                         "wall_s": round(wall_s, 1)})
     if args.markdown and args.json == "-":  # both on stdout: the tables first
         print(report.markdown(), end="")
     report.emit(args.json)  # markdown unless --json -, and the JSON where --json says
     return 0
+
+
+def make_report(records: list[dict[str, Any]], info: dict[str, Any], settings: dict[str, Any]) -> Report:
+    records = [classify(r) for r in records]
+    tables = [library_table(lib, [r for r in records if r["library"] == lib])
+              for lib in LIBRARIES if any(r["library"] == lib for r in records)]
+    versions = ", ".join(f"{k} {info[k]}" for k in (*LIBRARIES, "mmcv") if k in info)
+    return Report("Real-code sweep: transformers and ultralytics models, fold coverage, verdict, fuse time", info,
+                  settings, tables, [f"Versions: {versions}.", f"All libraries: {totals_line(totals(records))}"])
+
+
+def render(path: str) -> None:
+    """Print the markdown of one or more saved ``--json`` files (comma-separated; their records joined)."""
+    records: list[dict[str, Any]] = []
+    info: dict[str, Any] = {}
+    settings: dict[str, Any] = {}
+    for one in path.split(","):
+        data = json.loads(Path(one).read_text(encoding="utf-8"))
+        info, settings = data["machine"], data["settings"]
+        records += [r for table in data["tables"] for r in table["records"]]
+    settings = dict(settings, models=len(records))
+    settings.pop("wall_s", None)
+    print(make_report(records, info, settings).markdown(), end="")
 
 
 if __name__ == "__main__":
