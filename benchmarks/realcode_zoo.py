@@ -6,7 +6,9 @@ Two libraries, each enumerated from the library itself rather than from a hand-w
   ``running_mean`` or ``batch_norm`` in ``transformers/models/<type>/modeling_*.py``), plus the
   types that host a configurable backbone (:data:`BACKBONE_HOSTS`). Each type is built once, as
   the first class found for it in :data:`TASK_ORDER` (the most complete head first, the base
-  model last), from its default config with every ``use_pretrained_backbone`` set to False,
+  model last; vision/audio towers and, for a directory the auto-mappings do not name, its classes
+  by suffix: :func:`transformers_types`), from its default config (``model_class.config_class()``)
+  with every ``use_pretrained_backbone`` set to False,
   layer counts over :data:`MAX_LAYERS` cut to it and a few sizes shrunk (:func:`shrink_config`);
   a type whose built model has no BN-like module (``running_mean`` and ``running_var`` buffers)
   is dropped. The example inputs come from the config (:func:`transformers_inputs`).
@@ -212,9 +214,30 @@ def transformers_types() -> dict[str, list[str]]:
         if isinstance(base, str) and base.endswith("Model"):
             classes += [base[: -len("Model")] + tower for tower in ("VisionModel", "AudioModel")
                         if hasattr(transformers, base[: -len("Model")] + tower)]
+        if not classes:  # a directory whose model types are named otherwise (dab-detr, parakeet_ctc, ...)
+            classes = _module_classes(model_type)
         if classes:
             chosen[model_type] = classes[:4]
     return chosen
+
+
+#: For a model directory the auto-mappings do not name: its classes with these endings, in this order.
+_CLASS_SUFFIXES = ("ForObjectDetection", "ForCTC", "ForTextToSpectrogram", "ForImageClassification", "Model",
+                   "Encoder")
+
+
+def _module_classes(directory: str) -> list[str]:
+    import importlib
+
+    import transformers
+
+    try:
+        module = importlib.import_module(f"transformers.models.{directory}")
+    except Exception:  # a model package that does not import here (a missing optional dependency)
+        return []
+    names = [n for n in dir(module) if hasattr(transformers, n) and not n.endswith("PreTrainedModel")]
+    return [n for suffix in _CLASS_SUFFIXES for n in sorted(names) if n.endswith(suffix)
+            and "Text" not in n][:4]
 
 
 def _set_everywhere(config: Any, fn: Callable[[Any], None], seen: set[int] | None = None) -> None:
@@ -285,21 +308,41 @@ def transformers_inputs(model_type: str, model: nn.Module, config: Any, generato
         names, tensors, extra = override(config, generator)
         fixed.update(extra)
         return names, tensors, fixed
+    names, tensors = _main_input(model_type, main, params, config, generator, small)
+    # arguments the forward requires besides the main input (grounding models need token ids)
+    required = [n for n, p in inspect.signature(model.forward).parameters.items()
+                if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                and n not in names]
+    for name in required:
+        if name.endswith("input_ids"):
+            vocab = int(getattr(config, "vocab_size", 100) or getattr(getattr(config, "text_config", None),
+                                                                         "vocab_size", 100) or 100)
+            tensors += (torch.randint(1, min(vocab, 100), (BATCH, 8), generator=generator),)
+        elif name.endswith("_mask"):
+            tensors += (torch.ones(BATCH, 8, dtype=torch.long),)
+        else:
+            raise ValueError(f"{model_type}: no example input for the required argument {name!r}")
+        names += (name,)
+    return names, tensors, fixed
+
+
+def _main_input(model_type: str, main: str, params: list[str], config: Any, generator: torch.Generator,
+                small: bool) -> tuple[tuple[str, ...], tuple[torch.Tensor, ...]]:
     if main == "pixel_values":
         h, w = (SMALL_IMAGE, SMALL_IMAGE) if small else _image_size(config, 224)
-        return (main,), (torch.randn(BATCH, _channels(config), h, w, generator=generator),), fixed
+        return (main,), (torch.randn(BATCH, _channels(config), h, w, generator=generator),)
     if main == "input_values":
-        return (main,), (torch.randn(BATCH, 4000, generator=generator),), fixed
+        return (main,), (torch.randn(BATCH, 4000, generator=generator),)
     if main == "input_features":
         bins = getattr(config, "num_mel_bins", None) or getattr(config, "feature_size", None) or 80
-        return (main,), (torch.randn(BATCH, 64, int(bins), generator=generator),), fixed
+        return (main,), (torch.randn(BATCH, 64, int(bins), generator=generator),)
     if main == "input_ids":
         vocab = int(getattr(config, "vocab_size", 100) or 100)
-        return (main,), (torch.randint(0, min(vocab, 100), (BATCH, 16), generator=generator),), fixed
+        return (main,), (torch.randint(0, min(vocab, 100), (BATCH, 16), generator=generator),)
     if main == "past_values":
         length = int(getattr(config, "context_length", 32))
         channels = int(getattr(config, "num_input_channels", 1))
-        return (main,), (torch.randn(BATCH, length, channels, generator=generator),), fixed
+        return (main,), (torch.randn(BATCH, length, channels, generator=generator),)
     raise ValueError(f"{model_type}: no example inputs for main input {main!r} (forward takes {params[:6]})")
 
 
@@ -333,7 +376,6 @@ def build_transformers(model_type: str, seed: int) -> RealModel:
     default config (a few models tie their layer counts to other settings). The last error is raised.
     """
     import transformers
-    from transformers import CONFIG_MAPPING
 
     error: Exception | None = None
     for class_name in transformers_types()[model_type]:
@@ -343,13 +385,11 @@ def build_transformers(model_type: str, seed: int) -> RealModel:
             for small in (True, False):
                 if no_bn:
                     break
-                config = CONFIG_MAPPING[model_type]()
-                changes = shrink_config(config) if shrink else []
-                if not shrink:
-                    _set_everywhere(config, _no_pretrained)
                 try:
-                    if class_name.endswith(("VisionModel", "AudioModel")):  # a tower: its own sub-config
-                        config = getattr(config, "vision_config" if "Vision" in class_name else "audio_config")
+                    config = model_class.config_class()
+                    changes = shrink_config(config) if shrink else []
+                    if not shrink:
+                        _set_everywhere(config, _no_pretrained)
                     torch.manual_seed(seed)
                     model = model_class(config).eval()
                     if not any(_bn_like(m) for m in model.modules()):

@@ -495,14 +495,16 @@ def make_report(records: list[dict[str, Any]], info: dict[str, Any], settings: d
 
 
 def render(path: str) -> None:
-    """Print the markdown of one or more saved ``--json`` files (comma-separated; their records joined)."""
-    records: list[dict[str, Any]] = []
+    """Print the markdown of one or more saved ``--json`` files (comma-separated; their records joined, a later
+    file's record of a model replacing an earlier one's)."""
+    by_model: dict[str, dict[str, Any]] = {}
     info: dict[str, Any] = {}
     settings: dict[str, Any] = {}
     for one in path.split(","):
         data = json.loads(Path(one).read_text(encoding="utf-8"))
         info, settings = data["machine"], data["settings"]
-        records += [r for table in data["tables"] for r in table["records"]]
+        by_model.update({r["model"]: r for table in data["tables"] for r in table["records"]})
+    records = sorted(by_model.values(), key=lambda r: r["model"])
     settings = dict(settings, models=len(records))
     settings.pop("wall_s", None)
     print(make_report(records, info, settings).markdown(), end="")
