@@ -390,6 +390,9 @@ def build_transformers(model_type: str, seed: int) -> RealModel:
                     changes = shrink_config(config) if shrink else []
                     if not shrink:
                         _set_everywhere(config, _no_pretrained)
+                    params_m = _meta_params_m(model_class, config)
+                    if params_m > MAX_PARAMS_M:
+                        raise TooLarge(f"{class_name}: {params_m:.1f} M parameters > {MAX_PARAMS_M:g} M")
                     torch.manual_seed(seed)
                     model = model_class(config).eval()
                     if not any(_bn_like(m) for m in model.modules()):
@@ -410,6 +413,17 @@ def build_transformers(model_type: str, seed: int) -> RealModel:
                 return RealModel(f"transformers/{model_type}", "transformers", wrapped, tensors, None, [note])
     assert error is not None
     raise error
+
+
+class TooLarge(ValueError):
+    """The model has more than :data:`MAX_PARAMS_M` million parameters (counted on the meta device, not built)."""
+
+
+def _meta_params_m(model_class: Any, config: Any) -> float:
+    """Millions of parameters of ``model_class(config)``, built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        model = model_class(config)
+    return sum(p.numel() for p in model.parameters()) / 1e6
 
 
 def _no_pretrained(cfg: Any) -> None:

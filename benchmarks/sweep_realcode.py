@@ -101,6 +101,8 @@ def classify(record: dict[str, Any]) -> dict[str, Any]:
         detail = record.get("detail", "")
         if _NO_BN in detail:
             return dict(record, status="no BN")
+        if detail.startswith("TooLarge"):
+            return dict(record, status="skipped")
         if record.get("stage") == "build" or record.get("stage") is None:
             return dict(record, status="not built")
     return record
@@ -467,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
         record.setdefault("library", name.split("/", 1)[0])
         print(f"{name}: {record['status']} {record.get('detail') or ''}".rstrip(), file=sys.stderr, flush=True)
         records.append(record)
+        if args.json not in (None, "-"):  # after every model: a sweep killed half-way keeps what it measured
+            partial = make_report(records, machine_info(torch.device("cpu")), {"models": len(names), "partial": True})
+            Path(args.json).write_text(json.dumps(partial.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
     wall_s = time.perf_counter() - started
     info = machine_info(torch.device("cpu"))
     for library in LIBRARIES:
