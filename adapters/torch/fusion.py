@@ -809,7 +809,8 @@ def _fuse(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, FusionRepor
     _apply(plans, folded_norms, index)
 
     notes = _specialised_notes(recording, index, choice) if recording is not None else {}
-    report = _build_report(model, index, traced, analysis, planner, plans, folded_norm_ids, notes)
+    report = _build_report(model, index, traced, analysis, planner, plans, folded_norm_ids, notes,
+                           recording is not None)
     if report.training_mode:
         log.warning("the model is in training mode; BatchNorm was folded with eval semantics (running statistics)")
     log.info("%s", report.summary())
@@ -910,7 +911,8 @@ def _under(name: str, prefixes: dict[str, str]) -> str | None:
     return None
 
 
-def _build_report(model, index, traced, analysis, planner, plans, folded_norm_ids, notes) -> FusionReport:
+def _build_report(model, index, traced, analysis, planner, plans, folded_norm_ids, notes, recorded=False
+                  ) -> FusionReport:
     report = FusionReport()
     norm_modules = [m for m in index.modules if id(m) in index.norms]
     report.norms_found = len(norm_modules)
@@ -949,8 +951,9 @@ def _build_report(model, index, traced, analysis, planner, plans, folded_norm_id
                 report.skipped.append(SkippedNorm(name, "untraceable", f"'{failed or '<model>'}' could not be "
                                                   f"traced ({traced.failures[failed]})"))
                 continue
-            report.skipped.append(SkippedNorm(name, "no_fusable_neighbour", "it is never called in the traced "
-                                              "forward"))
+            never = ("the model never calls it on example_inputs (nor does a traced forward of the submodule "
+                     "holding it)") if recorded else "it is never called in the traced forward"
+            report.skipped.append(SkippedNorm(name, "no_fusable_neighbour", never))
             continue
         report.skipped.append(SkippedNorm(name, "no_fusable_neighbour", "no foldable layer next to it"))
     return report
