@@ -65,6 +65,8 @@ class _Step:
     #: the norm's channels this layer produces, ``[start, stop)``, when the norm reads a concat of layers
     channels: tuple[int, int] | None = None
     concat: fx.Node | None = None
+    #: the pad between the nearest norm before a layer and the layer (reflect, replicate, circular)
+    through: fx.Node | None = None
 
 
 @dataclass
@@ -88,6 +90,7 @@ class _Planner:
         self.plans: dict[fx.Node, _Plan] = {}
         self.reasons: dict[fx.Node, list[tuple[str, str]]] = {}
         self.planned: dict[fx.Node, _Plan] = {}  # norm node -> the plan it folds into
+        self.through: fx.Node | None = None  # the copying pad the last _before found between norm and layer
 
     def note(self, norm: NormCall, code: str, detail: str) -> None:
         self.reasons.setdefault(norm.node, []).append((code, detail))
@@ -253,8 +256,15 @@ class _Planner:
         if user in chain:
             plan, order = chain[user]
             return plan, order + 1
+        self.through = None
+        padded = _copying_pad(user)
+        if padded is not None:
+            # A pad that copies its input's values (reflect, replicate, circular) passes on BN outputs only:
+            # the conv after it folds the norm exactly (spec/folding.md, 4.1).
+            self.through, user = user, padded
         layer = layer_call(user)
-        if layer is None or layer.input is not norm.value or norm.value in (layer.weight, layer.bias):
+        reads = self.through if self.through is not None else norm.value
+        if layer is None or layer.input is not reads or reads in (layer.weight, layer.bias):
             self.note(norm, "no_fusable_neighbour", f"{name}'s output feeds {user.name} "
                                                     f"({op_name(user.target) or user.op})")
             return None
@@ -294,6 +304,7 @@ class _Planner:
                 continue
             plan, order = found
             plan.steps.append(_Step(norm, _BEFORE, order))
+            plan.steps[-1].through = self.through if order == 0 else None
             before[norm.node] = (plan, order)
             self.planned[norm.node] = plan
             self.reasons.pop(norm.node, None)
@@ -372,6 +383,28 @@ def _slot_max_abs(weight: torch.Tensor, unit_shape: tuple[int, ...]) -> torch.Te
 
 def _relative(change: float, scale: float) -> float:
     return change / scale if scale > 0 else (0.0 if change == 0 else float("inf"))
+
+
+_COPYING_PADS = {f"aten::{kind}_pad{d}d" for kind in ("reflection", "replication") for d in (1, 2, 3)} | {
+    "aten::_pad_circular"}
+
+
+def _copying_pad(node: fx.Node) -> fx.Node | None:
+    """The single reader of ``node`` when ``node`` pads by copying its input (reflect, replicate, circular),
+    else None."""
+    if node.op != "call_function":
+        return None
+    name = op_name(node.target)
+    bound = bind(node) if name else None
+    if bound is None:
+        return None
+    if name == "aten::pad":
+        if bound.get("mode") not in ("reflect", "replicate", "circular"):
+            return None
+    elif name not in _COPYING_PADS:
+        return None
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
 
 
 def _compute(program: Program, plan: _Plan) -> str | None:
@@ -511,8 +544,12 @@ def _rewrite(program: Program, plan: _Plan) -> None:
         for step in reversed(after):
             _erase_norm(program, step.norm)
     if before:
-        set_argument(node, "mat1" if layer.op == "aten::addmm" else
-                     ("self" if layer.op == "aten::mm" else "input"), before[-1].norm.input)
+        source = before[-1].norm.input
+        if before[0].through is not None:
+            before[0].through.update_arg(0, source)
+        else:
+            set_argument(node, "mat1" if layer.op == "aten::addmm" else
+                         ("self" if layer.op == "aten::mm" else "input"), source)
         for step in before:
             _erase_norm(program, step.norm)
 

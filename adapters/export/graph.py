@@ -45,6 +45,7 @@ _TORCH_LEVEL: dict[Any, Any] = {
     F.linear: torch.ops.aten.linear.default, torch.batch_norm: torch.ops.aten.batch_norm.default,
     torch.addmm: torch.ops.aten.addmm.default, torch.mm: torch.ops.aten.mm.default,
     torch.cat: torch.ops.aten.cat.default, torch.concat: torch.ops.aten.cat.default,
+    F.pad: torch.ops.aten.pad.default,
 }
 _F_BATCH_NORM_PARAMETERS = tuple(inspect.signature(F.batch_norm).parameters)
 
@@ -674,6 +675,14 @@ def functional_calls(gm: fx.GraphModule) -> list[fx.Node]:
                 args: tuple = (node.args[0], attr("weight"), attr("bias"), module.stride, module.padding,
                                module.dilation, module.groups)
                 function: Any = _CONV_FUNCTIONS[kind]
+            elif kind in _CONV_FUNCTIONS and not isinstance(module.padding, str):
+                # What _ConvNd._conv_forward does for reflect/replicate/circular: pad, then convolve unpadded.
+                conv: Any = module
+                padded = graph.call_function(F.pad, (node.args[0], list(conv._reversed_padding_repeated_twice),
+                                                     conv.padding_mode))
+                args = (padded, attr("weight"), attr("bias"), conv.stride, (0,) * len(conv.kernel_size),
+                        conv.dilation, conv.groups)
+                function = _CONV_FUNCTIONS[kind]
             elif kind in _CONV_TRANSPOSE_FUNCTIONS and module.padding_mode == "zeros":
                 args = (node.args[0], attr("weight"), attr("bias"), module.stride, module.padding,
                         module.output_padding, module.groups, module.dilation)

@@ -249,6 +249,12 @@ CASES: tuple[ExportCase, ...] = (
     ExportCase("bn_conv_zero_padding", "left", _seeded(lambda: nn.Sequential(nn.BatchNorm2d(3),
                                                                              nn.Conv2d(3, 8, 3, padding=1)),
                                                        (2, 3, 9, 9)), 1, "zero padding after the norm"),
+    ExportCase("bn_conv_reflect_padding", "bn->layer",
+               _seeded(lambda: nn.Sequential(nn.BatchNorm2d(3),
+                                             nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")), (2, 3, 9, 9)), 0,
+               "reflect padding copies BN outputs: the fold is exact (after run_decompositions the pad is index "
+               "arithmetic, not read as a pad)",
+               not_in=("inference", "edge")),
     ExportCase("bn_conv_transpose", "left", _seeded(lambda: nn.Sequential(nn.BatchNorm2d(4),
                                                                           nn.ConvTranspose2d(4, 4, 3)), (2, 4, 5, 5)),
                1, "a BatchNorm before a transposed conv does not fold"),
