@@ -195,7 +195,11 @@ def reparameterize(model: nn.Module, *, inplace: bool = False,
         for parent, attr, module in reversed(undo):
             parent._modules[attr] = module
         raise
-    report.norms_found = norms_found
+    # With example inputs, fuse also recognises norms by their recorded forward (per-channel scale layers, ...):
+    # those count too.
+    original_norms = {index.name(m) for m in index.modules if id(m) in index.norms}
+    recognised = {p.norm for p in report.folded} | {s.norm for s in report.skipped}
+    report.norms_found = norms_found + len(recognised - original_norms)
     report.merged = merged
     report.merges_skipped = skipped_report
     report.removed_identities = drop_folded_identities(model, [pair.norm for pair in report.folded])
