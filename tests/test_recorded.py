@@ -201,8 +201,14 @@ class TestDataflow:
                 y = self.bn(self.conv(x))
                 return y if bool(y.mean() > -1e9) else -y
 
+        class SizedByValue(Shapes):
+            def forward(self, x):  # a length taken from a value, read in C++ by arange
+                y = self.bn(self.conv(x))
+                n = (y.abs().amax() > -1).sum() + 2
+                return y.flatten(1)[:, torch.arange(n)]
+
         x = torch.randn(2, 3, 5, 5)
-        for cls, shape_only in ((Shapes, True), (Values, False)):
+        for cls, shape_only in ((Shapes, True), (Values, False), (SizedByValue, False)):
             model = _prepared(cls())
             recording = record(model, ModelIndex(model), x)
             assert recording is not None and recording.shape_only is shape_only, cls.__name__

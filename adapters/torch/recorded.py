@@ -59,6 +59,12 @@ _METADATA_READS = {"shape", "size", "dim", "ndim", "ndimension", "numel", "nelem
 #: Ops whose output shape depends on their input's values.
 _VALUE_SHAPED = {"nonzero", "argwhere", "unique", "unique_consecutive", "masked_select", "bincount", "histc",
                  "nonzero_static", "repeat_interleave"}
+#: Ops that take sizes, counts or offsets: given as a tensor, they read its value in C++ (no Python call shows it).
+_SIZE_TAKING = {"arange", "range", "linspace", "logspace", "zeros", "ones", "empty", "full", "rand", "randn",
+                "randint", "new_zeros", "new_ones", "new_empty", "new_full", "view", "reshape", "expand", "repeat",
+                "tile", "narrow", "split", "tensor_split", "topk", "kthvalue", "roll", "unflatten", "interpolate",
+                "upsample", "pad", "select", "chunk", "movedim", "permute", "flatten", "squeeze", "unsqueeze",
+                "transpose", "diagonal", "tril", "triu", "sum", "mean", "amax", "amin", "max", "min", "cumsum"}
 #: Layer ops whose output a shape-only run replaces by zeros of the right shape (see _layer_output_shape).
 _LAYER_OPS = {"conv1d", "conv2d", "conv3d", "linear", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 _PAD_FUNCTIONS = {"pad", "constant_pad_nd"}
@@ -415,7 +421,9 @@ class _Recorder(TorchFunctionMode):
                 self.program_keep.append(tensor)
             return result
         reads_values = (not returns_tensor and result is not None and name not in _METADATA_READS)
-        if self.shape_only and (reads_values or name in _VALUE_SHAPED or (name == "__getitem__" and _bool_index(args))):
+        if self.shape_only and (reads_values or name in _VALUE_SHAPED or (name == "__getitem__" and _bool_index(args))
+                                or (name == "where" and len(args) == 1 and not kwargs)
+                                or (name in _SIZE_TAKING and _tensor_sizes(name, args, kwargs))):
             raise _NeedsRealRun(f"the model reads tensor values ({name})")
         if not returns_tensor:
             if result is not None:
@@ -508,6 +516,18 @@ class _Recorder(TorchFunctionMode):
                 self.frame = frame.parent
         if module is self.model:
             self.graph.output(self._mapped(output))
+
+
+_FACTORIES = {"arange", "range", "linspace", "logspace", "zeros", "ones", "empty", "full", "rand", "randn", "randint"}
+
+
+def _tensor_sizes(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether a size-taking op got a size, count or offset as a tensor (anything but its first tensor argument)."""
+    rest = args if name in _FACTORIES else args[1:]
+    if name in ("full", "new_full"):  # the fill value is a value, not a size
+        rest, kwargs = rest[:1], {k: v for k, v in kwargs.items() if k == "size"}
+    found = _tensors_in((rest, kwargs), [])
+    return any(t.dim() == 0 or not t.is_floating_point() for t in found)
 
 
 def _bool_index(args: tuple) -> bool:
