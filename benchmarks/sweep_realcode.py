@@ -470,17 +470,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {record['status']} {record.get('detail') or ''}".rstrip(), file=sys.stderr, flush=True)
         records.append(record)
         if args.json not in (None, "-"):  # after every model: a sweep killed half-way keeps what it measured
-            partial = make_report(records, machine_info(torch.device("cpu")), {"models": len(names), "partial": True})
+            partial = make_report(records, versions(), {"models": len(names), "partial": True})
             Path(args.json).write_text(json.dumps(partial.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
     wall_s = time.perf_counter() - started
-    info = machine_info(torch.device("cpu"))
-    for library in LIBRARIES:
-        with contextlib.suppress(ImportError):
-            info[library] = __import__(library).__version__
-    with contextlib.suppress(ImportError):
-        import mmcv
-
-        info["mmcv"] = mmcv.__version__
+    info = versions()
     report = make_report(records, info, {"models": len(names), "reps": args.reps, "seed": args.seed,
                                          "batch": zoo.BATCH, "clock": "process CPU time",
                                          "wall_s": round(wall_s, 1)})
@@ -488,6 +481,15 @@ def main(argv: list[str] | None = None) -> int:
         print(report.markdown(), end="")
     report.emit(args.json)  # markdown unless --json -, and the JSON where --json says
     return 0
+
+
+def versions() -> dict[str, Any]:
+    """The machine, and the versions of the swept libraries and mmcv."""
+    info = machine_info(torch.device("cpu"))
+    for library in (*LIBRARIES, "mmcv"):
+        with contextlib.suppress(ImportError):
+            info[library] = __import__(library).__version__
+    return info
 
 
 def make_report(records: list[dict[str, Any]], info: dict[str, Any], settings: dict[str, Any]) -> Report:
