@@ -27,7 +27,9 @@ When a BN call is exactly foldable
         hooked weight is not), read by no other recorded call (the layer runs once, its weight is
         not tied), and its bias is ``None`` or such a parameter too;
       - the layer's output channels (``weight.shape[0]``; ``weight.shape[1] * groups`` transposed)
-        are the BN's channels; for ``linear`` the tensor is 2-D (spec 4.5);
+        are the BN's channels; for ``linear`` the tensor is 2-D (spec 4.5), or a ``flatten`` /
+        ``reshape`` / ``view`` of the linear's output into 2-D rows that keeps its last axis (LeViT's
+        ``x.flatten(0, 1)`` of token features), that output read by nothing else;
       - the tensor has no consumer besides this BN call: no recorded call outside the BN's own
         forward reads it (views, in-place ops and ``torch.cat`` count; reading only its shape,
         dtype or device does not), and it is not an output of the model;
@@ -85,6 +87,7 @@ _CONV = frozenset({"conv1d", "conv2d", "conv3d"})
 _CONV_T = frozenset({"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
 _LAYER = _CONV | _CONV_T | {"linear"}
 _COMMUTING_PAD = frozenset({"reflect", "replicate", "circular"})
+_MERGING_VIEWS = frozenset({"flatten", "reshape", "view"})
 
 
 def is_bn_like(module: nn.Module) -> bool:
@@ -291,13 +294,13 @@ class _Analysis:
                 return "layer weight read elsewhere"
         return None
 
-    def channels_ok(self, layer: _Call, channels: int, tensor: torch.Tensor) -> bool:
+    def channels_ok(self, layer: _Call, channels: int, tensor: torch.Tensor, flattened: bool = False) -> bool:
         weight = layer.arg(1, "weight")
         if layer.name in _CONV_T:
             out = weight.shape[1] * int(layer.arg(6, "groups", 1))
         else:
             out = weight.shape[0]
-        if layer.name == "linear" and tensor.dim() != 2:
+        if layer.name == "linear" and tensor.dim() != 2 and not flattened:
             return False
         return bool(out == channels)
 
@@ -423,7 +426,8 @@ def _judge_functional(call: _Call, analysis: _Analysis) -> tuple[str | None, str
     return why, direction or ""
 
 
-def _layer_output_problem(x: torch.Tensor, channels: int, analysis: _Analysis) -> str | None:
+def _layer_output_problem(x: torch.Tensor, channels: int, analysis: _Analysis, flattened: bool = False
+                          ) -> str | None:
     """None if ``x`` is the output of a foldable layer call (or a channel concat of such outputs), else why not."""
     before = analysis.producer.get(id(x))
     if before is None:
@@ -440,12 +444,20 @@ def _layer_output_problem(x: torch.Tensor, channels: int, analysis: _Analysis) -
             if problem:
                 return problem
         return None
+    if call.name in _MERGING_VIEWS and x.dim() == 2 and call.args and isinstance(call.args[0], torch.Tensor):
+        # tokens of a linear layer flattened into rows, (N, L, C) -> (N*L, C): the BN axis is still its last (LeViT)
+        source = call.args[0]
+        inner = analysis.producer.get(id(source))
+        if inner is not None and analysis.calls[inner].name == "linear" and source.shape[-1] == x.shape[1] \
+                and source.numel() == x.numel() and id(source) not in analysis.outputs \
+                and analysis.readers.get(id(source), []) == [call.index]:
+            return _layer_output_problem(source, channels, analysis, flattened=True)
     if call.name not in _LAYER:
         return "no conv/linear neighbour"
     problem = analysis.weight_ok(call)
     if problem:
         return problem
-    if not analysis.channels_ok(call, channels, x):
+    if not analysis.channels_ok(call, channels, x, flattened):
         return "layer -> BN on another axis"
     return None
 

@@ -107,6 +107,21 @@ class Transposed(nn.Module):  # BN1d over channels of a linear applied to (N, L,
         return torch.relu(self.bn(self.fc(x).transpose(1, 2)))
 
 
+class FlattenedTokens(nn.Module):
+    """LeViT: Linear on (N, L, C), flatten(0, 1) into rows, BatchNorm1d on them: 1 of 1. Reshaped into rows of
+    two tokens each, the BN axis is no longer the linear's output features: 0 of 1."""
+
+    def __init__(self, keep_axis: bool) -> None:
+        super().__init__()
+        self.keep_axis = keep_axis
+        self.fc, self.bn = nn.Linear(4, 6), nn.BatchNorm1d(6 if keep_axis else 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        rows = y.flatten(0, 1) if self.keep_axis else y.reshape(-1, 12)
+        return self.bn(rows)
+
+
 CASES = {
     # name: (model, input, BN calls, exactly foldable)
     "conv_bn_relu_conv_bn": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
@@ -138,6 +153,8 @@ CASES = {
     "functional_batch_norm": (FunctionalBN, (2, 3, 9, 9), 1, 1),
     "one_module_two_calls": (TwoCalls, (2, 4, 6, 6), 2, 0),
     "conv_output_returned": (ReturnsConvOutput, (2, 4, 6, 6), 1, 0),
+    "linear_tokens_flattened_bn1d": (lambda: FlattenedTokens(True), (2, 5, 4), 1, 1),
+    "linear_tokens_reshaped_across_features": (lambda: FlattenedTokens(False), (2, 4, 4), 1, 0),
 }
 
 
