@@ -88,6 +88,8 @@ _CONV_T = frozenset({"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 _LAYER = _CONV | _CONV_T | {"linear"}
 _COMMUTING_PAD = frozenset({"reflect", "replicate", "circular"})
 _MERGING_VIEWS = frozenset({"flatten", "reshape", "view"})
+#: Methods whose other tensor argument gives only a shape or dtype: ``x.reshape_as(y)`` does not read ``y``.
+_SHAPE_OF_OTHER = frozenset({"reshape_as", "view_as", "expand_as", "type_as"})
 
 
 def is_bn_like(module: nn.Module) -> bool:
@@ -255,6 +257,8 @@ class _Analysis:
         self.transparent: set[int] = set()
         for call in calls:
             inputs = list(_tensors((call.args, call.kwargs)))
+            if call.name in _SHAPE_OF_OTHER and call.args:  # x.reshape_as(y) reads only y's shape
+                inputs = [inputs[0]] if inputs and inputs[0] is call.args[0] else inputs
             result_ids = {id(t) for t in _tensors(call.result)}
             if self._is_transparent(call, inputs, result_ids):
                 self.transparent.add(call.index)

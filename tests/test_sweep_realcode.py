@@ -119,7 +119,7 @@ class FlattenedTokens(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fc(x)
         rows = y.flatten(0, 1) if self.keep_axis else y.reshape(-1, 12)
-        return self.bn(rows)
+        return self.bn(rows).reshape_as(y)  # as LeViT: y's shape only, not a second reader of y
 
 
 CASES = {
