@@ -63,7 +63,15 @@ import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 import adapters.onnx as ao  # noqa: E402
-from adapters.onnx.checking.feeds import choose_input_shapes, make_feeds  # noqa: E402
+
+try:  # verify's own choice of sizes for dynamic dims
+    from adapters.onnx.checking.feeds import choose_input_shapes, make_feeds  # noqa: E402
+except ImportError:  # an older adapters.onnx (a baseline run from an older checkout): its default feeds, dynamic as 1
+    from adapters.onnx.checking import make_feeds  # noqa: E402
+
+    def choose_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                            seed: int = 0, notes: list[str] | None = None) -> dict[str, list[int]]:
+        return {k: list(v) for k, v in (input_shapes or {}).items()}
 
 log = logging.getLogger("bnfold.benchmarks.sweep_exporters")
 
@@ -265,10 +273,14 @@ def run_peers(name: str, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
         record: dict[str, Any] = {"fold_s": seconds,
                                   "left": sum(n.op_type == "BatchNormalization" for n in folded.graph.node)}
         if feeds is not None:
-            result = judge(peer_module.PEERS[peer], _Target(name, model, feeds, expected_left).target)
-            record.update(status=result.status, detail=result.detail, ratio=result.ratio)
-            if result.left is not None:
-                record["left"] = result.left
+            try:
+                result = judge(peer_module.PEERS[peer], _Target(name, model, feeds, expected_left).target)
+            except Exception as exc:  # the original or its float64 reference failed on the feeds: no verdict
+                record.update(status="no verdict", detail=_short(exc, 160))
+            else:
+                record.update(status=result.status, detail=result.detail, ratio=result.ratio)
+                if result.left is not None:
+                    record["left"] = result.left
         else:
             record.update(status="unverified", detail="no feed")
         out[peer] = record
