@@ -207,6 +207,21 @@ class TestErrors:
         with pytest.raises(TypeError, match="submodule '0' is a TorchScript"):
             fuse(wrapper)
 
+    def test_exported_program_and_its_module_point_to_the_export_adapter(self):
+        # An ExportedProgram is no nn.Module; its unlifted .module() is a GraphModule whose BatchNorm is an ATen
+        # call (aten.batch_norm) and whose flag `training` says nothing about it: both go to adapters.export,
+        # and the graph module is left as it was.
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+        x = torch.randn(1, 3, 8, 8)
+        program = torch.export.export(model, (x,))
+        with pytest.raises(TypeError, match=r"ExportedProgram.*adapters\.export\.fuse"):
+            fuse(program)
+        unlifted = program.module()
+        snap = snapshot(unlifted)
+        with pytest.raises(TypeError, match=r"ATen-level fx graph.*batch_norm.*adapters\.export\.fuse"):
+            fuse(unlifted, example_inputs=x)
+        assert_unchanged(unlifted, snap)
+
     def test_lazy_rejected(self):
         model = nn.Sequential(nn.LazyConv2d(4, 3), nn.BatchNorm2d(4))
         with pytest.raises(ValueError, match=r"0\.weight.*LazyConv2d"):

@@ -75,8 +75,16 @@ def _check_model(model: Any) -> None:
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError(f"cannot fuse a TorchScript module ({type(model).__name__}); fuse the eager nn.Module "
                         "before scripting it")
+    if isinstance(model, torch.export.ExportedProgram):
+        raise TypeError("fuse expects a torch.nn.Module, got an ExportedProgram; fold it with "
+                        "adapters.export.fuse(program)")
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse expects a torch.nn.Module, got {type(model).__qualname__}")
+    aten_norms = _aten_batch_norms(model)
+    if aten_norms:
+        raise TypeError("the model is an exported or ATen-level fx graph: its BatchNorms are "
+                        f"operator calls ({listed(aten_norms)}), not modules; fold it with "
+                        "adapters.export.fuse(graph_module)")
     lazy = []
     for name, module in model.named_modules():
         if isinstance(module, torch.jit.ScriptModule):
@@ -94,6 +102,16 @@ def _check_model(model: Any) -> None:
     if meta:
         raise ValueError(f"the model has tensors on the meta device (no values to fold); materialise it first. "
                          f"Meta tensors: {listed(meta)}")
+
+
+def _aten_batch_norms(model: nn.Module) -> list[str]:
+    """The nodes of an fx graph (``torch.export``'s ``.module()``, ``make_fx``) that call an ATen batch-norm
+    operator: such a graph is ``adapters.export``'s to fold (its norms are no modules this adapter can replace)."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return []
+    return [node.name for node in model.graph.nodes
+            if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+            and "batch_norm" in node.target.__name__]
 
 
 #: The same input checks for other passes over a model (branch merging).
