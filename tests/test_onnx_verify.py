@@ -624,3 +624,34 @@ def test_reference_upsample_follows_the_specification(opset, mode, scales):
     # Per axis a weighted sum of two values (3 operations, plus the coordinate's); magnitude: |input| interpolated.
     magnitude = _upsample_asymmetric(np.abs(x), scales.astype(np.float64), mode)
     assert_within(got, expected, error_bound(magnitude, 4 * len(scales), "float64"), "reference Upsample")
+
+
+def test_verify_chooses_no_size_on_which_the_float64_reference_pools_an_empty_map():
+    """x [N,1,h,w] -> Conv(3x3, stride 8, pad 1) -> BN -> MaxPool(2, stride 2) -> ReduceMean. At h = w = 8 the conv
+    map is floor(7 / 8) + 1 = 1 wide and the pool's is floor((1 - 2) / 2) + 1 = 0 by the operator's definition (the
+    reference evaluator's), while onnxruntime returns 1x1: no meaningful run. At 16 the conv map is 2 and the pool's
+    1 in both, so 16 is the size chosen, and the fold verifies there."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import adapters.onnx as ao
+    from adapters.onnx.checking import choose_input_shapes
+
+    rng = np.random.default_rng(0)
+
+    def init(name, shape, low=-1.0, high=1.0):
+        return numpy_helper.from_array(rng.uniform(low, high, shape).astype(np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], strides=[8, 8], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["n"]),
+             helper.make_node("MaxPool", ["n"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("ReduceMean", ["p"], ["y"], axes=[2, 3], keepdims=0)]
+    graph = helper.make_graph(
+        nodes, "pool_on_one_pixel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 1, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 2])],
+        [init("w", (2, 1, 3, 3)), init("s", (2,), 0.5, 1.5), init("b", (2,)), init("m", (2,)),
+         init("v", (2,), 0.5, 2.0)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    assert choose_input_shapes(model) == {"x": [1, 1, 16, 16]}
+    folded, report = ao.fuse(model)
+    assert len(report.folded) == 1
+    assert ao.verify(model, folded).ok

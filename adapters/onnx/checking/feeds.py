@@ -14,7 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..graph import FLOAT_TYPES
-from .run import onnxruntime_session
+from .run import onnxruntime_session, reference_outputs
 
 #: Sizes vision and sequence models are built for, tried for dynamic dims after the graph's own size constants.
 TYPICAL_SIZES = (8, 16, 32, 64, 224, 320, 640)
@@ -210,7 +210,7 @@ def choose_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Seque
             if session is None:  # the graph does not even load: verify's own run reports that
                 return trial
             continue
-        why = _degenerate(outputs, names)
+        why = _degenerate(outputs, names) or _reference_disagrees(model, feeds, names, outputs)
         if why is None:
             if notes is not None:
                 described = ", ".join(f"{name!r} {text} as {trial[name]}" for name, _, text in open_inputs)
@@ -226,6 +226,23 @@ def choose_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Seque
     sizes_text = ", ".join(str(size) for size in tried) if len(seen) > 1 else "the one shape the fixed dims allow"
     raise ValueError(f"verify: no size for the dynamic dims of {inputs} makes the original graph's outputs finite "
                      f"and not constant (tried {sizes_text}; at {failures[-1]}); give the shapes, e.g. {example}")
+
+
+def _reference_disagrees(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], names: Sequence[str],
+                         outputs: Sequence[Any]) -> str | None:
+    """Why the float64 reference run means nothing on ``feeds`` where onnxruntime's did (it raises, its outputs are
+    degenerate, or their shapes differ: onnxruntime's pooling returns 1 where the operator's definition gives 0 on a
+    map smaller than the kernel), or None."""
+    try:
+        reference = reference_outputs(model, feeds, names)
+    except Exception as exc:  # the reference evaluator rejects this size: try the next
+        return f"the float64 reference raised {_short_error(exc)}"
+    for name, ours, theirs in zip(names, reference, outputs, strict=True):
+        if np.shape(ours) != np.shape(theirs):
+            return (f"output {name!r} has shape {tuple(np.shape(ours))} in the float64 reference, "
+                    f"{tuple(np.shape(theirs))} in onnxruntime")
+    why = _degenerate(reference, names)
+    return None if why is None else f"in the float64 reference, {why}"
 
 
 def _short_error(exc: Exception) -> str:
