@@ -49,7 +49,7 @@ _MAIN_DESCRIPTION = """\
 Fold BatchNorm layers into neighbouring conv/linear layers, verify the result against a float64
 reference run of the original model, and time the forward pass.
 
-With no arguments, runs a built-in selection of small models from adapters/torch/suite/cases.py (every
+With no arguments, runs a built-in selection of small models from adapters/torch/suite/cases/ (every
 fold family -- conv->bn, conv_transpose->bn, linear->bn, bn->conv, bn->linear -- the norm-layer
 variants and traps that registration-order fusers get wrong; random weights, random BatchNorm
 statistics, no downloads) and prints one row per model, the columns explained below it.
@@ -90,7 +90,7 @@ use only files you trust) or from a fuser applied to a copy of the original
 _AUDIT_DESCRIPTION = """\
 Audit a BatchNorm fuser called as FUNCTION(model) -> model, e.g. mmcv.cnn:fuse_conv_bn,
 torch.fx.experimental.optimization:fuse or adapters.torch:fuse_conv_bn. Each model of the case
-suite (adapters/torch/suite/cases.py) and, unless --no-zoo, of the model zoo (torchvision/timm
+suite (adapters/torch/suite/cases/) and, unless --no-zoo, of the model zoo (torchvision/timm
 architectures, when installed) is put in eval mode, deep-copied and handed to the fuser; the
 result is verified against the float64 reference of the original and its norm evaluations are
 counted. One line per model:
@@ -146,7 +146,7 @@ def _main_parser(prog: str) -> argparse.ArgumentParser:
                              "(not a state_dict: folded norms are gone, so the original class cannot load it). "
                              "Load with torch.load(PATH, weights_only=False); the model's classes must be importable")
     parser.add_argument("--case", action="append", default=[], metavar="NAME",
-                        help="without --model: run this case of adapters/torch/suite/cases.py (repeatable) instead of "
+                        help="without --model: run this case of adapters/torch/suite/cases/ (repeatable) instead of "
                              "the default selection")
     parser.add_argument("--all-cases", action="store_true", help="without --model: run every case of the suite")
     parser.add_argument("--repeats", type=int, default=7,
