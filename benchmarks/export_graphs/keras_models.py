@@ -2,8 +2,8 @@
 
 Runs in its own virtual environment (tensorflow's numpy/protobuf pins do not fit the project's)::
 
-    python3 -m venv /tmp/venv-tf && /tmp/venv-tf/bin/pip install tensorflow-cpu tf2onnx
-    /tmp/venv-tf/bin/python benchmarks/export_graphs/keras_models.py OUT_DIR [--models ResNet50,...]
+    python3 -m venv ../venv-tf && ../venv-tf/bin/pip install tensorflow-cpu tf2onnx
+    ../venv-tf/bin/python benchmarks/export_graphs/keras_models.py OUT_DIR [--models ResNet50,...]
 
 Each model is built with ``weights=None`` at a small input (64x64, 75 for the Inception family), seeded, its
 BatchNormalization statistics calibrated on one random batch (momentum 0: the moving statistics are that batch's) and

@@ -2,8 +2,8 @@
 
 Runs in its own virtual environment (paddle's numpy/protobuf pins do not fit the project's)::
 
-    python3 -m venv /tmp/venv-paddle && /tmp/venv-paddle/bin/pip install paddlepaddle paddle2onnx packaging
-    /tmp/venv-paddle/bin/python benchmarks/export_graphs/paddle_models.py OUT_DIR [--models resnet18,...]
+    python3 -m venv ../venv-paddle && ../venv-paddle/bin/pip install paddlepaddle paddle2onnx packaging
+    ../venv-paddle/bin/python benchmarks/export_graphs/paddle_models.py OUT_DIR [--models resnet18,...]
 
 Each model is built with ``pretrained=False`` from ``paddle.vision.models`` (plus one network of conv / conv-transpose /
 linear blocks with biases, the layer kinds the vision zoo lacks), seeded, its BatchNorm statistics calibrated on one
