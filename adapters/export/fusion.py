@@ -32,7 +32,7 @@ import torch
 from torch import fx, nn
 from torch.export import ExportedProgram
 
-import refimpl
+from refimpl.layers import NORM_AFTER, NORM_BEFORE, fold_for
 
 from ..report import FoldedPair, FusionReport, SkippedNorm, most_specific_reason
 from ..torch.precision import round_once, rounds_to_finite, scaled_copy
@@ -52,9 +52,7 @@ from .graph import (
 
 __all__ = ["fuse"]
 
-_AFTER, _BEFORE = "after", "before"
-_KIND = {(_AFTER, "conv"): "conv->bn", (_AFTER, "conv_transpose"): "conv_transpose->bn",
-         (_AFTER, "linear"): "linear->bn", (_BEFORE, "conv"): "bn->conv", (_BEFORE, "linear"): "bn->linear"}
+_AFTER, _BEFORE = NORM_AFTER, NORM_BEFORE
 
 
 @dataclass
@@ -347,13 +345,8 @@ def _fold_step(program: Program, plan: _Plan, step: _Step, w: torch.Tensor, b: t
     layer = plan.layer
     args = _norm_tensors(program, step)
     try:
-        if step.position == _AFTER:
-            if layer.kind == "linear":
-                return refimpl.fold_linear_bn(w, b, *args)
-            return refimpl.fold_conv_bn(w, b, *args, transposed=layer.kind == "conv_transpose", groups=layer.groups)
-        if layer.kind == "linear":
-            return refimpl.fold_bn_linear(w, b, *args)
-        return refimpl.fold_bn_conv(w, b, *args, groups=layer.groups)
+        fold = fold_for(layer.kind, step.position)
+        return fold(w, b, *args, groups=layer.groups if fold.layer.spatial else 1)
     except (ValueError, TypeError) as error:
         layer_name, norm_name = module_path(layer.node), module_path(step.norm.node)
         order = f"{layer_name} -> {norm_name}" if step.position == _AFTER else f"{norm_name} -> {layer_name}"
@@ -636,7 +629,7 @@ def fuse(program: ExportedProgram | fx.GraphModule, *, inplace: bool = False
     for plan in plans:
         for step, change in zip(plan.steps, plan.changes, strict=True):
             report.folded.append(FoldedPair(module_path(step.norm.node), module_path(plan.layer.node),
-                                            _KIND[(step.position, plan.layer.kind)], change))
+                                            fold_for(plan.layer.kind, step.position).kind, change))
     for norm in planner.norms:
         if norm.node not in planner.planned:
             code, detail = most_specific_reason(planner.reasons.get(norm.node) or

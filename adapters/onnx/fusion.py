@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper
 
-import refimpl
+from refimpl.layers import NORM_AFTER, NORM_BEFORE, fold_for
 from refimpl.rounding import bfloat16_bits_to_float32, largest_finite, round_once, round_product
 
 from ..interrupts import interrupts_held
@@ -46,10 +46,11 @@ __all__ = ["fuse", "fuse_bn"]
 
 log = logging.getLogger("adapters.onnx")
 
-_KINDS = {(LayerKind.CONV, "forward"): "conv->bn", (LayerKind.CONV_TRANSPOSE, "forward"): "conv_transpose->bn",
-          (LayerKind.GEMM, "forward"): "linear->bn", (LayerKind.MATMUL, "forward"): "linear->bn",
-          (LayerKind.CONV, "backward"): "bn->conv", (LayerKind.GEMM, "backward"): "bn->linear",
-          (LayerKind.MATMUL, "backward"): "bn->linear"}
+#: The refimpl layer kind of each graph layer kind, and the norm position of each fold direction
+#: (the fold and its report kind come from refimpl's one table, :func:`refimpl.layers.fold_for`).
+_REFIMPL_KIND = {LayerKind.CONV: "conv", LayerKind.CONV_TRANSPOSE: "conv_transpose", LayerKind.GEMM: "linear",
+                 LayerKind.MATMUL: "linear"}
+_POSITION = {"forward": NORM_AFTER, "backward": NORM_BEFORE}
 
 # -- input ----------------------------------------------------------------------------------
 
@@ -262,14 +263,8 @@ def _fold(plan: _LayerPlan, step: _Step, weight: np.ndarray, bias: np.ndarray | 
     layer = plan.layer
     stats = _norm_stats(step)
     try:
-        if step.direction == "forward":
-            if layer.kind in (LayerKind.GEMM, LayerKind.MATMUL):
-                return refimpl.fold_linear_bn(weight, bias, *stats)
-            return refimpl.fold_conv_bn(weight, bias, *stats, transposed=layer.kind == LayerKind.CONV_TRANSPOSE,
-                                        groups=layer.group)
-        if layer.kind in (LayerKind.GEMM, LayerKind.MATMUL):
-            return refimpl.fold_bn_linear(weight, bias, *stats)
-        return refimpl.fold_bn_conv(weight, bias, *stats, groups=layer.group)
+        fold = fold_for(_REFIMPL_KIND[layer.kind], _POSITION[step.direction])
+        return fold(weight, bias, *stats, groups=layer.group if fold.layer.spatial else 1)
     except (ValueError, TypeError) as exc:
         norm = step.norm
         order = (f"{layer.label} -> {norm.label}" if step.direction == "forward" else f"{norm.label} -> {layer.label}")
@@ -809,10 +804,11 @@ def _report(analysis: Analysis, planner: _Planner, plans: list[_LayerPlan], choi
     """The report; ``labels`` names every norm and layer by its key (taken before the nodes changed)."""
     report = FusionReport()
     for plan in plans:
-        kind = plan.layer.kind
+        kind = _REFIMPL_KIND[plan.layer.kind]
         for step, change in zip(plan.steps, plan.changes, strict=True):
             report.folded.append(FoldedPair(norm=labels[step.norm.key], layer=labels[plan.layer.key],
-                                            kind=_KINDS[(kind, step.direction)], max_rel_change=change))
+                                            kind=fold_for(kind, _POSITION[step.direction]).kind,
+                                            max_rel_change=change))
     for key in analysis.all_norms:
         report.norms_found += 1
         if key in choice:

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 import refimpl
+from refimpl.layers import fold_for
 
 from ..interrupts import interrupts_held
 from ..report import FoldedPair, FusionReport, SkippedNorm, most_specific_reason
@@ -385,14 +386,8 @@ def _fold_step(plan: _LayerPlan, step: _Step, w: torch.Tensor, b: torch.Tensor |
 
     args = (cast(stats.mean), cast(stats.var), stats.eps, cast(stats.weight), cast(stats.bias))
     try:
-        if step.position == NormPosition.AFTER:
-            if plan.kind == LayerKind.LINEAR:
-                return refimpl.fold_linear_bn(w, b, *args)
-            return refimpl.fold_conv_bn(w, b, *args, transposed=plan.kind == LayerKind.CONV_TRANSPOSE,
-                                        groups=layer.groups)
-        if plan.kind == LayerKind.LINEAR:
-            return refimpl.fold_bn_linear(w, b, *args)
-        return refimpl.fold_bn_conv(w, b, *args, groups=layer.groups)
+        fold = fold_for(plan.kind, step.position)
+        return fold(w, b, *args, groups=layer.groups if fold.layer.spatial else 1)
     except (ValueError, TypeError) as exc:
         layer_name, norm_name = index.name(layer), index.name(step.norm)
         after = step.position == NormPosition.AFTER
@@ -935,14 +930,10 @@ def _build_report(model, index, traced, analysis, planner, plans, folded_norm_id
     norm_modules = [m for m in index.modules if id(m) in index.norms]
     report.norms_found = len(norm_modules)
     report.training_mode = bool(model.training or any(m.training for m in norm_modules))
-    after, before = NormPosition.AFTER, NormPosition.BEFORE
-    kinds = {(LayerKind.CONV, after): "conv->bn", (LayerKind.CONV_TRANSPOSE, after): "conv_transpose->bn",
-             (LayerKind.LINEAR, after): "linear->bn", (LayerKind.CONV, before): "bn->conv",
-             (LayerKind.LINEAR, before): "bn->linear"}
     for plan in plans:
         for step, change in zip(plan.steps, plan.changes, strict=True):
             report.folded.append(FoldedPair(norm=index.name(step.norm), layer=index.name(plan.layer),
-                                            kind=kinds[(plan.kind, step.position)], max_rel_change=change,
+                                            kind=fold_for(plan.kind, step.position).kind, max_rel_change=change,
                                             note=notes.get((id(step.norm), id(plan.layer)), "")))
     for norm in norm_modules:
         if id(norm) in folded_norm_ids:
